@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Set up nagaya on a Debian 12 machine, as root: system packages, the Python package in its own
+# virtual environment (/opt/nagaya), the site directories, and a first container as a smoke test.
+# Idempotent: run it again after pulling new code.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PREFIX="${NAGAYA_PREFIX:-/opt/nagaya}"
+quiet() { if [ "${NAGAYA_VERBOSE:-0}" = 1 ]; then "$@"; else "$@" >/tmp/nagaya-install.log 2>&1 || { cat /tmp/nagaya-install.log; return 1; }; fi; }
+
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo bash deploy/install.sh)" >&2; exit 1; }
+
+echo "== system packages"
+PKGS=(
+  python3 python3-venv python3-dev gcc            # the Python package and its venv
+  bubblewrap runc squashfs-tools squashfs-tools-ng squashfuse fuse3 uidmap   # the runtime
+  busybox-static debootstrap                      # tiny base images made locally (no public registry)
+  skopeo umoci podman buildah                     # peers for tests and benchmarks, OCI tooling
+  tmux hyperfine procps psmisc iproute2 util-linux
+  charliecloud-runtime
+)
+missing=()
+for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  quiet apt-get update
+  DEBIAN_FRONTEND=noninteractive quiet apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+echo "== python package -> $PREFIX"
+if [ ! -x "$PREFIX/bin/python3" ]; then
+  /usr/bin/python3 -m venv "$PREFIX"
+fi
+quiet "$PREFIX/bin/pip" install --upgrade --disable-pip-version-check "$here[test]"
+ln -sf "$PREFIX/bin/nagaya" /usr/local/bin/nagaya
+chmod -R a+rX "$PREFIX"
+
+echo "== site directories"
+install -d -m 0755 /etc/nagaya /var/lib/nagaya /var/lib/nagaya/mnt
+[ -f /etc/nagaya/nagaya.toml ] || install -m 0644 "$here/deploy/nagaya.toml" /etc/nagaya/nagaya.toml
+
+if [ "$(stat -c %a /dev/fuse 2>/dev/null)" != 666 ]; then
+  echo "   note: /dev/fuse is not 0666 here; unprivileged users will run images from unpacked copies" \
+       "(tests set it to 0666)."
+fi
+
+echo "== first container"
+demo=$(mktemp -d)
+trap 'rm -rf "$demo"' EXIT
+bash "$here/deploy/make-busybox-rootfs.sh" "$demo/rootfs" >/dev/null
+nagaya image import "$demo/rootfs" --name busybox:latest >/dev/null
+nagaya run busybox echo "nagaya works: hello from a container (busybox)"

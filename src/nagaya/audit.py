@@ -1,0 +1,82 @@
+"""The append-only audit trail: one JSON object per line, written with O_APPEND so records never
+interleave, to the user's log and, where the site configures it, a site spool and syslog.
+The server (issue: portal/lifecycle) ingests the same records into its database."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class AuditEvent:
+    action: str                          # run, import, pull, push, submit, login, admin, ...
+    user: str
+    uid: int
+    image: str = ""
+    digest: str = ""
+    command: list[str] = field(default_factory=list)
+    cwd: str = ""
+    host: str = ""
+    exit_code: int | None = None
+    duration_s: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    time: str = ""
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["time"] = self.time or time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + \
+            f".{int(time.time() * 1000) % 1000:03d}Z"
+        d["host"] = self.host or socket.gethostname()
+        return json.dumps(d, separators=(",", ":"), sort_keys=True)
+
+
+def _append(path: Path, line: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def record(event: AuditEvent, cfg: Any) -> None:
+    """Append `event` everywhere configured. Auditing never makes the user's command fail."""
+    line = event.to_json()
+    targets = [cfg.audit_path]
+    if cfg.audit.site_dir:
+        targets.append(Path(cfg.audit.site_dir) / f"{event.user}.jsonl")
+    for t in targets:
+        try:
+            _append(t, line)
+        except OSError:
+            pass
+    if cfg.audit.syslog:
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.connect("/dev/log")
+            s.send(f"<86>nagaya[{os.getpid()}]: {line}".encode()[:8000])
+            s.close()
+        except OSError:
+            pass
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        continue
+    except FileNotFoundError:
+        pass
+    return out

@@ -1,0 +1,60 @@
+"""The Typer application: every command group but the fast run path (see entry.py)."""
+
+from __future__ import annotations
+
+import typer
+
+from nagaya import __version__
+from nagaya.cli import image_cmds
+from nagaya.cli.common import STATE
+
+app = typer.Typer(
+    name="nagaya",
+    help="Build, share and run container images on shared servers and HPC clusters, without root.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(image_cmds.app, name="image")
+app.command("images")(image_cmds.images)
+
+_PASS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors")) -> None:
+    STATE["debug"] = debug
+
+
+def _fast(cmd: str, ctx: typer.Context) -> None:
+    from nagaya.cli.run_cmd import main as run_main
+
+    raise typer.Exit(run_main(cmd, list(ctx.args)))
+
+
+@app.command(context_settings=_PASS)
+def run(ctx: typer.Context) -> None:
+    """Run a command in a container image, as yourself (nagaya run --help)."""
+    _fast("run", ctx)
+
+
+@app.command(context_settings=_PASS)
+def shell(ctx: typer.Context) -> None:
+    """Start an interactive shell in a container image."""
+    _fast("shell", ctx)
+
+
+@app.command("exec", context_settings=_PASS)
+def exec_(ctx: typer.Context) -> None:
+    """Run a command in an image, ignoring its ENTRYPOINT."""
+    _fast("exec", ctx)
+
+
+@app.command()
+def version() -> None:
+    """Print nagaya's version."""
+    print(__version__)
+
+
+def main(args: list[str]) -> None:
+    app(args=args, prog_name="nagaya")

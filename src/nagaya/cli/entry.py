@@ -1,0 +1,24 @@
+"""The `nagaya` executable. `run`, `shell` and `exec` take a lean path that never imports Typer,
+Rich or anything of the server: container start-up time is the product."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+FAST = {"run", "shell", "exec"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in FAST:
+        from nagaya.cli.run_cmd import main as run_main
+
+        sys.exit(run_main(args[0], args[1:]))
+    from nagaya.cli.app import main as app_main
+
+    app_main(args)
+
+
+def debug_enabled(args: list[str]) -> bool:
+    return "--debug" in args or os.environ.get("NAGAYA_DEBUG") == "1"

@@ -1,0 +1,169 @@
+"""Site and user configuration: one typed object, read from TOML files and NAGAYA_* variables.
+
+Order (later wins): built-in defaults, /etc/nagaya/nagaya.toml (site), $XDG_CONFIG_HOME/nagaya/nagaya.toml
+(user; a site may lock keys with `locked = [...]`), then NAGAYA_<SECTION>_<KEY> environment variables.
+This module is on the `nagaya run` start-up path: it imports tomllib only when a file exists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from nagaya.errors import UsageError
+
+SITE_CONFIG = Path(os.environ.get("NAGAYA_SITE_CONFIG", "/etc/nagaya/nagaya.toml"))
+
+DEFAULT_GPU_LIBS = (
+    "libcuda.so", "libcudadebugger.so", "libnvidia-ml.so", "libnvidia-ptxjitcompiler.so",
+    "libnvidia-nvvm.so", "libnvidia-opencl.so", "libnvidia-compiler.so", "libnvidia-fatbinaryloader.so",
+    "libnvidia-allocator.so", "libnvidia-cfg.so", "libnvidia-gpucomp.so", "libnvidia-pkcs11.so",
+    "libnvidia-eglcore.so", "libnvidia-glcore.so", "libnvidia-tls.so", "libnvidia-glsi.so",
+    "libnvidia-rtcore.so", "libnvoptix.so", "libnvidia-encode.so", "libnvcuvid.so", "libnvidia-opticalflow.so",
+    "libGLX_nvidia.so", "libEGL_nvidia.so", "libGLESv2_nvidia.so", "libGLESv1_CM_nvidia.so",
+)
+DEFAULT_GPU_BINS = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
+                    "nvidia-cuda-mps-server")
+
+
+def _user_dirs() -> tuple[Path, Path, Path]:
+    home = Path(os.environ.get("HOME") or os.path.expanduser("~"))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
+    conf = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    return cache, conf, data
+
+
+@dataclass
+class RuntimeConfig:
+    backend: str = "bwrap"                      # bwrap | runc
+    bwrap: str = "/usr/bin/bwrap"
+    runc: str = "/usr/sbin/runc"
+    squashfuse: str = "/usr/bin/squashfuse_ll"
+    # Where the private mount namespace stages the image (a tmpfs is mounted over it, so nothing is
+    # ever written there on the host). Created empty by the site install, like Apptainer's session dir.
+    staging_dir: str = "/var/lib/nagaya/mnt"
+    pid_namespace: bool = True
+    fuse: bool = True                           # False: always use the unpacked-directory fallback
+
+
+@dataclass
+class ImageConfig:
+    cache_dir: str = ""                         # default: $XDG_CACHE_HOME/nagaya
+    compression: str = "zstd"                   # tar2sqfs compressor: zstd | lz4 | gzip | xz | lzo
+    jobs: int = 0                               # compressor threads; 0 = number of CPUs
+    shared_cache_dirs: list[str] = field(default_factory=list)  # read-only site caches, searched first
+
+
+@dataclass
+class GpuConfig:
+    libs: list[str] = field(default_factory=lambda: list(DEFAULT_GPU_LIBS))
+    bins: list[str] = field(default_factory=lambda: list(DEFAULT_GPU_BINS))
+    lib_dirs: list[str] = field(default_factory=list)   # searched before the ld.so cache
+    bin_dirs: list[str] = field(default_factory=lambda: ["/usr/bin", "/usr/local/bin"])
+    dev_dir: str = "/dev"
+
+
+@dataclass
+class AuditConfig:
+    path: str = ""                              # default: $XDG_DATA_HOME/nagaya/audit.jsonl
+    site_dir: str = ""                          # optional site-wide spool, one append-only file per user
+    syslog: bool = False
+
+
+@dataclass
+class Config:
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.image.cache_dir) if self.image.cache_dir else _user_dirs()[0] / "nagaya"
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.audit.path) if self.audit.path else _user_dirs()[2] / "nagaya" / "audit.jsonl"
+
+
+_SECTIONS = ("runtime", "image", "gpu", "audit")
+
+
+def _coerce(current: Any, value: Any, where: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise UsageError(f"config {where}: expected true/false, got {value!r}")
+        return bool(value)
+    if isinstance(current, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"config {where}: expected a number, got {value!r}") from None
+    if isinstance(current, list):
+        if isinstance(value, str):
+            return [v for v in value.split(":") if v]
+        if not isinstance(value, list):
+            raise UsageError(f"config {where}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    if not isinstance(value, str):
+        raise UsageError(f"config {where}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, data: dict[str, Any], origin: str, locked: set[str]) -> None:
+    for section, values in data.items():
+        if section == "locked":
+            continue
+        if section not in _SECTIONS or not isinstance(values, dict):
+            raise UsageError(f"{origin}: unknown config section [{section}]")
+        obj = getattr(cfg, section)
+        names = {f.name for f in fields(obj)}
+        for key, value in values.items():
+            if key not in names:
+                raise UsageError(f"{origin}: unknown config key {section}.{key}")
+            if f"{section}.{key}" in locked:
+                continue
+            setattr(obj, key, _coerce(getattr(obj, key), value, f"{section}.{key}"))
+
+
+def _read_toml(path: Path) -> dict[str, Any] | None:
+    try:
+        raw = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        return None
+    import tomllib
+
+    try:
+        return tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: invalid TOML: {e}") from None
+
+
+def load() -> Config:
+    cfg = Config()
+    locked: set[str] = set()
+    site = _read_toml(SITE_CONFIG)
+    if site:
+        _apply(cfg, site, str(SITE_CONFIG), set())
+        locked = {str(x) for x in site.get("locked", [])}
+    user_file = _user_dirs()[1] / "nagaya" / "nagaya.toml"
+    user = _read_toml(user_file)
+    if user:
+        _apply(cfg, user, str(user_file), locked)
+    for section in _SECTIONS:
+        obj = getattr(cfg, section)
+        for f in fields(obj):
+            key = f"{section}.{f.name}"
+            env = os.environ.get(f"NAGAYA_{section.upper()}_{f.name.upper()}")
+            if env is not None and key not in locked:
+                setattr(obj, f.name, _coerce(getattr(obj, f.name), env, key))
+    return cfg

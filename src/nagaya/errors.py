@@ -1,0 +1,46 @@
+"""One exception hierarchy: a user-facing one-line message and an exit code."""
+
+from __future__ import annotations
+
+
+class NagayaError(Exception):
+    """An error the user can act on. The CLI prints `nagaya: <message>` and exits with `exit_code`."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(NagayaError):
+    exit_code = 2
+
+
+class ImageNotFound(NagayaError):
+    exit_code = 3
+
+
+class ImageError(NagayaError):
+    """A broken, hostile or unsupported image or image source."""
+
+    exit_code = 4
+
+
+class RuntimeSetupError(NagayaError):
+    """The container could not be set up (before the user's command ran)."""
+
+    exit_code = 125
+
+
+class CommandNotFound(NagayaError):
+    exit_code = 127
+
+
+class CommandNotExecutable(NagayaError):
+    exit_code = 126

@@ -1,0 +1,1 @@
+"""Images: references, the content-addressed store, layer unpacking and squashfs conversion."""

@@ -1,0 +1,1 @@
+"""Running containers: identity, mounts, environment, GPUs, and the launcher with its backends."""

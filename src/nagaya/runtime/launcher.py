@@ -1,0 +1,512 @@
+"""`nagaya run`: the supervisor that builds a container in namespaces of its own and waits for it.
+
+Process tree (no daemon; everything is a descendant of the user's `nagaya run`):
+
+    nagaya run (S)          user+mount+pid namespaces unshared in-process; mounts the image (FUSE, fd
+    │                       passed to squashfuse), the overlay; forwards signals; records the audit entry
+    └── backend (B, pid 1)  bwrap or runc, exec'd by a fork of S; pid 1 of the new pid namespace
+        ├── squashfuse_ll   serves the image; started by B before its exec, so B reaps it
+        └── the app         in S's process group, so TTY job control and group STOP/CONT just work
+
+Cleanup needs no code on the failure paths: every mount lives only in S's private mount namespace, and
+B (with PDEATHSIG) is pid 1 of the pid namespace, so when S dies for any reason, B dies, the kernel
+kills every process of the container, and the namespace with all its mounts goes away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import time
+
+from nagaya import audit
+from nagaya.config import Config
+from nagaya.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    NagayaError,
+    RuntimeSetupError,
+    UsageError,
+)
+from nagaya.image.oci import RunConfig
+from nagaya.runtime import environment, identity, linux
+from nagaya.runtime.backends import SandboxPlan, get
+from nagaya.runtime.identity import Identity
+from nagaya.runtime.rootpath import RootView
+from nagaya.runtime.spec import Bind, RunSpec
+
+FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+           signal.SIGALRM)
+SI_KERNEL = 0x80
+# System directories: never shadowed by binding the caller's cwd over them.
+SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/proc",
+               "/root", "/run", "/sbin", "/srv", "/sys", "/usr", "/var")
+SYSTEM_TREES = ("/bin/", "/boot/", "/dev/", "/etc/", "/lib", "/proc/", "/run/", "/sbin/", "/sys/", "/usr/")
+HOST_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/localtime")
+
+
+def _fail_child(msg: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, f"nagaya: {msg}\n".encode())
+    os._exit(125)
+
+
+class Launcher:
+    def __init__(self, spec: RunSpec, image: RunConfig, cfg: Config) -> None:
+        self.spec = spec
+        self.image = image
+        self.cfg = cfg
+        self.ident = Identity.current()
+        self.stage = ""
+
+    # -- checks that need no namespace -----------------------------------------------------------
+    def _binds(self, cwd: str) -> list[Bind]:
+        binds: list[Bind] = []
+        home = self.ident.home
+        if not self.spec.no_home and home and home != "/" and os.path.isdir(home):
+            binds.append(Bind(home, home))
+        binds.append(Bind("/tmp", "/tmp"))
+        under = [b.dst.rstrip("/") + "/" for b in binds]
+        if (cwd not in SYSTEM_DIRS and not cwd.startswith(SYSTEM_TREES)
+                and not any((cwd + "/").startswith(u) for u in under)):
+            binds.append(Bind(cwd, cwd))
+        for b in self.spec.binds:
+            if not os.path.exists(b.src):
+                raise UsageError(f"bind source {b.src} does not exist")
+            if not b.dst.startswith("/") or "/../" in b.dst + "/" or b.dst.rstrip("/") in ("", "/proc", "/dev"):
+                raise UsageError(f"bind destination {b.dst!r} must be an absolute path other than /, /proc, /dev")
+            binds.append(b)
+        return binds
+
+    def _overlay_dirs(self) -> tuple[str, str]:
+        d = os.path.abspath(os.path.expanduser(self.spec.overlay_dir))
+        try:
+            st = os.stat(d)
+        except FileNotFoundError:
+            try:
+                os.makedirs(d, mode=0o700)
+            except OSError as e:
+                raise UsageError(f"cannot create overlay directory {d}: {e.strerror}") from None
+            st = os.stat(d)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"overlay {d} is not a directory")
+        if st.st_uid != os.getuid():
+            raise UsageError(f"overlay directory {d} is not owned by you")
+        for sub in ("upper", "work"):
+            os.makedirs(os.path.join(d, sub), mode=0o755, exist_ok=True)
+        return os.path.join(d, "upper"), os.path.join(d, "work")
+
+    # -- namespace set-up -----------------------------------------------------------------------
+    def _enter_namespaces(self) -> None:
+        flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS
+        if self.cfg.runtime.pid_namespace:
+            flags |= linux.CLONE_NEWPID
+        try:
+            linux.unshare(flags)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.ENOSPC, errno.EINVAL):
+                raise RuntimeSetupError(
+                    "unprivileged user namespaces are disabled on this host "
+                    "(sysctl user.max_user_namespaces / kernel.unprivileged_userns_clone): ask your admin"
+                ) from None
+            raise
+        linux.map_self(self.ident.uid, self.ident.gid)
+        linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        for cand in (self.cfg.runtime.staging_dir, f"/tmp/.nagaya-{self.ident.uid}"):
+            if not cand:
+                continue
+            if not os.path.isdir(cand) and cand.startswith("/tmp/"):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(cand, 0o700)
+            try:
+                linux.mount("tmpfs", cand, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0700")
+            except OSError:
+                continue
+            self.stage = cand
+            break
+        else:
+            raise RuntimeSetupError("no staging directory could be mounted")
+        for d in ("lower", "upper", "work", "root", "proc", "gen"):
+            os.mkdir(os.path.join(self.stage, d), 0o755)
+
+    def _mount_image(self, fusefd: int, go_fd: int) -> None:
+        lower = os.path.join(self.stage, "lower")
+        if fusefd >= 0:
+            opts = f"fd={fusefd},rootmode=40000,user_id={self.ident.uid},group_id={self.ident.gid}"
+            linux.mount("nagaya", lower, "fuse.squashfuse", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY, opts)
+            os.write(go_fd, b"g")
+            try:
+                os.listdir(lower)     # the first request: fails at once if squashfuse refused the file
+            except OSError:
+                raise RuntimeSetupError(f"image {self.spec.image_ref} could not be mounted: its file "
+                                        f"{self.spec.squashfs} is corrupt; remove and re-import it") from None
+        else:
+            linux.mount(self.spec.unpacked, lower, None, linux.MS_BIND | linux.MS_REC)
+            linux.mount("none", lower, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY |
+                        linux.MS_NOSUID | linux.MS_NODEV)
+
+    def _prepare_upper(self, upper: str, binds: list[Bind], extra: dict[str, str]) -> None:
+        """Create mount points that the image lacks, in the overlay's upper layer (the image's own
+        directories belong to its root, which is not mapped in the user namespace)."""
+        lower_view = RootView(os.path.join(self.stage, "lower"), [])
+        targets = [(b.dst, os.path.isdir(b.src)) for b in binds] + [(d, False) for d in extra]
+        for dst, is_dir in targets:
+            parts = [p for p in dst.split("/") if p]
+            cur = ""
+            for i, p in enumerate(parts):
+                cur = f"{cur}/{p}"
+                last = i == len(parts) - 1
+                resolved = lower_view.resolve(cur)
+                if resolved is not None and resolved != cur:
+                    break                   # a symlink in the image: the backend follows it
+                host_lower = lower_view.host_path(cur)
+                if os.path.lexists(host_lower) and (not last or os.path.isdir(host_lower) == is_dir):
+                    continue
+                target = upper + cur
+                if last and not is_dir:
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with contextlib.suppress(FileExistsError):
+                        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                else:
+                    os.makedirs(target, exist_ok=True)
+
+    def _mount_overlay(self, upper: str, work: str) -> str:
+        root = os.path.join(self.stage, "root")
+        lower = os.path.join(self.stage, "lower")
+        try:
+            linux.mount("overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV,
+                        f"lowerdir={lower},upperdir={upper},workdir={work},userxattr")
+        except OSError as e:
+            raise RuntimeSetupError(f"cannot mount the container's overlay ({e.strerror}); "
+                                    "the kernel must allow overlayfs in user namespaces (Linux >= 5.11)") from None
+        return root
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> int:
+        started = time.monotonic()
+        code: int | None = None
+        try:
+            code = self._run()
+            return code
+        finally:
+            if code is not None:
+                self._audit(code, time.monotonic() - started)
+
+    def _audit(self, code: int, duration: float) -> None:
+        audit.record(audit.AuditEvent(
+            action="run", user=self.ident.name, uid=self.ident.uid, image=self.spec.image_ref,
+            digest=self.spec.digest, command=self.final_argv if hasattr(self, "final_argv") else self.spec.argv,
+            cwd=self.host_cwd, host=socket.gethostname(), exit_code=code, duration_s=round(duration, 4),
+            details={"backend": self.spec.backend}), self.cfg)
+
+    def _run(self) -> int:
+        spec, cfg = self.spec, self.cfg
+        try:
+            self.host_cwd = os.getcwd()
+        except FileNotFoundError:
+            self.host_cwd = self.ident.home
+        binds = self._binds(self.host_cwd)
+        gpu_env: dict[str, str] = {}
+        if spec.gpus:
+            from nagaya.runtime import gpu
+
+            gp = gpu.plan(spec.gpus, cfg.gpu)
+            binds += gp.binds
+            gpu_env = gp.env
+        overlay = self._overlay_dirs() if spec.overlay_dir else None
+        backend = get(spec.backend, cfg.runtime.runc if spec.backend in ("runc", "oci") else cfg.runtime.bwrap)
+        if not os.access(backend.exe if hasattr(backend, "exe") else "", os.X_OK):  # type: ignore[attr-defined]
+            raise RuntimeSetupError(f"{spec.backend} is not installed")
+        use_fuse = not spec.unpacked
+        lock_fd = self._hold_image()
+        if overlay:
+            import fcntl
+
+            ofd = os.open(os.path.dirname(overlay[0]), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(ofd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"overlay {spec.overlay_dir} is in use by another container") from None
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARD, signal.SIGCHLD})
+        self._enter_namespaces()
+        fusefd = -1
+        if use_fuse:
+            try:
+                fusefd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                raise RuntimeSetupError(f"/dev/fuse cannot be opened ({e.strerror})") from None
+        d_r, d_w = os.pipe()
+        b_r, b_w = os.pipe()
+        st_r, st_w = os.pipe() if spec.backend == "bwrap" else (-1, -1)
+        pid = os.fork()
+        if pid == 0:
+            self._backend_child(fusefd, d_r, d_w, b_r, b_w, st_r, st_w, lock_fd)
+        os.close(d_r)
+        os.close(b_r)
+        if st_w >= 0:
+            os.close(st_w)
+        try:
+            self._mount_image(fusefd, d_w)
+            if fusefd >= 0:
+                os.close(fusefd)
+            os.close(d_w)
+            upper, work = overlay or (os.path.join(self.stage, "upper"), os.path.join(self.stage, "work"))
+            extra = self._generated_files()
+            self._prepare_upper(upper, binds, extra)
+            root = self._mount_overlay(upper, work)
+            plan = self._plan(root, binds, extra, gpu_env)
+            if st_w >= 0:
+                plan.status_fd = st_w
+            argv, env = backend.command(plan)
+            os.write(b_w, json.dumps({"argv": argv, "env": env, "status_fd": st_w}).encode())
+            os.close(b_w)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(b_w)               # the backend child sees EOF and exits
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            raise
+        return self._supervise(pid, st_r)
+
+    def _hold_image(self) -> int:
+        """A shared lock on the image for as long as the container runs: `cache gc` skips it."""
+        import fcntl
+
+        locks = os.path.join(str(self.cfg.cache_dir), "locks")
+        try:
+            os.makedirs(locks, exist_ok=True)
+            fd = os.open(os.path.join(locks, f"use-{self.spec.digest[7:]}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return fd
+        except OSError:
+            return -1
+
+    def _backend_child(self, fusefd: int, d_r: int, d_w: int, b_r: int, b_w: int, st_r: int, st_w: int,
+                       lock_fd: int) -> None:
+        """Runs in the fork that becomes pid 1 of the container's pid namespace. Never returns."""
+        try:
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            os.close(d_w)
+            os.close(b_w)
+            if st_r >= 0:
+                os.close(st_r)
+            if fusefd >= 0:
+                fpid = os.fork()
+                if fpid == 0:
+                    try:
+                        os.close(b_r)
+                        if os.read(d_r, 1) != b"g":
+                            os._exit(0)
+                        os.close(d_r)
+                        os.set_inheritable(fusefd, True)
+                        null = os.open("/dev/null", os.O_RDWR)
+                        os.dup2(null, 0)
+                        os.dup2(null, 1)
+                        os.execv(self.cfg.runtime.squashfuse,
+                                 ["squashfuse_ll", "-f", self.spec.squashfs, f"/dev/fd/{fusefd}"])
+                    except BaseException as e:
+                        _fail_child(f"cannot start squashfuse: {e}")
+                os.close(fusefd)
+            os.close(d_r)
+            data = b""
+            while chunk := os.read(b_r, 65536):
+                data += chunk
+            if not data:
+                os._exit(125)
+            req = json.loads(data)
+            linux.mount("proc", os.path.join(self.stage, "proc"), "proc",
+                        linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            if req["status_fd"] >= 0:
+                os.set_inheritable(req["status_fd"], True)
+            for s in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(s, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            os.execve(req["argv"][0], req["argv"], req["env"])
+        except BaseException as e:
+            _fail_child(f"cannot start the container: {e}")
+        os._exit(125)
+
+    def _generated_files(self) -> dict[str, str]:
+        lower = os.path.join(self.stage, "lower")
+        from pathlib import Path
+
+        shell = self.ident.shell if os.path.exists(lower + self.ident.shell) else "/bin/sh"
+        gen = os.path.join(self.stage, "gen")
+        files = {
+            "/etc/passwd": identity.passwd_file(identity.read_image_file(Path(lower), "etc/passwd"), self.ident,
+                                                shell),
+            "/etc/group": identity.group_file(identity.read_image_file(Path(lower), "etc/group"), self.ident),
+        }
+        out = {}
+        for dst, content in files.items():
+            p = os.path.join(gen, os.path.basename(dst))
+            with open(p, "w") as f:
+                f.write(content)
+            out[dst] = p
+        for h in HOST_FILES:
+            if os.path.isfile(h):
+                out[h] = h
+        return out
+
+    def _plan(self, root: str, binds: list[Bind], extra: dict[str, str], gpu_env: dict[str, str]) -> SandboxPlan:
+        spec, img = self.spec, self.image
+        user_env = dict(gpu_env)
+        user_env.update(spec.env)
+        env = environment.build(dict(os.environ), img.env, user_env, spec.cleanenv, self.ident.home,
+                                self.ident.name)
+        env["NAGAYA_CONTAINER"] = spec.image_ref
+        env["NAGAYA_IMAGE_DIGEST"] = spec.digest
+        if spec.gpus:
+            from nagaya.runtime.gpu import GPU_BIN_DIR, GPU_LIB_DIR
+
+            env["LD_LIBRARY_PATH"] = ":".join(x for x in (env.get("LD_LIBRARY_PATH", ""), GPU_LIB_DIR) if x)
+            env["PATH"] = env["PATH"] + ":" + GPU_BIN_DIR
+        view = RootView(root, [*binds, *(Bind(s, d) for d, s in extra.items())])
+        if spec.pwd:
+            cwd = spec.pwd
+        elif not spec.argv and img.working_dir and not spec.shell:
+            cwd = img.working_dir
+        else:
+            cwd = self.host_cwd
+        if view.resolve(cwd) is None:
+            if spec.pwd:
+                raise UsageError(f"--pwd {spec.pwd}: no such directory in the container")
+            cwd = "/"
+        if spec.shell:
+            sh = "/bin/bash" if view.find_command("bash", env["PATH"], cwd)[0] else "/bin/sh"
+            argv = [sh, *spec.argv]
+            env.setdefault("PS1", "Nagaya> ")
+        else:
+            ep = list(spec.entrypoint) if spec.entrypoint is not None else list(img.entrypoint)
+            argv = ep + (list(spec.argv) if spec.argv else ([] if spec.entrypoint is not None and not img.cmd
+                                                             else list(img.cmd)))
+            if spec.entrypoint is not None and spec.argv:
+                argv = list(spec.entrypoint) + list(spec.argv)
+        if not argv:
+            raise UsageError(f"image {spec.image_ref} has no default command: give one, e.g. "
+                             f"`nagaya run {spec.image_ref} sh`")
+        found, reason = view.find_command(argv[0], env["PATH"], cwd)
+        if not found:
+            if reason == "not found":
+                raise CommandNotFound(f"{argv[0]}: command not found in image {spec.image_ref}")
+            raise CommandNotExecutable(f"{argv[0]}: {reason}")
+        self.final_argv = argv
+        return SandboxPlan(staging=self.stage, root=root, proc=os.path.join(self.stage, "proc"), binds=binds,
+                           readonly=not (spec.writable_tmpfs or spec.overlay_dir), cwd=cwd, argv=argv, env=env,
+                           uid=self.ident.uid, gid=self.ident.gid, extra_files=extra)
+
+    # -- supervision ----------------------------------------------------------------------------
+    def _supervise(self, bpid: int, st_r: int) -> int:
+        waitset = {*FORWARD, signal.SIGCHLD}
+        started = False
+        status_buf = b""
+        while True:
+            info = signal.sigwaitinfo(waitset)
+            if info.si_signo == signal.SIGCHLD:
+                while True:
+                    try:
+                        pid, status = os.waitpid(-1, os.WNOHANG)
+                    except ChildProcessError:
+                        pid, status = bpid, 0
+                    if pid == 0:
+                        break
+                    if pid == bpid:
+                        if st_r >= 0:
+                            status_buf += _read_all(st_r)
+                            started = b"child-pid" in status_buf
+                        code = os.waitstatus_to_exitcode(status)
+                        if code < 0:
+                            code = 128 - code
+                        if st_r >= 0 and not started:
+                            raise RuntimeSetupError(f"the container could not be started ({self.spec.backend} "
+                                                    f"exit {code})")
+                        return code
+                continue
+            self._forward(bpid, info)
+
+    def _forward(self, bpid: int, info: signal.struct_siginfo) -> None:
+        sig = info.si_signo
+        if info.si_code == SI_KERNEL:
+            return                          # from the terminal: the app, in our process group, has it too
+        app = _first_leaf(bpid)
+        if app is None:
+            return
+        if info.si_pid and _in_subtree(info.si_pid, bpid):
+            return                          # the container signalled its own process group
+        if _pending(app, sig):
+            return                          # a group-wide signal the app got directly: do not double it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(app, sig)
+
+
+def _read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    out = b""
+    with contextlib.suppress(BlockingIOError, OSError):
+        while chunk := os.read(fd, 65536):
+            out += chunk
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _first_leaf(bpid: int) -> int | None:
+    """The app: the backend's (bwrap's or runc's) child that is not squashfuse."""
+    for c in _children(bpid):
+        try:
+            with open(f"/proc/{c}/comm") as f:
+                if f.read().strip().startswith("squashfuse"):
+                    continue
+        except OSError:
+            continue
+        return c
+    return None
+
+
+def _in_subtree(pid: int, root: int) -> bool:
+    for _ in range(64):
+        if pid == root:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
+
+
+def _pending(pid: int, sig: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & (1 << (sig - 1)):
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def run(spec: RunSpec, image: RunConfig, cfg: Config) -> int:
+    try:
+        return Launcher(spec, image, cfg).run()
+    except NagayaError:
+        raise
+    except OSError as e:
+        raise RuntimeSetupError(f"container setup failed: {e.strerror or e}") from None
+
+
