@@ -106,6 +106,7 @@ class Launcher:
         flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS
         if self.cfg.runtime.pid_namespace:
             flags |= linux.CLONE_NEWPID
+        helper = self._start_idmap_helper() if self.spec.backend in ("runc", "oci") else None
         try:
             linux.unshare(flags)
         except OSError as e:
@@ -115,7 +116,16 @@ class Launcher:
                     "(sysctl user.max_user_namespaces / kernel.unprivileged_userns_clone): ask your admin"
                 ) from None
             raise
-        linux.map_self(self.ident.uid, self.ident.gid)
+        if helper is None:
+            linux.map_self(self.ident.uid, self.ident.gid)
+        else:
+            pid, w = helper
+            os.write(w, b"g")
+            os.close(w)
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                raise RuntimeSetupError("newuidmap/newgidmap could not map the container's root "
+                                        "(see the message above)")
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
         for cand in (self.cfg.runtime.staging_dir, f"/tmp/.nagaya-{self.ident.uid}"):
             if not cand:
@@ -133,6 +143,36 @@ class Launcher:
             raise RuntimeSetupError("no staging directory could be mounted")
         for d in ("lower", "upper", "work", "root", "proc", "gen"):
             os.mkdir(os.path.join(self.stage, d), 0o755)
+
+    def _start_idmap_helper(self) -> tuple[int, int]:
+        """runc needs uid 0 mapped besides the user's own uid; only setuid newuidmap/newgidmap can
+        map it (from the user's subordinate range), and only from outside the namespace."""
+        from nagaya.runtime import subids
+
+        su = subids.lookup("/etc/subuid", self.ident.name, self.ident.uid)
+        sg = subids.lookup("/etc/subgid", self.ident.name, self.ident.uid)
+        if su is None or sg is None:
+            raise RuntimeSetupError(f"the runc backend needs a subordinate uid/gid range for {self.ident.name} "
+                                    f"in /etc/subuid and /etc/subgid: ask your admin (`nagaya admin subid "
+                                    f"{self.ident.name}` prints the lines), or use --backend bwrap")
+        r, w = os.pipe()
+        target = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(w)
+                if os.read(r, 1) != b"g":
+                    os._exit(1)
+                uid, gid = self.ident.uid, self.ident.gid
+                for exe, own, sub in (("newuidmap", uid, su), ("newgidmap", gid, sg)):
+                    rc = os.spawnvp(os.P_WAIT, exe, [exe, str(target), "0", str(sub), "1", str(own), str(own), "1"])
+                    if rc != 0:
+                        os._exit(1)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        os.close(r)
+        return pid, w
 
     def _mount_image(self, fusefd: int, go_fd: int) -> None:
         lower = os.path.join(self.stage, "lower")
@@ -264,7 +304,8 @@ class Launcher:
             if st_w >= 0:
                 plan.status_fd = st_w
             argv, env = backend.command(plan)
-            os.write(b_w, json.dumps({"argv": argv, "env": env, "status_fd": st_w}).encode())
+            os.write(b_w, json.dumps({"argv": argv, "env": env, "status_fd": st_w,
+                                               "as_root": backend.name == "runc"}).encode())
             os.close(b_w)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -325,6 +366,9 @@ class Launcher:
                         linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             if req["status_fd"] >= 0:
                 os.set_inheritable(req["status_fd"], True)
+            if req.get("as_root"):
+                os.setresgid(0, 0, 0)
+                os.setresuid(0, 0, 0)     # root of nagaya's namespace only: runc keeps its capabilities
             for s in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(s, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())

@@ -1,6 +1,8 @@
 """The OCI backend: rootless runc with a generated bundle, for sites that need an OCI runtime.
 
-runc runs inside nagaya's user, mount and pid namespaces; the container shares that pid namespace
+runc runs as root of nagaya's user namespace (which maps uid 0 to one of the user's subordinate ids,
+and the user's own uid to itself), inside nagaya's mount and pid namespaces; the container shares
+that user namespace (the app runs as the user's own uid) and that pid namespace
 (so the app is not pid 1 and keeps normal signal semantics) and the host network. Its state lives in
 nagaya's private tmpfs, so nothing is left on disk.
 """
@@ -47,7 +49,7 @@ class Runc:
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": False,
-                "user": {"uid": plan.uid, "gid": plan.gid},
+                "user": {"uid": plan.uid, "gid": plan.gid, "additionalGids": [plan.gid]},
                 "args": plan.argv,
                 "env": [f"{k}={v}" for k, v in plan.env.items()],
                 "cwd": plan.cwd,
@@ -58,9 +60,7 @@ class Runc:
             "hostname": "",
             "mounts": mounts,
             "linux": {
-                "uidMappings": [{"containerID": plan.uid, "hostID": plan.uid, "size": 1}],
-                "gidMappings": [{"containerID": plan.gid, "hostID": plan.gid, "size": 1}],
-                "namespaces": [{"type": "user"}, {"type": "mount"}],
+                "namespaces": [{"type": "mount"}],
                 "maskedPaths": [],
                 "readonlyPaths": [],
             },
@@ -70,6 +70,6 @@ class Runc:
             json.dump(config, f)
         state = os.path.join(plan.staging, "runc-state")
         cid = f"nagaya-{os.getppid()}-{os.getpid()}"
-        argv = [self.exe, "--root", state, "run", "--no-new-keyring", "--bundle", bundle, cid]
+        argv = [self.exe, "--root", state, "--rootless", "true", "--log-level", "error", "run", "--no-new-keyring", "--bundle", bundle, cid]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "XDG_RUNTIME_DIR": state}
         return argv, env
