@@ -13,7 +13,7 @@ from rich.console import Console
 
 from nagaya.errors import NagayaError
 
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 STATE: dict[str, bool] = {"debug": False}
 
@@ -21,7 +21,7 @@ STATE: dict[str, bool] = {"debug": False}
 def fail(e: NagayaError) -> None:
     if STATE["debug"]:
         raise e
-    err_console.print(f"nagaya: {e.message}", markup=False, highlight=False)
+    sys.stderr.write(f"nagaya: {e.message}\n")     # one line, never wrapped
     raise typer.Exit(e.exit_code)
 
 

@@ -1,0 +1,71 @@
+"""Unprivileged test users: every user-facing command in the tests runs as one of them."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def ensure(cls, name: str, subid_start: int) -> User:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
+            pw = pwd.getpwnam(name)
+        subprocess.run(["usermod", "--add-subuids", f"{subid_start}-{subid_start + 65535}",
+                        "--add-subgids", f"{subid_start}-{subid_start + 65535}", name], check=False,
+                       capture_output=True)
+        return cls(name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        e = {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name, "PATH": PATH, "LANG": "C.UTF-8",
+             "TERM": "xterm"}
+        e.update(self.extra_env)
+        e.update(extra)
+        return e
+
+    def argv(self, args: list[str]) -> list[str]:
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", "--", *args]
+
+    def run(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+            input: str | bytes | None = None, timeout: float = 120, check: bool = False,
+            text: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(args), env=self.env(**(env or {})), cwd=cwd or self.home,
+                              input=input, capture_output=True, text=text, timeout=timeout, check=check)
+
+    def popen(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+              **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(args), env=self.env(**(env or {})), cwd=cwd or self.home, **kw)
+
+    def nagaya(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.run(["nagaya", *args], **kw)
+
+    def processes(self) -> list[str]:
+        """This user's processes (pid and command), to prove nothing was left behind."""
+        r = subprocess.run(["ps", "-u", str(self.uid), "-o", "pid=,stat=,args="], capture_output=True, text=True)
+        return [x.strip() for x in r.stdout.splitlines() if x.strip() and " Z " not in f" {x.split()[1]} "]
+
+    def mkdir(self, path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, self.uid, self.gid)
+        return path
+
+    def chown_tree(self, path: Path) -> None:
+        for root, dirs, files in os.walk(path):
+            os.chown(root, self.uid, self.gid)
+            for n in dirs + files:
+                os.lchown(os.path.join(root, n), self.uid, self.gid)
