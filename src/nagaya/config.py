@@ -74,11 +74,48 @@ class AuditConfig:
 
 
 @dataclass
+class ServerConfig:
+    """The site registry and nagaya's server (token service + API): `nagaya site up` and the daemons."""
+
+    state_dir: str = ""                         # default: /var/lib/nagaya/site (root), else ~/.local/share/...
+    database: str = ""                          # SQLAlchemy URL; default sqlite:///STATE_DIR/nagaya.db
+    url: str = ""                               # server clients log in to; default: the local site's
+    host: str = "127.0.0.1"
+    port: int = 0                               # 0: a free port
+    registry_port: int = 0
+    registry_bin: str = "/usr/bin/docker-registry"
+    service: str = "nagaya-registry"            # the token `aud` and the registry's `service`
+    issuer: str = "nagaya"
+    user: str = "nagaya"                        # service account the daemons run as when started by root
+    auth: str = "pam"                           # pam | ldap: how passwords are checked
+    pam_service: str = "nagaya"                 # /etc/pam.d/<name>; "login" when that file is missing
+    admin_users: list[str] = field(default_factory=list)
+    admin_groups: list[str] = field(default_factory=lambda: ["nagaya-admins"])
+    token_ttl: int = 300                        # registry bearer tokens, seconds
+    login_ttl_days: int = 90                    # personal access tokens made by `nagaya login`
+
+
+@dataclass
+class LdapConfig:
+    uri: str = ""                               # ldap://host or ldaps://host
+    user_dn: str = "uid={username},ou=people,dc=example,dc=org"
+    base_dn: str = "dc=example,dc=org"
+    user_filter: str = "(&(objectClass=posixAccount)(uid={username}))"
+    group_filter: str = "(&(objectClass=posixGroup)(memberUid={username}))"
+    group_lookup_filter: str = "(&(objectClass=posixGroup)(cn={group}))"
+    bind_dn: str = ""                           # for searches; empty: anonymous
+    bind_password: str = ""
+    start_tls: bool = False
+
+
+@dataclass
 class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ldap: LdapConfig = field(default_factory=LdapConfig)
 
     @property
     def cache_dir(self) -> Path:
@@ -88,8 +125,14 @@ class Config:
     def audit_path(self) -> Path:
         return Path(self.audit.path) if self.audit.path else _user_dirs()[2] / "nagaya" / "audit.jsonl"
 
+    @property
+    def site_state_dir(self) -> Path:
+        if self.server.state_dir:
+            return Path(self.server.state_dir)
+        return Path("/var/lib/nagaya/site") if os.geteuid() == 0 else _user_dirs()[2] / "nagaya" / "site"
 
-_SECTIONS = ("runtime", "image", "gpu", "audit")
+
+_SECTIONS = ("runtime", "image", "gpu", "audit", "server", "ldap")
 
 
 def _coerce(current: Any, value: Any, where: str) -> Any:

@@ -44,3 +44,29 @@ class CommandNotFound(NagayaError):
 
 class CommandNotExecutable(NagayaError):
     exit_code = 126
+
+
+class AuthError(NagayaError):
+    """Not logged in, bad credentials, or an expired or revoked token."""
+
+    exit_code = 5
+
+
+class PermissionDenied(NagayaError):
+    exit_code = 6
+
+
+class NotFound(NagayaError):
+    """A project, member, token or repository that does not exist (or that the caller may not see)."""
+
+    exit_code = 3
+
+
+class Conflict(NagayaError):
+    exit_code = 7
+
+
+class SiteError(NagayaError):
+    """The site (registry + server) could not be started, stopped or reached."""
+
+    exit_code = 8
