@@ -17,6 +17,7 @@ PKGS=(
   skopeo umoci podman buildah                     # peers for tests and benchmarks, OCI tooling
   tmux hyperfine procps psmisc iproute2 util-linux
   charliecloud-runtime
+  docker-registry postgresql                      # the site registry; PostgreSQL for sites (and its tests)
 )
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
@@ -32,6 +33,19 @@ fi
 quiet "$PREFIX/bin/pip" install --upgrade --disable-pip-version-check "$here[test]"
 ln -sf "$PREFIX/bin/nagaya" /usr/local/bin/nagaya
 chmod -R a+rX "$PREFIX"
+
+echo "== service account"
+# The site server never runs as root: `nagaya site up` (as root) runs it and the registry as `nagaya`.
+# pam_unix checks other users' passwords only for root or the `shadow` group (DESIGN.md).
+if ! id nagaya >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/nagaya/site --no-create-home --shell /usr/sbin/nologin nagaya
+fi
+usermod -a -G shadow nagaya
+getent group nagaya-admins >/dev/null || groupadd --system nagaya-admins
+# Passwords through the site's usual auth stack, without login(1)'s session modules.
+[ -f /etc/pam.d/nagaya ] || printf '@include common-auth\n@include common-account\n' > /etc/pam.d/nagaya
+# PostgreSQL's own cluster is not started here: sites point server.database at theirs; tests start a private one.
+systemctl disable --now docker-registry >/dev/null 2>&1 || true   # nagaya starts its own, with token auth
 
 echo "== site directories"
 install -d -m 0755 /etc/nagaya /var/lib/nagaya /var/lib/nagaya/mnt

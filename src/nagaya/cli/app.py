@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from nagaya import __version__
-from nagaya.cli import image_cmds
+from nagaya.cli import auth_cmds, image_cmds, project_cmds, site_cmds, token_cmds
 from nagaya.cli.common import STATE
 
 app = typer.Typer(
@@ -17,6 +17,12 @@ app = typer.Typer(
 )
 app.add_typer(image_cmds.app, name="image")
 app.command("images")(image_cmds.images)
+app.add_typer(site_cmds.app, name="site")
+app.command("login")(auth_cmds.login)
+app.command("logout")(auth_cmds.logout)
+app.add_typer(project_cmds.app, name="project")
+app.add_typer(project_cmds.repo_app, name="repo")
+app.add_typer(token_cmds.app, name="token")
 
 _PASS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 

@@ -1,0 +1,112 @@
+"""`nagaya login` / `nagaya logout`, and the API client every site command uses."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import pwd
+import sys
+from datetime import timedelta
+from typing import Any
+
+import typer
+
+from nagaya import config
+from nagaya.cli.common import console, fail, print_json
+from nagaya.errors import NagayaError, UsageError
+
+REGISTRY = typer.Option(None, "--registry", envvar="NAGAYA_REGISTRY",
+                        help="which login to use (HOST:PORT); default: the most recent")
+
+
+def api_client(registry: str | None = None) -> Any:
+    """An API client authenticated with the stored personal access token."""
+    from nagaya.client import authfile
+    from nagaya.client.api import Api
+
+    login = authfile.current(registry)
+    return Api(login.server, login.username, login.secret)
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """`30d`, `12h`, `90m`, `2w`, `3600s`; `never` for no expiry."""
+    t = text.strip().lower()
+    if t in ("never", "none", "0"):
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+    try:
+        n = float(t[:-1]) if t[-1] in units else float(t)
+        secs = n * units.get(t[-1], 86400)     # a bare number means days
+    except (ValueError, IndexError):
+        raise UsageError(f"invalid duration {text!r} (e.g. 30d, 12h, 2w, never)") from None
+    if secs <= 0:
+        raise UsageError(f"invalid duration {text!r}")
+    return timedelta(seconds=int(secs))
+
+
+def _default_server() -> str:
+    cfg = config.load()
+    if cfg.server.url:
+        return cfg.server.url
+    from nagaya.server import site
+
+    try:
+        return site.status(cfg).server
+    except NagayaError:
+        raise UsageError("no SERVER given and no local site found; `nagaya login http://HOST:PORT`") from None
+
+
+def login(server: str = typer.Argument(None, help="server URL (http://HOST:PORT) or registry HOST:PORT; "
+                                       "default: the configured or local site"),
+          username: str = typer.Option(None, "--username", "-u", help="default: your Unix user name"),
+          password_stdin: bool = typer.Option(False, "--password-stdin", help="read the password from stdin"),
+          json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Log in with your Unix (or LDAP) password; stores a personal access token, never the password."""
+    from nagaya.client import authfile
+    from nagaya.client.api import Api, discover
+
+    try:
+        registry, server_url = discover(server or _default_server())
+        user = username or pwd.getpwuid(os.getuid()).pw_name
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        elif sys.stdin.isatty():
+            password = getpass.getpass(f"Password for {user}: ")
+        else:
+            raise UsageError("no terminal to ask for a password; use --password-stdin")
+        if not password:
+            raise UsageError("empty password")
+        res = Api(server_url, user, password).post("/api/login", json={"token_name": f"nagaya-login@{os.uname()[1]}"})
+        path = authfile.store(authfile.Login(registry=registry, server=server_url, username=res["username"],
+                                             secret=res["token"]))
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json({"registry": registry, "server": server_url, "username": res["username"],
+                    "personal_project": res.get("personal_project"), "expires_at": res.get("expires_at"),
+                    "auth_file": str(path)})
+    else:
+        console.print(f"Login Succeeded: {res['username']} at {registry} (token until "
+                      f"{str(res.get('expires_at'))[:10]}, saved in {path})", highlight=False)
+
+
+def logout(registry: str = typer.Argument(None, help="registry HOST:PORT; default: the most recent login"),
+           json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Revoke the stored personal access token and forget it."""
+    from nagaya.client import authfile
+    from nagaya.client.api import Api
+
+    try:
+        login_ = authfile.current(registry)
+        revoked = True
+        try:
+            Api(login_.server, login_.username, login_.secret).post("/api/logout")
+        except NagayaError:
+            revoked = False            # server gone or token already invalid: still forget it locally
+        authfile.remove(login_.registry)
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json({"registry": login_.registry, "revoked": revoked})
+    else:
+        console.print(f"Removed login credentials for {login_.registry}", highlight=False)

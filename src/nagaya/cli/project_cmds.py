@@ -1,0 +1,137 @@
+"""`nagaya project create|ls|member add|rm|ls` and `nagaya repo ls|tags`."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import typer
+from rich.table import Table
+
+from nagaya.cli.auth_cmds import REGISTRY, api_client
+from nagaya.cli.common import console, fail, human_size, print_json
+from nagaya.errors import NagayaError
+
+app = typer.Typer(help="Projects (personal, group, site) and their members.", no_args_is_help=True)
+member_app = typer.Typer(help="Members of a project and their roles.", no_args_is_help=True)
+app.add_typer(member_app, name="member")
+repo_app = typer.Typer(help="Repositories and tags in the site registry (those you may see).",
+                       no_args_is_help=True)
+
+JSON = typer.Option(False, "--json", help="machine-readable output")
+ROLE_HELP = "owner | maintainer | developer | guest"
+
+
+def _table(cols: tuple[str, ...], rows: list[list[str]]) -> None:
+    t = Table(box=None, header_style="bold")
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+
+
+@app.command()
+def create(name: str = typer.Argument(..., help="project name (lowercase)"),
+           site_project: bool = typer.Option(False, "--site", help="a site project: everyone pulls, admins push"),
+           registry: str = REGISTRY, json_out: bool = JSON) -> None:
+    """Create a group project; you become its owner."""
+    try:
+        p = api_client(registry).post("/api/projects", json={"name": name, "kind": "site" if site_project else "group"})
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(p)
+    else:
+        console.print(f"created {p['kind']} project {p['name']}", highlight=False)
+
+
+@app.command("ls")
+def ls(registry: str = REGISTRY, json_out: bool = JSON) -> None:
+    """List the projects you can see, with your role."""
+    try:
+        rows = api_client(registry).get("/api/projects")
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(rows)
+        return
+    _table(("PROJECT", "KIND", "OWNER", "ROLE", "ACCESS"),
+           [[p["name"], p["kind"], p["owner"], p["role"] or "-", ",".join(p["actions"])] for p in rows])
+
+
+@member_app.command("add")
+def member_add(project: str = typer.Argument(...), name: str = typer.Argument(..., help="user (or group) name"),
+               role: str = typer.Option(..., "--role", "-r", help=ROLE_HELP),
+               group: bool = typer.Option(False, "--group", "-g", help="NAME is a Unix/LDAP group"),
+               registry: str = REGISTRY, json_out: bool = JSON) -> None:
+    """Add a user or group to a project, or change their role (owners only)."""
+    try:
+        m = api_client(registry).post(f"/api/projects/{quote(project, safe='')}/members",
+                                      json={"name": name, "kind": "group" if group else "user", "role": role})
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(m)
+    else:
+        console.print(f"{m['kind']} {m['name']} is {m['role']} of {project}", highlight=False)
+
+
+@member_app.command("rm")
+def member_rm(project: str = typer.Argument(...), name: str = typer.Argument(...),
+              group: bool = typer.Option(False, "--group", "-g", help="NAME is a group"),
+              registry: str = REGISTRY, json_out: bool = JSON) -> None:
+    """Remove a user or group from a project (owners only; a project keeps at least one owner)."""
+    kind = "group" if group else "user"
+    try:
+        r = api_client(registry).delete(f"/api/projects/{quote(project, safe='')}/members/{kind}/"
+                                        f"{quote(name, safe='')}")
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(r)
+    else:
+        console.print(f"removed {kind} {name} from {project}", highlight=False)
+
+
+@member_app.command("ls")
+def member_ls(project: str = typer.Argument(...), registry: str = REGISTRY, json_out: bool = JSON) -> None:
+    """List a project's members (members only)."""
+    try:
+        rows = api_client(registry).get(f"/api/projects/{quote(project, safe='')}/members")
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(rows)
+        return
+    _table(("NAME", "KIND", "ROLE"), [[m["name"], m["kind"], m["role"]] for m in rows])
+
+
+@repo_app.command("ls")
+def repo_ls(project: str = typer.Argument(None, help="only this project"), registry: str = REGISTRY,
+            json_out: bool = JSON) -> None:
+    """List repositories you may pull from."""
+    try:
+        rows = api_client(registry).get("/api/repositories", params={"project": project} if project else None)
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(rows)
+        return
+    _table(("REPOSITORY", "TAGS", "UPDATED"), [[r["name"], str(r["tags"]), str(r["updated_at"] or "")[:19]]
+                                              for r in rows])
+
+
+@repo_app.command("tags")
+def repo_tags(repository: str = typer.Argument(..., help="PROJECT/NAME"), registry: str = REGISTRY,
+              json_out: bool = JSON) -> None:
+    """List a repository's tags with digests, sizes and who pushed them."""
+    try:
+        rows = api_client(registry).get(f"/api/repositories/{quote(repository)}/tags")
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(rows)
+        return
+    _table(("TAG", "DIGEST", "SIZE", "PUSHED", "BY"),
+           [[t["tag"], t["digest"][:19], human_size(t["size"]), str(t["pushed_at"])[:19], t["pushed_by"]]
+            for t in rows])

@@ -1,0 +1,359 @@
+"""The FastAPI application: the registry token service (`GET /token`), the JSON API under /api and the
+registry's notification sink. Handlers are thin: authenticate, call `SiteService`, shape the answer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from nagaya import __version__
+from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, UsageError
+from nagaya.server.authn import Authenticator, make_authenticator
+from nagaya.server.settings import ServerSettings
+from nagaya.server.tokens import Scope, TokenIssuer
+from nagaya.store import Database, Principal, authorize, credentials
+from nagaya.store.models import Project, UserToken, utcnow
+from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, SiteService
+
+log = logging.getLogger("nagaya.server")
+INTERNAL = "$nagaya"          # the server's own registry reads (manifest sizes): not user activity
+_STATUS = {AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400}
+
+
+class LoginRequest(BaseModel):
+    token_name: str = Field("nagaya-login", max_length=64)
+    expires_days: int | None = Field(None, ge=1, le=3650, description="default: the site's login_ttl_days")
+
+
+class ProjectCreate(BaseModel):
+    name: str
+    kind: str = Field("group", pattern="^(group|site)$")
+
+
+class MemberAdd(BaseModel):
+    name: str
+    kind: str = Field("user", pattern="^(user|group)$")
+    role: str = Field(pattern="^(owner|maintainer|developer|guest)$")
+
+
+class TokenCreate(BaseModel):
+    name: str
+    scope: str = Field(pattern="^(pull|push)$")
+    expires_in: int | None = Field(None, ge=1, description="seconds; null: never expires")
+
+
+def _basic(request: Request) -> tuple[str, str] | None:
+    h = request.headers.get("authorization", "")
+    scheme, _, value = h.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            user, sep, secret = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise AuthError("malformed Authorization header") from None
+        if not sep:
+            raise AuthError("malformed Authorization header")
+        return user, secret
+    if scheme.lower() == "bearer" and value.strip():
+        return "", value.strip()            # a personal access token alone names its user
+    return None
+
+
+def _json(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_json(x) for x in obj]
+    d = asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+    if isinstance(d, dict):
+        return {k: (v.isoformat() + "Z" if isinstance(v, datetime) else v) for k, v in d.items()}
+    return d
+
+
+class Site:
+    """What every handler needs: the database, the password back end, the token issuer."""
+
+    def __init__(self, settings: ServerSettings, authenticator: Authenticator | None = None) -> None:
+        self.settings = settings
+        self.db = Database(settings.database)
+        self.authn = authenticator or make_authenticator(settings.auth, settings.pam_service, settings.ldap)
+        self.issuer = TokenIssuer(Path(settings.signing_key), Path(settings.signing_cert), Path(settings.ca_cert),
+                                  settings.issuer, settings.service, settings.token_ttl)
+
+    def is_admin(self, name: str, groups: frozenset[str]) -> bool:
+        s = self.settings
+        return name in s.admin_users or bool(groups & set(s.admin_groups))
+
+    def password_login(self, svc: SiteService, username: str, password: str) -> Principal:
+        ident = self.authn.authenticate(username, password)
+        if ident is None:
+            raise AuthError("invalid username or password")
+        user = svc.login(ident.name, ident.uid, self.is_admin(ident.name, ident.groups))
+        svc.audit("login", ident.name, details={"method": self.settings.auth})
+        return svc.principal(user, ident.groups)
+
+    def principal(self, svc: SiteService, creds: tuple[str, str] | None, allow_password: bool = True) -> Principal:
+        """Credentials -> principal: a robot token, a personal access token, or (where allowed) a password.
+        No credentials: anonymous. Wrong credentials: AuthError (never a silent downgrade to anonymous)."""
+        if creds is None:
+            return Principal.anonymous()
+        username, secret = creds
+        if ROBOT_RE.match(username):
+            p = svc.verify_robot(username, secret)
+            if p is None:
+                raise AuthError("invalid, expired or revoked robot token")
+            return p
+        if secret.startswith("nyp_"):
+            user = svc.verify_user_token(username, secret) if username else None
+            if user is None and not username:                  # Bearer: the token names its user
+                tok = svc.s.scalar(select(UserToken).where(UserToken.secret_hash == credentials.hash_secret(secret)))
+                user = svc.verify_user_token(tok.user.name, secret) if tok else None
+            if user is None:
+                raise AuthError("invalid, expired or revoked access token; run `nagaya login` again")
+            ident = self.authn.user(user.name)
+            groups = ident.groups if ident else frozenset()
+            user.is_admin = self.is_admin(user.name, groups)
+            return svc.principal(user, groups)
+        if not allow_password:
+            raise AuthError("use a personal access token (nagaya login) or a robot token")
+        return self.password_login(svc, username, secret)
+
+    def manifest_size(self, repository: str, digest: str, media_type: str) -> int | None:
+        """Bytes an image occupies (config + layers), read back from the registry with a server token."""
+        if not self.settings.registry or media_type not in MANIFEST_TYPES:
+            return None
+        tok = self.issuer.issue(INTERNAL, [{"type": "repository", "name": repository, "actions": ["pull"]}])
+        try:
+            r = httpx.get(f"http://{self.settings.registry}/v2/{repository}/manifests/{digest}", timeout=5,
+                          headers={"Authorization": f"Bearer {tok['token']}", "Accept": ", ".join(MANIFEST_TYPES)})
+            r.raise_for_status()
+            m = r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            log.warning("cannot read %s@%s for its size: %s", repository, digest, e)
+            return None
+        if "layers" in m:
+            return int(m.get("config", {}).get("size", 0)) + sum(int(x.get("size", 0)) for x in m["layers"])
+        return sum(int(x.get("size", 0)) for x in m.get("manifests", []))
+
+
+def create_app(settings: ServerSettings, authenticator: Authenticator | None = None) -> FastAPI:
+    site = Site(settings, authenticator)
+    app = FastAPI(title="nagaya", version=__version__,
+                  description="nagaya site server: registry token service, projects, roles and tokens")
+    app.state.site = site
+
+    @app.exception_handler(NagayaError)
+    async def _nagaya_error(_request: Request, exc: NagayaError) -> JSONResponse:
+        status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
+        headers = {"WWW-Authenticate": 'Basic realm="nagaya"'} if status == 401 else None
+        return JSONResponse({"detail": exc.message}, status_code=status, headers=headers)
+
+    def session() -> Any:
+        return site.db.session()
+
+    # ---- registry token service ---------------------------------------------------------------------
+
+    @app.get("/token", tags=["registry"], summary="Docker registry token (distribution token auth spec)")
+    def token(request: Request, service: str = "", scope: list[str] = Query(default_factory=list),
+              account: str = "") -> dict[str, Any]:
+        if service and service != settings.service:
+            raise UsageError(f"unknown service {service!r}")
+        creds = _basic(request)
+        with session() as s:
+            svc = SiteService(s)
+            principal = site.principal(svc, creds)
+            access = []
+            for text in scope:
+                for part in text.split(" "):                 # some clients join several scopes with spaces
+                    sc = Scope.parse(part)
+                    if sc is None:
+                        continue
+                    if sc.type == "repository":
+                        granted = authorize(s, principal, sc.name, sc.actions)
+                        actions = [a for a in ("pull", "push", "delete") if a in granted]
+                        if "*" in sc.actions and granted >= {"pull", "push", "delete"}:
+                            actions = ["*"]
+                    elif sc.type == "registry" and sc.name == "catalog":
+                        actions = ["*"] if principal.kind == "user" and principal.is_admin else []
+                    else:
+                        actions = []
+                    access.append({"type": sc.type, "name": sc.name, "actions": actions})
+            return site.issuer.issue(principal.name, access)
+
+    # ---- API ------------------------------------------------------------------------------------------
+
+    @app.get("/api/info", tags=["site"])
+    def info() -> dict[str, Any]:
+        return {"registry": settings.registry, "server": settings.url, "service": settings.service,
+                "realm": f"{settings.url}/token", "version": __version__}
+
+    @app.post("/api/login", tags=["auth"], summary="Password login; returns a personal access token (shown once)")
+    def login(request: Request, body: LoginRequest | None = None) -> dict[str, Any]:
+        body = body or LoginRequest()
+        creds = _basic(request)
+        if creds is None or not creds[0]:
+            raise AuthError("login needs HTTP Basic credentials (username and password)")
+        with session() as s:
+            svc = SiteService(s)
+            principal = site.password_login(svc, *creds)
+            user = svc.user(principal.name)
+            assert user is not None
+            days = body.expires_days or settings.login_ttl_days
+            new = svc.issue_user_token(user, body.token_name, timedelta(days=days))
+            personal = s.scalar(select(Project.name).where(Project.name == user.name))
+            return {"username": user.name, "token": new.secret, "expires_at": _json({"t": new.expires_at})["t"],
+                    "registry": settings.registry, "server": settings.url, "is_admin": principal.is_admin,
+                    "personal_project": personal}
+
+    @app.post("/api/logout", tags=["auth"], summary="Revoke the personal access token used for this request")
+    def logout(request: Request) -> dict[str, Any]:
+        creds = _basic(request)
+        with session() as s:
+            svc = SiteService(s)
+            p = site.principal(svc, creds, allow_password=False)
+            user = svc.user(p.name) if p.kind == "user" else None
+            n = svc.revoke_user_tokens(user, creds[1]) if user and creds else 0
+            return {"revoked": n}
+
+    @app.get("/api/me", tags=["auth"])
+    def me(request: Request) -> dict[str, Any]:
+        with session() as s:
+            p = site.principal(SiteService(s), _basic(request))
+            return {"name": p.name, "kind": p.kind, "is_admin": p.is_admin, "groups": sorted(p.groups),
+                    "project": p.project, "scope": p.scope}
+
+    @app.get("/api/projects", tags=["projects"])
+    def projects(request: Request) -> list[dict[str, Any]]:
+        with session() as s:
+            svc = SiteService(s)
+            return _json(svc.projects(site.principal(svc, _basic(request))))
+
+    @app.post("/api/projects", tags=["projects"], status_code=201)
+    def create_project(request: Request, body: ProjectCreate) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            return _json(svc.create_project(site.principal(svc, _basic(request)), body.name, body.kind))
+
+    @app.get("/api/projects/{name}", tags=["projects"])
+    def project(request: Request, name: str) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            return _json(svc.project_info(site.principal(svc, _basic(request)), name))
+
+    @app.get("/api/projects/{name}/members", tags=["projects"])
+    def members(request: Request, name: str) -> list[dict[str, Any]]:
+        with session() as s:
+            svc = SiteService(s)
+            return _json(svc.members(site.principal(svc, _basic(request)), name))
+
+    @app.post("/api/projects/{name}/members", tags=["projects"])
+    def add_member(request: Request, name: str, body: MemberAdd) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            p = site.principal(svc, _basic(request))
+            svc.project(p, name)                               # 404 before revealing whether a user exists
+            if body.kind == "user":
+                ident = site.authn.user(body.name)
+                if ident is None:
+                    raise NotFound(f"no such user: {body.name}")
+                unix_id = ident.uid
+            else:
+                gid = site.authn.group_id(body.name)
+                if gid is False:
+                    raise NotFound(f"no such group: {body.name}")
+                unix_id = gid if isinstance(gid, int) and not isinstance(gid, bool) else None
+            return _json(svc.add_member(p, name, body.name, body.kind, body.role, unix_id))
+
+    @app.delete("/api/projects/{name}/members/{kind}/{member}", tags=["projects"])
+    def remove_member(request: Request, name: str, kind: str, member: str) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            svc.remove_member(site.principal(svc, _basic(request)), name, member, kind)
+            return {"removed": member, "kind": kind, "project": name}
+
+    @app.get("/api/tokens", tags=["tokens"], summary="Robot tokens of the projects you maintain")
+    def tokens(request: Request, project: str | None = None) -> list[dict[str, Any]]:
+        with session() as s:
+            svc = SiteService(s)
+            return _json(svc.robots(site.principal(svc, _basic(request)), project))
+
+    @app.post("/api/projects/{name}/tokens", tags=["tokens"], status_code=201,
+              summary="Create a robot token; the secret is in this answer only")
+    def create_token(request: Request, name: str, body: TokenCreate) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            expires = utcnow() + timedelta(seconds=body.expires_in) if body.expires_in else None
+            info_, new = svc.create_robot(site.principal(svc, _basic(request)), name, body.name, body.scope, expires)
+            out = _json(info_)
+            out["secret"] = new.secret
+            return out
+
+    @app.delete("/api/projects/{name}/tokens/{token_name}", tags=["tokens"], summary="Revoke a robot token")
+    def revoke_token(request: Request, name: str, token_name: str) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            return _json(svc.revoke_robot(site.principal(svc, _basic(request)), name, token_name))
+
+    @app.get("/api/repositories", tags=["repositories"], summary="Repositories you may list")
+    def repositories(request: Request, project: str | None = None) -> list[dict[str, Any]]:
+        with session() as s:
+            svc = SiteService(s)
+            return _json(svc.repositories(site.principal(svc, _basic(request)), project))
+
+    @app.get("/api/repositories/{repository:path}/tags", tags=["repositories"])
+    def tags(request: Request, repository: str) -> list[dict[str, Any]]:
+        with session() as s:
+            svc = SiteService(s)
+            return _json(svc.tags(site.principal(svc, _basic(request)), repository))
+
+    @app.get("/api/audit", tags=["audit"], summary="Recent audit events (site admins)")
+    def audit(request: Request, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
+        with session() as s:
+            svc = SiteService(s)
+            rows = svc.audit_events(site.principal(svc, _basic(request)), limit, action)
+            return [{"time": r.time.isoformat() + "Z", "action": r.action, "actor": r.actor,
+                     "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
+                     "details": r.details} for r in rows]
+
+    # ---- registry notifications -----------------------------------------------------------------------
+
+    @app.post("/api/registry/events", tags=["registry"], summary="The registry's notification webhook")
+    async def registry_events(request: Request) -> dict[str, Any]:
+        expected = f"Bearer {settings.notify_secret}"
+        if not settings.notify_secret or \
+                not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected.encode()):
+            raise AuthError("bad notification secret")
+        try:
+            envelope = json.loads(await request.body())
+            events = list(envelope.get("events") or [])
+        except (ValueError, AttributeError, TypeError):
+            raise UsageError("not a notification envelope") from None
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(_apply_events, events)
+
+    def _apply_events(events: list[dict[str, Any]]) -> dict[str, Any]:
+        applied = 0
+        for ev in events:
+            if not isinstance(ev, dict) or (ev.get("actor") or {}).get("name") == INTERNAL:
+                continue
+            target = ev.get("target") or {}
+            size = None
+            if ev.get("action") == "push" and target.get("tag"):
+                size = site.manifest_size(str(target.get("repository")), str(target.get("digest")),
+                                          str(target.get("mediaType")))
+            with session() as s:
+                applied += SiteService(s).apply_registry_event(ev, size)
+        return {"applied": applied}
+
+    return app

@@ -1,0 +1,46 @@
+"""The server's settings: one JSON file in the site's state dir, written by `nagaya site up` (mode 0600,
+owned by the service account: it holds the notification secret and the database URL)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ServerSettings:
+    database: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    registry: str = ""                    # HOST:PORT of the registry this server issues tokens for
+    service: str = "nagaya-registry"
+    issuer: str = "nagaya"
+    token_ttl: int = 300
+    login_ttl_days: int = 90
+    signing_key: str = ""                 # PEM, EC P-256
+    signing_cert: str = ""                # PEM leaf certificate, signed by the CA
+    ca_cert: str = ""                     # PEM CA: the registry's rootcertbundle
+    notify_secret: str = ""               # the registry sends `Authorization: Bearer <secret>`
+    auth: str = "pam"                     # pam | ldap
+    pam_service: str = "nagaya"
+    admin_users: list[str] = field(default_factory=list)
+    admin_groups: list[str] = field(default_factory=list)
+    ldap: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> ServerSettings:
+        return cls(**json.loads(path.read_text()))

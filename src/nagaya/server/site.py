@@ -1,0 +1,323 @@
+"""`nagaya site up|down|status`: a complete single-machine site on loopback — Debian's docker-registry
+(`auth: token`, notifications to the server) and nagaya's server under uvicorn — as daemons with pid
+records in the state dir. Started by root, both run as the service account (never root); otherwise as
+the invoking user. Stdlib only at import time: `site status` stays quick."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nagaya.config import Config
+from nagaya.errors import SiteError
+
+STATE_FILE = "site.json"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class SiteStatus:
+    registry: str
+    server: str
+    state_dir: str
+    running: bool = False
+    run_as: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+    alive: dict[str, bool] = field(default_factory=dict)
+    started_at: str = ""
+    service: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True          # another user's process (the service account's): alive
+    # a zombie is not alive for our purposes
+    with contextlib.suppress(OSError):
+        st = Path(f"/proc/{pid}/stat").read_text()
+        if st.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _ours(pid: int, marker: str) -> bool:
+    """The pid still runs the command we started (pids get reused)."""
+    try:
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def _http_status(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def default_state_dir(cfg: Config) -> Path:
+    return cfg.site_state_dir
+
+
+def find_state_dir(cfg: Config, state_dir: Path | None) -> Path:
+    """An explicit dir, else the configured/default one, else (for users) the machine's site."""
+    if state_dir is not None:
+        return state_dir
+    d = default_state_dir(cfg)
+    machine = Path("/var/lib/nagaya/site")
+    if not (d / STATE_FILE).exists() and not cfg.server.state_dir and (machine / STATE_FILE).exists():
+        return machine
+    return d
+
+
+def read_status(state_dir: Path) -> SiteStatus:
+    try:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise SiteError(f"no site in {state_dir} (start one with `nagaya site up`)") from None
+    except (OSError, ValueError) as e:
+        raise SiteError(f"cannot read {state_dir / STATE_FILE}: {e}") from None
+    known = set(SiteStatus.__dataclass_fields__)
+    st = SiteStatus(**{k: v for k, v in data.items() if k in known})
+    st.alive = {name: _alive(pid) for name, pid in st.pids.items()}
+    st.running = bool(st.pids) and all(st.alive.values())
+    return st
+
+
+def _write_status(state_dir: Path, st: SiteStatus) -> None:
+    tmp = state_dir / (STATE_FILE + ".tmp")
+    d = st.to_dict()
+    d.pop("alive", None)
+    tmp.write_text(json.dumps(d, indent=2) + "\n")
+    tmp.chmod(0o644)                 # world-readable: users discover the site's URLs from it
+    os.replace(tmp, state_dir / STATE_FILE)
+
+
+@dataclass
+class _Account:
+    name: str
+    uid: int
+    gid: int
+    groups: list[int]
+    home: str
+
+
+def _account(cfg: Config) -> _Account:
+    """Who the daemons run as: the service account when we are root, else ourselves."""
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam(cfg.server.user)
+        except KeyError:
+            raise SiteError(f"service account {cfg.server.user!r} does not exist; run deploy/install.sh "
+                            "(the server never runs as root)") from None
+        if pw.pw_uid == 0:
+            raise SiteError(f"service account {cfg.server.user!r} is root; the server never runs as root")
+    else:
+        pw = pwd.getpwuid(os.geteuid())
+    return _Account(pw.pw_name, pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid), pw.pw_dir)
+
+
+def _chown_tree(path: Path, acct: _Account) -> None:
+    if os.geteuid() != 0:
+        return
+    for root, dirs, files in os.walk(path):
+        os.chown(root, acct.uid, acct.gid)
+        for n in dirs + files:
+            os.lchown(os.path.join(root, n), acct.uid, acct.gid)
+
+
+def _registry_config(state_dir: Path, reg_addr: str, server_url: str, service: str, issuer: str,
+                     ca: Path, notify_secret: str) -> dict[str, Any]:
+    return {
+        "version": 0.1,
+        "log": {"level": "info", "formatter": "text"},
+        "storage": {"filesystem": {"rootdirectory": str(state_dir / "registry")},
+                    "delete": {"enabled": True}, "cache": {"blobdescriptor": "inmemory"}},
+        "http": {"addr": reg_addr, "secret": secrets.token_hex(16),
+                 "headers": {"X-Content-Type-Options": ["nosniff"]}},
+        "auth": {"token": {"realm": f"{server_url}/token", "service": service, "issuer": issuer,
+                           "rootcertbundle": str(ca), "autoredirect": False}},
+        "notifications": {"endpoints": [{
+            "name": "nagaya", "url": f"{server_url}/api/registry/events",
+            "headers": {"Authorization": [f"Bearer {notify_secret}"]},
+            "timeout": "5s", "threshold": 5, "backoff": "1s",
+            "ignoredmediatypes": ["application/octet-stream"],
+        }]},
+    }
+
+
+def _spawn(name: str, argv: list[str], state_dir: Path, acct: _Account) -> int:
+    log_path = state_dir / "logs" / f"{name}.log"
+    log = open(log_path, "ab")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(state_dir), "LANG": "C.UTF-8",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    kw: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        kw = {"user": acct.uid, "group": acct.gid, "extra_groups": acct.groups}
+    try:
+        # A new session: the daemon outlives this command and gets no terminal signals.
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=state_dir,
+                             env=env, start_new_session=True, close_fds=True, umask=0o027, **kw)
+    except OSError as e:
+        raise SiteError(f"cannot start {name}: {e}") from None
+    finally:
+        log.close()
+    return p.pid
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()[-n:]
+    except OSError:
+        return ""
+    return " | ".join(x.strip()[:200] for x in lines)
+
+
+def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
+    from nagaya.server.pki import ensure_signing_files
+    from nagaya.server.settings import ServerSettings
+
+    state_dir = (state_dir or default_state_dir(cfg)).absolute()
+    if (state_dir / STATE_FILE).exists():
+        st = read_status(state_dir)
+        if st.running:
+            return st
+        if any(st.alive.values()):
+            raise SiteError(f"the site in {state_dir} is half running; run `nagaya site down` first")
+    if not Path(cfg.server.registry_bin).exists():
+        raise SiteError(f"{cfg.server.registry_bin} not found (apt-get install docker-registry)")
+    acct = _account(cfg)
+    host = cfg.server.host
+    for sub in ("", "registry", "certs", "logs"):
+        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o755)
+    (state_dir / "registry").chmod(0o700)
+    files = ensure_signing_files(state_dir / "certs")
+    server_port = cfg.server.port or _free_port(host)
+    reg_port = cfg.server.registry_port or _free_port(host)
+    while reg_port == server_port:
+        reg_port = _free_port(host)
+    server_url = f"http://{host}:{server_port}"
+    registry = f"{host}:{reg_port}"
+    notify_secret = secrets.token_urlsafe(32)
+    settings = ServerSettings(
+        database=cfg.server.database or f"sqlite:///{state_dir / 'nagaya.db'}", host=host, port=server_port,
+        registry=registry, service=cfg.server.service, issuer=cfg.server.issuer, token_ttl=cfg.server.token_ttl,
+        login_ttl_days=cfg.server.login_ttl_days, signing_key=str(files.key), signing_cert=str(files.cert),
+        ca_cert=str(files.ca_cert), notify_secret=notify_secret, auth=cfg.server.auth,
+        pam_service=cfg.server.pam_service, admin_users=list(cfg.server.admin_users),
+        admin_groups=list(cfg.server.admin_groups), ldap=asdict(cfg.ldap))
+    settings_path = state_dir / "server.json"
+    settings.save(settings_path)
+    reg_cfg = state_dir / "registry.yml"     # JSON is YAML: no YAML writer needed
+    fd = os.open(reg_cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(_registry_config(state_dir, registry, server_url, cfg.server.service, cfg.server.issuer,
+                                   files.ca_cert, notify_secret), f, indent=2)
+    _chown_tree(state_dir, acct)
+    st = SiteStatus(registry=registry, server=server_url, state_dir=str(state_dir), run_as=acct.name,
+                    started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), service=cfg.server.service)
+    st.pids["server"] = _spawn("server", [sys.executable, "-m", "nagaya.server", str(settings_path)], state_dir, acct)
+    _write_status(state_dir, st)
+    st.pids["registry"] = _spawn("registry", [cfg.server.registry_bin, "serve", str(reg_cfg)], state_dir, acct)
+    _write_status(state_dir, st)
+    try:
+        _wait_ready(st, state_dir)
+    except SiteError:
+        _stop(st, state_dir)
+        raise
+    st.running = True
+    st.alive = {k: True for k in st.pids}
+    return st
+
+
+def _wait_ready(st: SiteStatus, state_dir: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    checks = {"server": (f"{st.server}/api/info", {200}), "registry": (f"http://{st.registry}/v2/", {401})}
+    pending = dict(checks)
+    while pending:
+        for name, (url, ok) in list(pending.items()):
+            if not _alive(st.pids[name]):
+                raise SiteError(f"{name} exited at start-up: {_tail(state_dir / 'logs' / f'{name}.log')}")
+            if _http_status(url) in ok:
+                del pending[name]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise SiteError(f"{', '.join(pending)} did not answer within {START_TIMEOUT:.0f} s; see "
+                            f"{state_dir / 'logs'}")
+        time.sleep(0.1)
+
+
+def _stop(st: SiteStatus, state_dir: Path) -> list[str]:
+    markers = {"server": str(state_dir / "server.json"), "registry": str(state_dir / "registry.yml")}
+    stopped = []
+    # The registry first: it sends its last notifications to the server.
+    for name in sorted(st.pids, key=lambda n: n != "registry"):
+        pid = st.pids[name]
+        if not _alive(pid) or not _ours(pid, markers.get(name, "")):
+            continue
+        try:
+            os.killpg(pid, signal.SIGTERM)           # the daemon leads its own session/process group
+        except PermissionError:
+            raise SiteError(f"not allowed to stop the {name} (pid {pid}); run `site down` as root or "
+                            f"{st.run_as}") from None
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            while _alive(pid) and time.monotonic() < deadline + 5:
+                time.sleep(0.05)
+        stopped.append(name)
+    st.pids = {}
+    st.running = False
+    st.alive = {}
+    _write_status(state_dir, st)
+    return stopped
+
+
+def down(cfg: Config, state_dir: Path | None = None) -> tuple[SiteStatus, list[str]]:
+    state_dir = find_state_dir(cfg, state_dir).absolute()
+    st = read_status(state_dir)
+    return st, _stop(st, state_dir)
+
+
+def status(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
+    state_dir = find_state_dir(cfg, state_dir).absolute()
+    st = read_status(state_dir)
+    if st.running and _http_status(f"{st.server}/api/info") != 200:
+        st.running = False
+    return st
