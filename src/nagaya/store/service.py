@@ -299,19 +299,18 @@ class SiteService:
                 self.s.add(m)
         else:
             raise UsageError("member kind must be user or group")
-        old = m.role
+        if m.role == "owner" and role != "owner" and m.id is not None:
+            self._check_owner_left(p, excluding=m.id)
         m.role = role
         self.s.flush()
-        if old != role and kind == "user":
-            self._check_owner_left(p)
         self.audit("member.add", principal.name, details={"project": name, "member": member, "kind": kind,
                                                           "role": role})
         return MemberInfo(name=member, kind=kind, role=role)
 
-    def _check_owner_left(self, p: Project) -> None:
-        self.s.flush()
-        owners = self.s.scalar(select(Membership.id).where(Membership.project_id == p.id,
-                                                            Membership.role == "owner").limit(1))
+    def _check_owner_left(self, p: Project, excluding: int) -> None:
+        """Checked before changing anything: a failed request leaves the session clean."""
+        owners = self.s.scalar(select(Membership.id).where(Membership.project_id == p.id, Membership.role == "owner",
+                                                            Membership.id != excluding).limit(1))
         if owners is None:
             raise Conflict(f"project {p.name} must keep at least one owner")
 
@@ -324,10 +323,13 @@ class SiteService:
             cond = Membership.group_id.in_(select(Group.id).where(Group.name == member))
         else:
             raise UsageError("member kind must be user or group")
-        res = self.s.execute(delete(Membership).where(Membership.project_id == p.id, cond))
-        if not getattr(res, "rowcount", 0):
+        m = self.s.scalar(select(Membership).where(Membership.project_id == p.id, cond))
+        if m is None:
             raise NotFound(f"{kind} {member} is not a member of project {name}")
-        self._check_owner_left(p)
+        if m.role == "owner":
+            self._check_owner_left(p, excluding=m.id)
+        self.s.delete(m)
+        self.s.flush()
         self.s.expire(p)
         self.audit("member.remove", principal.name, details={"project": name, "member": member, "kind": kind})
 
