@@ -18,6 +18,7 @@ PKGS=(
   tmux hyperfine procps psmisc iproute2 util-linux
   charliecloud-runtime
   docker-registry postgresql                      # the site registry; PostgreSQL for sites (and its tests)
+  slapd ldap-utils                                # LDAP login back end tests (a private slapd)
 )
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done

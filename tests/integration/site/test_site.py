@@ -166,10 +166,13 @@ def test_robot_tokens_cli(site: Site, logged_in: dict[str, SiteUser]) -> None:
     assert site.granted("ci-proj/app", "pull", (t["username"], t["secret"] + "x")) == 401
     assert dev.nagaya("token", "create", "--project", "ci-proj", "--scope", "pull", "--expires", "1d").returncode == 6
     r = owner.nagaya("token", "ls", "--json")
+    assert "robot$ci-proj+build" in [x["username"] for x in json.loads(r.stdout)]
+    r = owner.nagaya("token", "ls", "--project", "ci-proj", "--json")
     rows = json.loads(r.stdout)
     assert [x["username"] for x in rows] == ["robot$ci-proj+build"]
     assert "secret" not in rows[0] and t["secret"] not in r.stdout
-    assert guest.nagaya("token", "ls", "--json").stdout.strip() == "[]"
+    assert "ci-proj" not in guest.nagaya("token", "ls", "--json").stdout
+    assert guest.nagaya("token", "ls", "--project", "ci-proj").returncode == 6
     assert owner.nagaya("token", "create", "--project", "ci-proj", "--scope", "push", "--expires", "soon")\
         .returncode == 2
     r = owner.nagaya("token", "revoke", "robot$ci-proj+build", "--json")
