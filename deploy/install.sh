@@ -46,7 +46,8 @@ getent group nagaya-admins >/dev/null || groupadd --system nagaya-admins
 # Passwords through the site's usual auth stack, without login(1)'s session modules.
 [ -f /etc/pam.d/nagaya ] || printf '@include common-auth\n@include common-account\n' > /etc/pam.d/nagaya
 # PostgreSQL's own cluster is not started here: sites point server.database at theirs; tests start a private one.
-systemctl disable --now docker-registry >/dev/null 2>&1 || true   # nagaya starts its own, with token auth
+# Debian's registry unit serves :5000 with no auth at all; nagaya starts its own, with token auth.
+systemctl disable --now docker-registry >/dev/null 2>&1 || true
 
 echo "== site directories"
 install -d -m 0755 /etc/nagaya /var/lib/nagaya /var/lib/nagaya/mnt
