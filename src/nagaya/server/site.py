@@ -177,7 +177,10 @@ def _registry_config(state_dir: Path, reg_addr: str, server_url: str, service: s
 
 def _spawn(name: str, argv: list[str], state_dir: Path, acct: _Account) -> int:
     log_path = state_dir / "logs" / f"{name}.log"
-    log = open(log_path, "ab")
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    if os.geteuid() == 0:
+        os.fchown(fd, acct.uid, acct.gid)
+    log = os.fdopen(fd, "ab")
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(state_dir), "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1"}
     kw: dict[str, Any] = {}
@@ -221,6 +224,7 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o755)
     (state_dir / "registry").chmod(0o700)
+    (state_dir / "logs").chmod(0o750)          # access logs name users and repositories
     files = ensure_signing_files(state_dir / "certs")
     server_port = cfg.server.port or _free_port(host)
     reg_port = cfg.server.registry_port or _free_port(host)
