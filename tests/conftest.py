@@ -71,7 +71,7 @@ def app_layout(rootfs: Path, shared_tmp: Path) -> Path:
     """An OCI layout: busybox base + a layer with ENTRYPOINT/CMD/ENV/WORKDIR/labels and a setuid file."""
     upper = images.tar_bytes([
         images.entry("app/", "dir"),
-        images.entry("app/suid-id", "file", (rootfs / "bin" / "busybox").read_bytes(), mode=0o4755),
+        images.entry("app/busybox-suid", "file", (rootfs / "bin" / "busybox").read_bytes(), mode=0o4755),
         images.entry("app/data.txt", "file", b"upper data\n"),
     ])
     cfg = {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "FROM_IMAGE=image", "SHARED=image"],

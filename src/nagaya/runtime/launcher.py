@@ -106,7 +106,7 @@ class Launcher:
         flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS
         if self.cfg.runtime.pid_namespace:
             flags |= linux.CLONE_NEWPID
-        helper = self._start_idmap_helper() if self.spec.backend in ("runc", "oci") else None
+        helper = self._start_idmap_helper() if self._wants_idmap() else None
         try:
             linux.unshare(flags)
         except OSError as e:
@@ -141,20 +141,31 @@ class Launcher:
             break
         else:
             raise RuntimeSetupError("no staging directory could be mounted")
-        for d in ("lower", "upper", "work", "root", "proc", "gen"):
+        for d in ("lower", "upper", "work", "root", "gen"):
             os.mkdir(os.path.join(self.stage, d), 0o755)
 
-    def _start_idmap_helper(self) -> tuple[int, int]:
-        """runc needs uid 0 mapped besides the user's own uid; only setuid newuidmap/newgidmap can
-        map it (from the user's subordinate range), and only from outside the namespace."""
+    def _wants_idmap(self) -> bool:
+        """Map the image's ids (0..65535) onto the user's subordinate range, keeping the user's own id.
+        Needed by runc (it needs a root) and by writable runs (overlayfs copy-up must chown to the
+        image's owners); read-only bwrap runs map only the user, which needs no setuid helper."""
+        return self.spec.backend in ("runc", "oci") or bool(self.spec.writable_tmpfs or self.spec.overlay_dir)
+
+    def _start_idmap_helper(self) -> tuple[int, int] | None:
+        """Only setuid newuidmap/newgidmap may map subordinate ids, and only from outside the namespace:
+        a helper forked now waits until we have unshared, then writes our maps."""
+        import shutil
+
         from nagaya.runtime import subids
 
-        su = subids.lookup("/etc/subuid", self.ident.name, self.ident.uid)
-        sg = subids.lookup("/etc/subgid", self.ident.name, self.ident.uid)
-        if su is None or sg is None:
-            raise RuntimeSetupError(f"the runc backend needs a subordinate uid/gid range for {self.ident.name} "
-                                    f"in /etc/subuid and /etc/subgid: ask your admin (`nagaya admin subid "
-                                    f"{self.ident.name}` prints the lines), or use --backend bwrap")
+        su = subids.ranges("/etc/subuid", self.ident.name, self.ident.uid)
+        sg = subids.ranges("/etc/subgid", self.ident.name, self.ident.uid)
+        if not su or not sg or not shutil.which("newuidmap"):
+            if self.spec.backend in ("runc", "oci"):
+                raise RuntimeSetupError(
+                    f"the runc backend needs a subordinate uid/gid range for {self.ident.name} in /etc/subuid "
+                    f"and /etc/subgid: ask your admin (`nagaya admin subid {self.ident.name}` prints the lines), "
+                    "or use --backend bwrap")
+            return None
         r, w = os.pipe()
         target = os.getpid()
         pid = os.fork()
@@ -163,9 +174,9 @@ class Launcher:
                 os.close(w)
                 if os.read(r, 1) != b"g":
                     os._exit(1)
-                uid, gid = self.ident.uid, self.ident.gid
-                for exe, own, sub in (("newuidmap", uid, su), ("newgidmap", gid, sg)):
-                    rc = os.spawnvp(os.P_WAIT, exe, [exe, str(target), "0", str(sub), "1", str(own), str(own), "1"])
+                for exe, own, (start, count) in (("newuidmap", self.ident.uid, su[0]),
+                                                 ("newgidmap", self.ident.gid, sg[0])):
+                    rc = os.spawnvp(os.P_WAIT, exe, [exe, str(target), *_keep_id_map(own, start, count)])
                     if rc != 0:
                         os._exit(1)
                 os._exit(0)
@@ -362,13 +373,16 @@ class Launcher:
             if not data:
                 os._exit(125)
             req = json.loads(data)
-            linux.mount("proc", os.path.join(self.stage, "proc"), "proc",
-                        linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            # A mount namespace of B's own, with /proc of the container's pid namespace over /proc:
+            # the backend (runc reads /proc/PID of its children) must see its own pid namespace.
+            linux.unshare(linux.CLONE_NEWNS)
+            linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             if req["status_fd"] >= 0:
                 os.set_inheritable(req["status_fd"], True)
             if req.get("as_root"):
                 os.setresgid(0, 0, 0)
                 os.setresuid(0, 0, 0)     # root of nagaya's namespace only: runc keeps its capabilities
+                linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)   # a credential change cleared it
             for s in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(s, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -442,12 +456,14 @@ class Launcher:
                 raise CommandNotFound(f"{argv[0]}: command not found in image {spec.image_ref}")
             raise CommandNotExecutable(f"{argv[0]}: {reason}")
         self.final_argv = argv
-        return SandboxPlan(staging=self.stage, root=root, proc=os.path.join(self.stage, "proc"), binds=binds,
+        return SandboxPlan(staging=self.stage, root=root, proc="/proc", binds=binds,
                            readonly=not (spec.writable_tmpfs or spec.overlay_dir), cwd=cwd, argv=argv, env=env,
                            uid=self.ident.uid, gid=self.ident.gid, extra_files=extra)
 
     # -- supervision ----------------------------------------------------------------------------
     def _supervise(self, bpid: int, st_r: int) -> int:
+        if self.spec.backend != "bwrap":
+            self._stop_watcher(bpid)
         waitset = {*FORWARD, signal.SIGCHLD}
         started = False
         status_buf = b""
@@ -465,6 +481,7 @@ class Launcher:
                         if st_r >= 0:
                             status_buf += _read_all(st_r)
                             started = b"child-pid" in status_buf
+                        self._report_backend_errors()
                         code = os.waitstatus_to_exitcode(status)
                         if code < 0:
                             code = 128 - code
@@ -475,9 +492,49 @@ class Launcher:
                 continue
             self._forward(bpid, info)
 
+    def _stop_watcher(self, bpid: int) -> None:
+        """runc puts the container in a session of its own, so a SIGSTOP/SIGCONT of our process group
+        does not reach it; a small watcher outside the group relays our stopped state to the app."""
+        me = os.getpid()
+        pid = os.fork()
+        if pid != 0:
+            return
+        try:
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            os.setpgid(0, 0)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            stopped = False
+            while True:
+                try:
+                    with open(f"/proc/{me}/stat") as f:
+                        state = f.read().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    os._exit(0)
+                if (state == "T") != stopped:
+                    stopped = state == "T"
+                    app = _first_leaf(bpid)
+                    if app:
+                        with contextlib.suppress(OSError):
+                            os.kill(app, signal.SIGSTOP if stopped else signal.SIGCONT)
+                time.sleep(0.02)
+        finally:
+            os._exit(0)
+
+    def _report_backend_errors(self) -> None:
+        """runc logs to a file in the private tmpfs (its warnings about cgroups are noise here);
+        its errors still reach the user."""
+        try:
+            with open(os.path.join(self.stage, "runc.log")) as f:
+                for line in f:
+                    if "level=error" in line or "level=fatal" in line:
+                        msg = line.split("msg=", 1)[-1].strip().strip('"')
+                        os.write(2, f"nagaya: runc: {msg}\n".encode())
+        except OSError:
+            pass
+
     def _forward(self, bpid: int, info: signal.struct_siginfo) -> None:
         sig = info.si_signo
-        if info.si_code == SI_KERNEL:
+        if info.si_code == SI_KERNEL and self.spec.backend == "bwrap":
             return                          # from the terminal: the app, in our process group, has it too
         app = _first_leaf(bpid)
         if app is None:
@@ -490,6 +547,18 @@ class Launcher:
             os.kill(app, sig)
 
 
+def _keep_id_map(own: int, start: int, count: int) -> list[str]:
+    """newuidmap arguments: ids 0..count-1 onto the subordinate range, except `own`, kept as itself."""
+    args = []
+    below = min(own, count)
+    if below:
+        args += ["0", str(start), str(below)]
+    args += [str(own), str(own), "1"]
+    if own + 1 < count:
+        args += [str(own + 1), str(start + own), str(count - own - 1)]
+    return args
+
+
 def _read_all(fd: int) -> bytes:
     os.set_blocking(fd, False)
     out = b""
@@ -500,11 +569,19 @@ def _read_all(fd: int) -> bytes:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
+    """Children of `pid`, from each process's stat (readable even when the parent runs as another id,
+    as runc does: /proc/PID/task/TID/children is not)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(out)
 
 
 def _first_leaf(bpid: int) -> int | None:
