@@ -32,7 +32,18 @@ if [ ! -x "$PREFIX/bin/python3" ]; then
   /usr/bin/python3 -m venv "$PREFIX"
 fi
 quiet "$PREFIX/bin/pip" install --upgrade --disable-pip-version-check "$here[test]"
-ln -sf "$PREFIX/bin/nagaya" /usr/local/bin/nagaya
+# The command starts Python isolated (-I: no PYTHON* variables, no user site) and without site (-S):
+# both cost start-up time on every `nagaya run`, and -I keeps a user's environment out of the launcher.
+purelib=$("$PREFIX/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+rm -f /usr/local/bin/nagaya
+cat > /usr/local/bin/nagaya <<LAUNCHER
+#!$PREFIX/bin/python3 -IS
+import sys
+sys.path.append("$purelib")
+from nagaya.cli.entry import main
+main()
+LAUNCHER
+chmod 0755 /usr/local/bin/nagaya
 chmod -R a+rX "$PREFIX"
 
 echo "== service account"

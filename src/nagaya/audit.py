@@ -6,33 +6,35 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+
+from nagaya.record import Factory, Record
+
+TYPE_CHECKING = False       # `typing` stays unimported on the run path; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any
 
 
-@dataclass
-class AuditEvent:
+class AuditEvent(Record):
     action: str                          # run, import, pull, push, submit, login, admin, ...
     user: str
     uid: int
     image: str = ""
     digest: str = ""
-    command: list[str] = field(default_factory=list)
+    command: list[str] = Factory(list)
     cwd: str = ""
     host: str = ""
     exit_code: int | None = None
     duration_s: float | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = Factory(dict)
     time: str = ""
 
     def to_json(self) -> str:
-        d = asdict(self)
+        d = self.to_dict()
         d["time"] = self.time or time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + \
             f".{int(time.time() * 1000) % 1000:03d}Z"
-        d["host"] = self.host or socket.gethostname()
+        d["host"] = self.host or os.uname().nodename
         return json.dumps(d, separators=(",", ":"), sort_keys=True)
 
 
@@ -57,6 +59,8 @@ def record(event: AuditEvent, cfg: Any) -> None:
         except OSError:
             pass
     if cfg.audit.syslog:
+        import socket
+
         try:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             s.connect("/dev/log")

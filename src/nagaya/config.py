@@ -8,11 +8,14 @@ This module is on the `nagaya run` start-up path: it imports tomllib only when a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from nagaya.errors import UsageError
+from nagaya.record import Factory, Record
+
+TYPE_CHECKING = False       # `typing` stays unimported on the run path; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any
 
 SITE_CONFIG = Path(os.environ.get("NAGAYA_SITE_CONFIG", "/etc/nagaya/nagaya.toml"))
 
@@ -36,8 +39,7 @@ def _user_dirs() -> tuple[Path, Path, Path]:
     return cache, conf, data
 
 
-@dataclass
-class RuntimeConfig:
+class RuntimeConfig(Record):
     backend: str = "bwrap"                      # bwrap | runc
     bwrap: str = "/usr/bin/bwrap"
     runc: str = "/usr/sbin/runc"
@@ -49,32 +51,28 @@ class RuntimeConfig:
     fuse: bool = True                           # False: always use the unpacked-directory fallback
 
 
-@dataclass
-class ImageConfig:
+class ImageConfig(Record):
     cache_dir: str = ""                         # default: $XDG_CACHE_HOME/nagaya
     compression: str = "zstd"                   # tar2sqfs compressor: zstd | lz4 | gzip | xz | lzo
     jobs: int = 0                               # compressor threads; 0 = number of CPUs
-    shared_cache_dirs: list[str] = field(default_factory=list)  # read-only site caches, searched first
+    shared_cache_dirs: list[str] = Factory(list)  # read-only site caches, searched first
 
 
-@dataclass
-class GpuConfig:
-    libs: list[str] = field(default_factory=lambda: list(DEFAULT_GPU_LIBS))
-    bins: list[str] = field(default_factory=lambda: list(DEFAULT_GPU_BINS))
-    lib_dirs: list[str] = field(default_factory=list)   # searched before the ld.so cache
-    bin_dirs: list[str] = field(default_factory=lambda: ["/usr/bin", "/usr/local/bin"])
+class GpuConfig(Record):
+    libs: list[str] = Factory(lambda: list(DEFAULT_GPU_LIBS))
+    bins: list[str] = Factory(lambda: list(DEFAULT_GPU_BINS))
+    lib_dirs: list[str] = Factory(list)   # searched before the ld.so cache
+    bin_dirs: list[str] = Factory(lambda: ["/usr/bin", "/usr/local/bin"])
     dev_dir: str = "/dev"
 
 
-@dataclass
-class AuditConfig:
+class AuditConfig(Record):
     path: str = ""                              # default: $XDG_DATA_HOME/nagaya/audit.jsonl
     site_dir: str = ""                          # optional site-wide spool, one append-only file per user
     syslog: bool = False
 
 
-@dataclass
-class ServerConfig:
+class ServerConfig(Record):
     """The site registry and nagaya's server (token service + API): `nagaya site up` and the daemons."""
 
     state_dir: str = ""                         # default: /var/lib/nagaya/site (root), else ~/.local/share/...
@@ -89,14 +87,13 @@ class ServerConfig:
     user: str = "nagaya"                        # service account the daemons run as when started by root
     auth: str = "pam"                           # pam | ldap: how passwords are checked
     pam_service: str = "nagaya"                 # /etc/pam.d/<name>; "login" when that file is missing
-    admin_users: list[str] = field(default_factory=list)
-    admin_groups: list[str] = field(default_factory=lambda: ["nagaya-admins"])
+    admin_users: list[str] = Factory(list)
+    admin_groups: list[str] = Factory(lambda: ["nagaya-admins"])
     token_ttl: int = 300                        # registry bearer tokens, seconds
     login_ttl_days: int = 90                    # personal access tokens made by `nagaya login`
 
 
-@dataclass
-class LdapConfig:
+class LdapConfig(Record):
     uri: str = ""                               # ldap://host or ldaps://host
     user_dn: str = "uid={username},ou=people,dc=example,dc=org"
     base_dn: str = "dc=example,dc=org"
@@ -108,14 +105,13 @@ class LdapConfig:
     start_tls: bool = False
 
 
-@dataclass
-class Config:
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    image: ImageConfig = field(default_factory=ImageConfig)
-    gpu: GpuConfig = field(default_factory=GpuConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    ldap: LdapConfig = field(default_factory=LdapConfig)
+class Config(Record):
+    runtime: RuntimeConfig = Factory(RuntimeConfig)
+    image: ImageConfig = Factory(ImageConfig)
+    gpu: GpuConfig = Factory(GpuConfig)
+    audit: AuditConfig = Factory(AuditConfig)
+    server: ServerConfig = Factory(ServerConfig)
+    ldap: LdapConfig = Factory(LdapConfig)
 
     @property
     def cache_dir(self) -> Path:
@@ -167,7 +163,7 @@ def _apply(cfg: Config, data: dict[str, Any], origin: str, locked: set[str]) -> 
         if section not in _SECTIONS or not isinstance(values, dict):
             raise UsageError(f"{origin}: unknown config section [{section}]")
         obj = getattr(cfg, section)
-        names = {f.name for f in fields(obj)}
+        names = set(obj._fields())
         for key, value in values.items():
             if key not in names:
                 raise UsageError(f"{origin}: unknown config key {section}.{key}")
@@ -204,9 +200,9 @@ def load() -> Config:
         _apply(cfg, user, str(user_file), locked)
     for section in _SECTIONS:
         obj = getattr(cfg, section)
-        for f in fields(obj):
-            key = f"{section}.{f.name}"
-            env = os.environ.get(f"NAGAYA_{section.upper()}_{f.name.upper()}")
+        for name in obj._fields():
+            key = f"{section}.{name}"
+            env = os.environ.get(f"NAGAYA_{section.upper()}_{name.upper()}")
             if env is not None and key not in locked:
-                setattr(obj, f.name, _coerce(getattr(obj, f.name), env, key))
+                setattr(obj, name, _coerce(getattr(obj, name), env, key))
     return cfg

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -16,35 +15,117 @@ WORKDIR); the exit code is the command's own (126/127: not executable/not found;
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+# One table drives both the fast hand-written parser used on every run and the argparse parser that
+# renders --help and usage errors (importing argparse costs more than a container start).
+# (flags, dest, kind, metavar, help); kind: flag | value | append | optional (value or "all")
+OPTIONS: list[tuple[tuple[str, ...], str, str, str, str]] = [
+    (("-e", "--env"), "env", "append", "K=V", "set a variable inside"),
+    (("--env-file",), "env_file", "append", "FILE", "read K=V lines from FILE"),
+    (("--cleanenv",), "cleanenv", "flag", "", "do not pass the host environment in"),
+    (("-B", "--bind"), "bind", "append", "SRC[:DST[:ro]]", "bind a host path (repeatable; comma-separated too)"),
+    (("--writable-tmpfs",), "writable_tmpfs", "flag", "", "let the container write to its root (changes vanish)"),
+    (("--overlay",), "overlay", "value", "DIR", "keep the container's changes in DIR"),
+    (("--pwd",), "pwd", "value", "DIR", "working directory inside the container"),
+    (("--gpus",), "gpus", "optional", "all|0,1", "pass NVIDIA GPUs and driver libraries through (default: all)"),
+    (("--backend",), "backend", "value", "bwrap|runc", "container backend (default: from config)"),
+    (("--entrypoint",), "entrypoint", "value", "CMD", "override the image's ENTRYPOINT ('' for none)"),
+    (("--no-home",), "no_home", "flag", "", "do not bind $HOME"),
+    (("--debug",), "debug", "flag", "", "show tracebacks"),
+]
+BACKENDS = ("bwrap", "runc")
 
 
-def parser(cmd: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"nagaya {cmd}", description=RUN_HELP if cmd != "shell" else
-                "Start an interactive shell (bash if the image has it, else sh) in a container image.",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="set a variable inside")
-    p.add_argument("--env-file", action="append", default=[], metavar="FILE", help="read K=V lines from FILE")
-    p.add_argument("--cleanenv", action="store_true", help="do not pass the host environment in")
-    p.add_argument("-B", "--bind", action="append", default=[], metavar="SRC[:DST[:ro]]",
-                   help="bind a host path (repeatable; comma-separated lists too)")
-    p.add_argument("--writable-tmpfs", action="store_true", help="let the container write to its root "
-                   "(changes vanish when it ends)")
-    p.add_argument("--overlay", metavar="DIR", default="", help="keep the container's changes in DIR")
-    p.add_argument("--pwd", metavar="DIR", default="", help="working directory inside the container")
-    p.add_argument("--gpus", nargs="?", const="all", default="", metavar="all|0,1",
-                   help="pass NVIDIA GPUs and driver libraries through (default: all)")
-    p.add_argument("--backend", choices=["bwrap", "runc"], default=None, help="container backend")
-    if cmd != "shell":
-        p.add_argument("--entrypoint", default=None, metavar="CMD", help="override the image's ENTRYPOINT")
-    p.add_argument("--no-home", action="store_true", help="do not bind $HOME")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+class Args:
+    """Parsed options (the same attribute names argparse would give)."""
+
+    def __init__(self) -> None:
+        self.env: list[str] = []
+        self.env_file: list[str] = []
+        self.bind: list[str] = []
+        self.cleanenv = self.writable_tmpfs = self.no_home = self.debug = False
+        self.overlay = self.pwd = self.gpus = ""
+        self.backend: str | None = None
+        self.entrypoint: str | None = None
+        self.image = ""
+        self.command: list[str] = []
+
+
+def _argparse(cmd: str):  # -> argparse.ArgumentParser
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise UsageError(f"{self.prog}: {message} (see --help)")
+
+    p = Parser(prog=f"nagaya {cmd}", description=RUN_HELP if cmd != "shell" else
+               "Start an interactive shell (bash if the image has it, else sh) in a container image.",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flags, dest, kind, metavar, help_ in OPTIONS:
+        if cmd == "shell" and dest == "entrypoint":
+            continue
+        if kind == "flag":
+            p.add_argument(*flags, dest=dest, action="store_true", help=help_)
+        elif kind == "append":
+            p.add_argument(*flags, dest=dest, action="append", default=[], metavar=metavar, help=help_)
+        elif kind == "optional":
+            p.add_argument(*flags, dest=dest, nargs="?", const="all", default="", metavar=metavar, help=help_)
+        else:
+            p.add_argument(*flags, dest=dest, metavar=metavar, help=help_,
+                           choices=BACKENDS if dest == "backend" else None)
     p.add_argument("image", metavar="IMAGE", help="NAME[:TAG], NAME@DIGEST or a digest")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+    p.add_argument("command", nargs="...", metavar="COMMAND",
                    help="command and arguments" if cmd != "shell" else "arguments for the shell")
     return p
+
+
+def parse_args(cmd: str, args: list[str]) -> Args:
+    """Options stop at IMAGE; everything after it is the command, untouched."""
+    by_flag = {f: o for o in OPTIONS for f in o[0] if not (cmd == "shell" and o[1] == "entrypoint")}
+    ns = Args()
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-h", "--help"):
+            _argparse(cmd).print_help()
+            raise SystemExit(0)
+        if a == "--":
+            i += 1
+            break
+        if not a.startswith("-") or a == "-":
+            break
+        name, eq, inline = a.partition("=") if a.startswith("--") else (a, "", "")
+        opt = by_flag.get(name)
+        if opt is None:
+            _argparse(cmd).parse_args(args)       # renders the usage error
+            raise UsageError(f"nagaya {cmd}: unknown option {a}")
+        _flags, dest, kind, _m, _h = opt
+        if kind == "flag":
+            setattr(ns, dest, True)
+        elif kind == "optional":
+            if eq:
+                ns.gpus = inline
+            elif i + 1 < len(args) and (args[i + 1] == "all" or args[i + 1].replace(",", "").isdigit()):
+                i += 1
+                ns.gpus = args[i]
+            else:
+                ns.gpus = "all"
+        else:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise UsageError(f"nagaya {cmd}: {name} needs a value (see --help)")
+                i += 1
+                inline = args[i]
+            if kind == "append":
+                getattr(ns, dest).append(inline)
+            else:
+                setattr(ns, dest, inline)
+        i += 1
+    if i >= len(args):
+        raise UsageError(f"nagaya {cmd}: give an IMAGE (see --help)")
+    if ns.backend is not None and ns.backend not in BACKENDS:
+        raise UsageError(f"nagaya {cmd}: --backend must be one of {', '.join(BACKENDS)}")
+    ns.image, ns.command = args[i], args[i + 1:]
+    return ns
 
 
 def parse_bind(text: str):  # -> list[Bind]
@@ -66,7 +147,7 @@ def parse_bind(text: str):  # -> list[Bind]
     return out
 
 
-def _env_items(ns: argparse.Namespace) -> dict[str, str]:
+def _env_items(ns: Args) -> dict[str, str]:
     env: dict[str, str] = {}
     for path in ns.env_file:
         try:
@@ -104,11 +185,10 @@ def main(cmd: str, args: list[str]) -> int:
 
 def _main(cmd: str, args: list[str]) -> int:
     from nagaya import config
-    from nagaya.image.oci import RunConfig
     from nagaya.image.store import open_store
-    from nagaya.runtime.spec import RunSpec
+    from nagaya.runtime.spec import RunConfig, RunSpec
 
-    ns = parser(cmd).parse_args(args)
+    ns = parse_args(cmd, args)
     cfg = config.load()
     store = open_store(cfg)
     meta = resolve_image(store, ns.image, cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,8 @@ MAX_LAYERS = 512
 
 
 def sha256_digest(data: bytes) -> str:
+    import hashlib
+
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -171,27 +172,3 @@ def oci_arch() -> str:
     m = platform.machine()
     return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
             "s390x": "s390x", "riscv64": "riscv64"}.get(m, m)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """The parts of an image config that `nagaya run` honours."""
-
-    env: tuple[str, ...] = ()
-    entrypoint: tuple[str, ...] = ()
-    cmd: tuple[str, ...] = ()
-    working_dir: str = ""
-    user: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_image_config(cls, cfg: dict[str, Any]) -> RunConfig:
-        c = cfg.get("config") or {}
-
-        def strs(v: Any) -> tuple[str, ...]:
-            return tuple(str(x) for x in v) if isinstance(v, list) else ()
-
-        labels = c.get("Labels") or {}
-        return cls(strs(c.get("Env")), strs(c.get("Entrypoint")), strs(c.get("Cmd")),
-                   str(c.get("WorkingDir") or ""), str(c.get("User") or ""),
-                   {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {})

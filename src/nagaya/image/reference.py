@@ -2,22 +2,58 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 from nagaya.errors import UsageError
+from nagaya.record import Record
 
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_PATH_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
-_HOST_RE = re.compile(r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
-                      r"|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?$")
+# Hand-written matchers for the distribution spec's grammar: this module is on `nagaya run`'s start-up
+# path, and importing `re` costs more than the whole check.
 MAX_NAME = 255
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_HEX = frozenset("0123456789abcdef")
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_HOSTCHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
-@dataclass(frozen=True)
-class Reference:
+def _component_ok(c: str) -> bool:
+    """[a-z0-9]+ joined by one '.', one or two '_', or any number of '-'."""
+    if not c or c[0] not in _ALNUM or c[-1] not in _ALNUM:
+        return False
+    i, n = 0, len(c)
+    while i < n:
+        if c[i] in _ALNUM:
+            i += 1
+            continue
+        j = i
+        while j < n and c[j] not in _ALNUM:
+            j += 1
+        sep = c[i:j]
+        if not (sep in (".", "_", "__") or set(sep) == {"-"}):
+            return False
+        i = j
+    return True
+
+
+def _path_ok(p: str) -> bool:
+    return all(_component_ok(c) for c in p.split("/"))
+
+
+def _tag_ok(t: str) -> bool:
+    return 0 < len(t) <= 128 and t[0] in _WORD and all(ch in _WORD or ch in ".-" for ch in t)
+
+
+def _host_ok(h: str) -> bool:
+    host, _, port = h.rpartition(":") if not h.endswith("]") and ":" in h else (h, "", "")
+    if port and not (port.isdigit() and len(port) <= 5):
+        return False
+    if host.startswith("["):
+        return host.endswith("]") and all(ch in _HEX or ch in "ABCDEF:" for ch in host[1:-1])
+    return all(lbl and lbl[0] != "-" and lbl[-1] != "-" and all(ch in _HOSTCHARS for ch in lbl)
+               for lbl in host.split("."))
+
+
+class Reference(Record):
+    _frozen = True
+
     """A parsed reference. `registry` is empty for local-only names."""
 
     registry: str
@@ -46,7 +82,7 @@ class Reference:
 
 
 def is_digest(value: str) -> bool:
-    return bool(_DIGEST_RE.match(value))
+    return len(value) == 71 and value.startswith("sha256:") and all(ch in _HEX for ch in value[7:])
 
 
 def parse(text: str) -> Reference:
@@ -56,22 +92,22 @@ def parse(text: str) -> Reference:
     rest, digest = text, None
     if "@" in rest:
         rest, digest = rest.split("@", 1)
-        if not _DIGEST_RE.match(digest):
+        if not is_digest(digest):
             raise UsageError(f"invalid image reference {text!r}: digest must be sha256:<64 hex digits>")
     tag = None
     slash = rest.rfind("/")
     colon = rest.rfind(":")
     if colon > slash:
         rest, tag = rest[:colon], rest[colon + 1:]
-        if not _TAG_RE.match(tag):
+        if not _tag_ok(tag):
             raise UsageError(f"invalid image reference {text!r}: bad tag {tag!r}")
     registry = ""
     first, sep, remainder = rest.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
-        if not _HOST_RE.match(first):
+        if not _host_ok(first):
             raise UsageError(f"invalid image reference {text!r}: bad registry host {first!r}")
         registry, rest = first, remainder
-    if not rest or not _PATH_RE.match(rest):
+    if not rest or not _path_ok(rest):
         raise UsageError(f"invalid image reference {text!r}: names are lowercase letters, digits and . _ - /")
     if len(rest) + len(registry) > MAX_NAME:
         raise UsageError(f"invalid image reference {text!r}: name longer than {MAX_NAME} characters")

@@ -18,28 +18,27 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from nagaya.errors import ImageNotFound, UsageError
 from nagaya.image.reference import Reference, is_digest, parse
+from nagaya.record import Factory, Record
+
+TYPE_CHECKING = False       # `typing` stays unimported on the run path; annotations are strings
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 
-@dataclass
-class LayerInfo:
+class LayerInfo(Record):
     digest: str
     size: int
     media_type: str
     diff_id: str = ""
 
 
-@dataclass
-class ImageMeta:
+class ImageMeta(Record):
     digest: str                         # manifest digest: the image's identity
     config_digest: str
     config: dict[str, Any]              # the OCI image config document
@@ -49,7 +48,7 @@ class ImageMeta:
     imported: str = ""                  # when this cache got it
     source: str = ""
     manifest_media_type: str = "application/vnd.oci.image.manifest.v1+json"
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = Factory(dict)
 
     @property
     def hex(self) -> str:
@@ -66,11 +65,14 @@ class ImageMeta:
         return cls(**obj)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = self.to_dict()
+        d["layers"] = [x.to_dict() for x in self.layers]
+        return d
 
 
-@dataclass(frozen=True)
-class TaggedImage:
+class TaggedImage(Record):
+    _frozen = True
+
     name: str
     tag: str
     meta: ImageMeta
@@ -83,6 +85,8 @@ def _hex(digest: str) -> str:
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -130,6 +134,9 @@ class ImageStore:
 
     @contextlib.contextmanager
     def tmpdir(self, prefix: str = "work-") -> Iterator[Path]:
+        import shutil
+        import tempfile
+
         self.ensure_dirs()
         d = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix=prefix))
         try:
@@ -348,6 +355,8 @@ def _ref_from_name(name: str, tag: str) -> Reference:
 
 def _rmtree_writable(path: Path) -> None:
     """rmtree that first makes read-only directories writable (unpacked images keep their modes)."""
+    import shutil
+
     def onerror(func: Any, p: str, _exc: Any) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(p), 0o700)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from dataclasses import dataclass
 from pathlib import Path
 
+from nagaya.record import Record
 
-@dataclass(frozen=True)
-class Identity:
+
+class Identity(Record):
+    _frozen = True
+
     uid: int
     gid: int
     groups: tuple[int, ...]

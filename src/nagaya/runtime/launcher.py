@@ -20,7 +20,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import stat
 import time
 
@@ -33,12 +32,11 @@ from nagaya.errors import (
     RuntimeSetupError,
     UsageError,
 )
-from nagaya.image.oci import RunConfig
 from nagaya.runtime import environment, identity, linux
 from nagaya.runtime.backends import SandboxPlan, get
 from nagaya.runtime.identity import Identity
 from nagaya.runtime.rootpath import RootView
-from nagaya.runtime.spec import Bind, RunSpec
+from nagaya.runtime.spec import Bind, RunConfig, RunSpec
 
 FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
            signal.SIGALRM)
@@ -252,7 +250,7 @@ class Launcher:
         audit.record(audit.AuditEvent(
             action="run", user=self.ident.name, uid=self.ident.uid, image=self.spec.image_ref,
             digest=self.spec.digest, command=self.final_argv if hasattr(self, "final_argv") else self.spec.argv,
-            cwd=self.host_cwd, host=socket.gethostname(), exit_code=code, duration_s=round(duration, 4),
+            cwd=self.host_cwd, host=os.uname().nodename, exit_code=code, duration_s=round(duration, 4),
             details={"backend": self.spec.backend}), self.cfg)
 
     def _run(self) -> int:

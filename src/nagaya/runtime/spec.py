@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from nagaya.record import Factory, Record
+
+TYPE_CHECKING = False       # `typing` stays unimported on the run path; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any
 
 
-@dataclass(frozen=True)
-class Bind:
+class Bind(Record):
+    _frozen = True
+
     src: str            # host path
     dst: str            # container path
     readonly: bool = False
     device: bool = False
 
 
-@dataclass
-class RunSpec:
+class RunSpec(Record):
     image_ref: str                      # what the user typed (for messages and the audit trail)
     digest: str
     squashfs: str                       # path to the image file ("" with `unpacked`)
     unpacked: str = ""                  # unpacked-directory fallback
-    argv: list[str] = field(default_factory=list)   # user's command (empty: the image's default)
+    argv: list[str] = Factory(list)   # user's command (empty: the image's default)
     entrypoint: list[str] | None = None             # --entrypoint override
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = Factory(dict)
     cleanenv: bool = False
-    binds: list[Bind] = field(default_factory=list)
+    binds: list[Bind] = Factory(list)
     pwd: str = ""
     writable_tmpfs: bool = False
     overlay_dir: str = ""
@@ -31,3 +35,26 @@ class RunSpec:
     backend: str = "bwrap"
     shell: bool = False                 # `nagaya shell`
     no_home: bool = False
+
+
+class RunConfig(Record):
+    """The parts of an image config that `nagaya run` honours."""
+
+    env: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    working_dir: str = ""
+    user: str = ""
+    labels: dict[str, str] = Factory(dict)
+
+    @classmethod
+    def from_image_config(cls, cfg: dict[str, Any]) -> RunConfig:
+        c = cfg.get("config") or {}
+
+        def strs(v: Any) -> tuple[str, ...]:
+            return tuple(str(x) for x in v) if isinstance(v, list) else ()
+
+        labels = c.get("Labels") or {}
+        return cls(strs(c.get("Env")), strs(c.get("Entrypoint")), strs(c.get("Cmd")),
+                   str(c.get("WorkingDir") or ""), str(c.get("User") or ""),
+                   {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {})

@@ -6,15 +6,16 @@ nagaya itself prepares what needs no privilege beyond a user namespace (the imag
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
 from nagaya.errors import UsageError
+from nagaya.record import Factory, Record
 from nagaya.runtime.spec import Bind
 
+TYPE_CHECKING = False       # `typing` stays unimported on the run path; annotations are strings
+if TYPE_CHECKING:
+    from typing import Protocol
 
-@dataclass
-class SandboxPlan:
+
+class SandboxPlan(Record):
     staging: str                    # private tmpfs for backend state
     root: str                       # the prepared root file system (overlay)
     proc: str                       # procfs of the container's pid namespace
@@ -26,15 +27,17 @@ class SandboxPlan:
     uid: int
     gid: int
     status_fd: int = -1             # where the backend reports the app's start (bwrap)
-    extra_files: dict[str, str] = field(default_factory=dict)   # container path -> host file (ro)
+    extra_files: dict[str, str] = Factory(dict)   # container path -> host file (ro)
 
 
-class Backend(Protocol):
-    name: str
+if TYPE_CHECKING:
+    class Backend(Protocol):
+        name: str
+        exe: str
 
-    def command(self, plan: SandboxPlan) -> tuple[list[str], dict[str, str]]:
-        """argv and environment to exec as the pid namespace's first process."""
-        ...
+        def command(self, plan: SandboxPlan) -> tuple[list[str], dict[str, str]]:
+            """argv and environment to exec as the pid namespace's first process."""
+            ...
 
 
 def get(name: str, exe: str) -> Backend:

@@ -70,6 +70,8 @@ class Runc:
             json.dump(config, f)
         state = os.path.join(plan.staging, "runc-state")
         cid = f"nagaya-{os.getppid()}-{os.getpid()}"
-        argv = [self.exe, "--root", state, "--rootless", "true", "--log", os.path.join(plan.staging, "runc.log"), "run", "--no-new-keyring", "--bundle", bundle, cid]
+        log = os.path.join(plan.staging, "runc.log")
+        argv = [self.exe, "--root", state, "--rootless", "true", "--log", log, "run", "--no-new-keyring",
+                "--bundle", bundle, cid]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "XDG_RUNTIME_DIR": state}
         return argv, env
