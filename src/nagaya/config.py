@@ -56,6 +56,8 @@ class ImageConfig(Record):
     compression: str = "zstd"                   # tar2sqfs compressor: zstd | lz4 | gzip | xz | lzo
     jobs: int = 0                               # compressor threads; 0 = number of CPUs
     shared_cache_dirs: list[str] = Factory(list)  # read-only site caches, searched first
+    insecure_registries: list[str] = Factory(list)  # HOST[:PORT] spoken to over plain HTTP (loopback always is)
+    pull_jobs: int = 4                          # parallel layer downloads/uploads
 
 
 class GpuConfig(Record):

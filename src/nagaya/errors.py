@@ -70,3 +70,13 @@ class SiteError(NagayaError):
     """The site (registry + server) could not be started, stopped or reached."""
 
     exit_code = 8
+
+
+class RegistryError(NagayaError):
+    """A registry answered in a way nagaya cannot use (server errors, protocol violations)."""
+
+    exit_code = 9
+
+
+class RegistryUnreachable(RegistryError):
+    """The registry could not be reached at all (`nagaya run` may then use the cached digest)."""

@@ -23,5 +23,5 @@ def test_unknown_keys_are_errors(tmp_path, monkeypatch):
     site = tmp_path / "site.toml"
     site.write_text("[runtime]\nbakend = 1\n")
     monkeypatch.setattr(config, "SITE_CONFIG", site)
-    with pytest.raises(UsageError, match="runtime.bakend"):
+    with pytest.raises(UsageError, match=r"runtime\.bakend"):
         config.load()
