@@ -239,7 +239,7 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
         login_ttl_days=cfg.server.login_ttl_days, signing_key=str(files.key), signing_cert=str(files.cert),
         ca_cert=str(files.ca_cert), notify_secret=notify_secret, auth=cfg.server.auth,
         pam_service=cfg.server.pam_service, admin_users=list(cfg.server.admin_users),
-        admin_groups=list(cfg.server.admin_groups), ldap=asdict(cfg.ldap))
+        admin_groups=list(cfg.server.admin_groups), ldap=cfg.ldap.to_dict())
     settings_path = state_dir / "server.json"
     settings.save(settings_path)
     reg_cfg = state_dir / "registry.yml"     # JSON is YAML: no YAML writer needed
