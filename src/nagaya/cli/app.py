@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from nagaya import __version__
-from nagaya.cli import admin_cmds, auth_cmds, image_cmds, project_cmds, site_cmds, token_cmds
+from nagaya.cli import admin_cmds, auth_cmds, image_cmds, project_cmds, registry_cmds, site_cmds, token_cmds
 from nagaya.cli.common import STATE
 
 app = typer.Typer(
@@ -23,6 +23,9 @@ app.command("logout")(auth_cmds.logout)
 app.add_typer(project_cmds.app, name="project")
 app.add_typer(project_cmds.repo_app, name="repo")
 app.add_typer(token_cmds.app, name="token")
+app.command("pull")(registry_cmds.pull)
+app.command("push")(registry_cmds.push)
+app.add_typer(registry_cmds.cache_app, name="cache")
 app.add_typer(admin_cmds.app, name="admin")
 
 _PASS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}

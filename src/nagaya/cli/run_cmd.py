@@ -216,19 +216,32 @@ def _main(cmd: str, args: list[str]) -> int:
 
 
 def resolve_image(store, text: str, cfg):  # -> ImageMeta
-    from nagaya.errors import ImageNotFound
+    """Local names resolve in the cache. Registry references re-resolve their tag on every run (one
+    manifest request), pulling when it moved; only an unreachable registry falls back to the cache."""
+    from nagaya.errors import UsageError as _Usage
+    from nagaya.image.reference import parse
 
     try:
-        return store.resolve(text)
-    except ImageNotFound:
-        from nagaya.image.reference import parse
-
         ref = parse(text)
-        if not ref.registry:
-            raise
+    except _Usage:
+        ref = None                          # digests and digest prefixes are local lookups
+    if ref is None or not ref.registry:
+        return store.resolve(text)
+    if ref.digest and not ref.tag and store.has_image(ref.digest):
+        return store.meta(ref.digest)       # pinned by digest: nothing to re-resolve
+    from nagaya.errors import ImageNotFound, RegistryUnreachable
     from nagaya.image.pull import pull
 
-    return pull(store, text, cfg, quiet=not sys.stderr.isatty())
+    try:
+        return pull(store, text, cfg, quiet=not sys.stderr.isatty())
+    except RegistryUnreachable as e:
+        try:
+            meta = store.resolve(text)
+        except ImageNotFound:
+            raise e from None
+        print(f"nagaya: warning: {e}; running the cached {ref.name}:{ref.tag_or_latest} "
+              f"({meta.digest[:19]}), which may be stale", file=sys.stderr)
+        return meta
 
 
 def fuse_usable(cfg) -> bool:

@@ -230,37 +230,51 @@ class Importer:
         return ""
 
     def _convert(self, layers: list[Layer], out: Path) -> LayerMerger:
-        merger = LayerMerger([(x.path, x.compression) for x in layers], self.progress)
-        squash.build(merger.run, out, self.compression, self.jobs)
-        return merger
+        return convert(layers, out, self.compression, self.jobs, self.progress)
 
     def _finish(self, manifest_bytes: bytes, manifest: oci.Manifest, config_bytes: bytes, layers: list[Layer],
                 ref: Reference, work: Path, source: str, sqfs: Path | None, diff_ids: list[str]) -> ImageMeta:
-        digest = oci.sha256_digest(manifest_bytes)
-        store = self.store
-        with store.lock(f"image-{digest[7:]}"):
-            meta = store.meta(digest)
-            if meta is None or not store.squashfs_path(digest).exists():
-                if sqfs is None:
-                    sqfs = work / "image.sqfs"
-                    merger = self._convert(layers, sqfs)
-                    if diff_ids and merger.diff_ids != diff_ids:
-                        raise ImageError(f"{source}: layer contents do not match the config's diff_ids")
-                    diff_ids = merger.diff_ids
-                cfg = json.loads(config_bytes)
-                for layer in layers:
-                    store.put_blob_file(layer.path, layer.desc.digest)
-                store.put_blob_bytes(config_bytes, manifest.config.digest)
-                store.put_blob_bytes(manifest_bytes, digest)
-                meta = ImageMeta(
-                    digest=digest, config_digest=manifest.config.digest, config=cfg,
-                    layers=[LayerInfo(x.desc.digest, x.desc.size, x.desc.media_type,
-                                      diff_ids[i] if i < len(diff_ids) else "") for i, x in enumerate(layers)],
-                    created=str(cfg.get("created") or ""), source=source,
-                    manifest_media_type=manifest.media_type)
-                store.commit_image(meta, sqfs)
+        return finish_image(self.store, manifest_bytes, manifest, config_bytes, layers, ref, work, source, sqfs,
+                            diff_ids, self.compression, self.jobs, self.progress)
+
+
+def convert(layers: list[Layer], out: Path, compression: str, jobs: int, progress: Progress | None) -> LayerMerger:
+    merger = LayerMerger([(x.path, x.compression) for x in layers], progress)
+    squash.build(merger.run, out, compression, jobs)
+    return merger
+
+
+def finish_image(store: ImageStore, manifest_bytes: bytes, manifest: oci.Manifest, config_bytes: bytes,
+                 layers: list[Layer], ref: Reference | None, work: Path, source: str, sqfs: Path | None,
+                 diff_ids: list[str], compression: str = "zstd", jobs: int = 0,
+                 progress: Progress | None = None) -> ImageMeta:
+    """Turn verified layers into the image's squashfs (once per manifest digest), store its blobs, commit
+    its metadata and tag it. Shared by import and pull. Layers may already sit in the blob store."""
+    digest = oci.sha256_digest(manifest_bytes)
+    with store.lock(f"image-{digest[7:]}"):
+        meta = store.meta(digest)
+        if meta is None or not store.squashfs_path(digest).exists():
+            if sqfs is None:
+                sqfs = work / "image.sqfs"
+                merger = convert(layers, sqfs, compression, jobs, progress)
+                if diff_ids and merger.diff_ids != diff_ids:
+                    raise ImageError(f"{source}: layer contents do not match the config's diff_ids")
+                diff_ids = merger.diff_ids
+            cfg = json.loads(config_bytes)
+            for layer in layers:
+                store.put_blob_file(layer.path, layer.desc.digest)
+            store.put_blob_bytes(config_bytes, manifest.config.digest)
+            store.put_blob_bytes(manifest_bytes, digest)
+            meta = ImageMeta(
+                digest=digest, config_digest=manifest.config.digest, config=cfg,
+                layers=[LayerInfo(x.desc.digest, x.desc.size, x.desc.media_type,
+                                  diff_ids[i] if i < len(diff_ids) else "") for i, x in enumerate(layers)],
+                created=str(cfg.get("created") or ""), source=source,
+                manifest_media_type=manifest.media_type)
+            store.commit_image(meta, sqfs)
+        if ref is not None:
             store.tag(ref, digest)
-        return meta
+    return meta
 
 
 def _extract_layout(archive: Path, dest: Path) -> None:

@@ -163,6 +163,8 @@ class ImageStore:
     def put_blob_file(self, tmp: Path, digest: str) -> Path:
         """Move a verified temp file into the blob store (a no-op if the blob is already there)."""
         dest = self.blob_path(digest)
+        if tmp == dest:                     # already in place (pulled layers are stored as they arrive)
+            return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             tmp.unlink(missing_ok=True)

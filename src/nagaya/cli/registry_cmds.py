@@ -1,0 +1,116 @@
+"""`nagaya pull`, `nagaya push` and `nagaya cache ls|gc`."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+import time
+
+import typer
+from rich.table import Table
+
+from nagaya import audit, config
+from nagaya.cli.common import console, fail, human_size, parse_size, print_json
+from nagaya.errors import NagayaError
+from nagaya.image.store import open_store
+
+JSON = typer.Option(False, "--json", help="machine-readable output")
+cache_app = typer.Typer(help="Inspect and bound the local image cache.", no_args_is_help=True)
+
+
+def _audit(action: str, image: str, digest: str, cfg: config.Config, details: dict) -> None:
+    audit.record(audit.AuditEvent(action=action, user=pwd.getpwuid(os.getuid()).pw_name, uid=os.getuid(),
+                                  image=image, digest=digest, details=details), cfg)
+
+
+def pull(ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG] or ...@sha256:DIGEST"),
+         json_out: bool = JSON) -> None:
+    """Resolve a tag to its digest, download the missing layers (verified) and convert the image once."""
+    from nagaya.image.pull import pull_image
+
+    try:
+        cfg = config.load()
+        res = pull_image(open_store(cfg), ref, cfg, quiet=json_out or not sys.stderr.isatty())
+        _audit("pull", res.ref, res.meta.digest, cfg, {"bytes": res.bytes_fetched, "cached": res.cached})
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(res.to_json())
+        return
+    how = "up to date" if res.cached else (f"{res.layers_fetched} of {res.layers} layers fetched, "
+                                          f"{human_size(res.bytes_fetched)}")
+    console.print(f"{res.ref} {res.meta.digest} ({how}; {human_size(res.meta.squashfs_size)} image)",
+                  highlight=False)
+
+
+def push(image: str = typer.Argument(..., help="local image: NAME[:TAG] or digest"),
+         ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG]"), json_out: bool = JSON) -> None:
+    """Upload a local image to a registry (blobs the registry already has are skipped)."""
+    from nagaya.image.push import push as do_push
+
+    try:
+        cfg = config.load()
+        res = do_push(open_store(cfg), image, ref, cfg, quiet=json_out or not sys.stderr.isatty())
+        _audit("push", res.ref, res.meta.digest, cfg, {"bytes": res.bytes_uploaded})
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(res.to_json())
+        return
+    console.print(f"{res.ref} {res.meta.digest} ({res.uploaded} blobs uploaded, {human_size(res.bytes_uploaded)}; "
+                  f"{res.skipped} already there{f', {res.mounted} mounted' if res.mounted else ''})", highlight=False)
+
+
+@cache_app.command("ls")
+def cache_ls(json_out: bool = JSON) -> None:
+    """List cached images, most recently used first, with size, last use and tags."""
+    from nagaya.image.cache import _blob_sizes, list_cached
+
+    try:
+        store = open_store(config.load())
+        rows = list_cached(store)
+        blobs = sum(s for s, _m in _blob_sizes(store).values())
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json({"cache_dir": str(store.root), "images": [r.to_json() for r in rows],
+                    "images_size": sum(r.size for r in rows), "blobs_size": blobs})
+        return
+    t = Table(box=None, header_style="bold")
+    for col in ("DIGEST", "SIZE", "LAST USED", "TAGS"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.meta.digest[:19] + (" (in use)" if r.in_use else ""), human_size(r.size),
+                  time.strftime("%Y-%m-%d %H:%M", time.localtime(r.last_used)), ", ".join(r.tags) or "<none>")
+    console.print(t)
+    console.print(f"{len(rows)} images, {human_size(sum(r.size for r in rows))}; layer blobs "
+                  f"{human_size(blobs)} in {store.root}", highlight=False)
+
+
+@cache_app.command("gc")
+def cache_gc(max_size: str = typer.Option(None, "--max-size", help="shrink the cache to this size (e.g. 20G)"),
+             older_than: str = typer.Option(None, "--older-than", help="remove images unused for this long (30d)"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be removed"),
+             json_out: bool = JSON) -> None:
+    """Remove least-recently-used images (never one in use), unreferenced blobs and stale temp files."""
+    from nagaya.image.cache import gc, parse_age
+
+    try:
+        store = open_store(config.load())
+        rep = gc(store, parse_size(max_size) if max_size else None, parse_age(older_than) if older_than else None,
+                 dry_run)
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(rep.to_json())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for img in rep.removed_images:
+        console.print(f"{verb} {img['digest'][:19]} {', '.join(img['tags']) or '<none>'} "
+                      f"({human_size(img['size'])})", highlight=False)
+    for d in rep.kept_in_use:
+        console.print(f"kept {d[:19]}: in use by a running container", highlight=False)
+    console.print(f"{verb} {len(rep.removed_images)} images, {rep.removed_blobs} blobs, {rep.removed_tmp} temp "
+                  f"entries; freed {human_size(rep.freed)} ({human_size(rep.size_before)} -> "
+                  f"{human_size(rep.size_after)})", highlight=False)
