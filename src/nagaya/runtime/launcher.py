@@ -211,6 +211,13 @@ class Launcher:
                 cur = f"{cur}/{p}"
                 last = i == len(parts) - 1
                 resolved = lower_view.resolve(cur)
+                if last and dst in extra and os.path.islink(lower_view.host_path(cur)):
+                    # /etc/resolv.conf or /etc/localtime as a symlink (often dangling in minimal images):
+                    # a plain file in the upper layer hides it, and the host's file is bound there.
+                    os.makedirs(os.path.dirname(upper + cur), exist_ok=True)
+                    with contextlib.suppress(FileExistsError):
+                        os.close(os.open(upper + cur, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                    break
                 if resolved is not None and resolved != cur:
                     break                   # a symlink in the image: the backend follows it
                 host_lower = lower_view.host_path(cur)
