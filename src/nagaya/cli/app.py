@@ -5,7 +5,16 @@ from __future__ import annotations
 import typer
 
 from nagaya import __version__
-from nagaya.cli import admin_cmds, auth_cmds, image_cmds, project_cmds, registry_cmds, site_cmds, token_cmds
+from nagaya.cli import (
+    admin_cmds,
+    auth_cmds,
+    build_cmds,
+    image_cmds,
+    project_cmds,
+    registry_cmds,
+    site_cmds,
+    token_cmds,
+)
 from nagaya.cli.common import STATE
 
 app = typer.Typer(
@@ -15,8 +24,10 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+image_cmds.app.command("export")(build_cmds.export)
 app.add_typer(image_cmds.app, name="image")
 app.command("images")(image_cmds.images)
+app.command("build")(build_cmds.build)
 app.add_typer(site_cmds.app, name="site")
 app.command("login")(auth_cmds.login)
 app.command("logout")(auth_cmds.logout)

@@ -1,0 +1,101 @@
+"""`nagaya build` and `nagaya image export`."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import typer
+
+from nagaya import audit, config
+from nagaya.cli.common import byte_progress, console, fail, human_size, print_json
+from nagaya.errors import NagayaError, UsageError
+
+
+def build(context: Path = typer.Argument(..., help="build context: the directory COPY and %files read from"),
+          tag: str = typer.Option(..., "--tag", "-t", help="NAME[:TAG] (HOST/PROJECT/NAME:TAG to --push)"),
+          file: Path | None = typer.Option(None, "--file", "-f",
+                                           help="Dockerfile/Containerfile or Apptainer definition file "
+                                                "(default: CONTEXT/Containerfile, Dockerfile or *.def)"),
+          build_arg: list[str] = typer.Option([], "--build-arg", help="K=V for ARG K (repeatable)"),
+          no_cache: bool = typer.Option(False, "--no-cache", help="run every step again"),
+          push: bool = typer.Option(False, "--push", help="push the image to its registry afterwards"),
+          json_out: bool = typer.Option(False, "--json", help="machine-readable result on stdout")) -> None:
+    """Build an image rootless (buildah) from a Dockerfile or an Apptainer definition file into your cache.
+
+    Build output streams to stderr. A failed step names FILE:LINE and its command, exits non-zero and
+    leaves neither an image nor a build container behind."""
+    from nagaya.build.builder import Builder, BuildRequest
+    from nagaya.image.store import open_store
+
+    try:
+        for ba in build_arg:
+            if not ba or ba.startswith("="):
+                raise UsageError(f"--build-arg takes K=V, got {ba!r}")
+        cfg = config.load()
+        store = open_store(cfg)
+        with byte_progress("importing the built image", not json_out) as progress:
+            result = Builder(store, cfg, progress=progress).build(
+                BuildRequest(context=context, file=file, tag=tag, build_args=list(build_arg), no_cache=no_cache))
+        audit.record(audit.AuditEvent(action="build", user=pwd.getpwuid(os.getuid()).pw_name, uid=os.getuid(),
+                                      image=result.ref, digest=result.meta.digest,
+                                      details={"file": result.file, "context": str(context)}), cfg)
+        pushed = _push(result.ref, cfg, json_out) if push else None
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        out = result.to_json()
+        if pushed is not None:
+            out["pushed"] = pushed
+        print_json(out)
+    else:
+        console.print(f"{result.ref} {result.meta.digest} ({human_size(result.meta.squashfs_size)}, "
+                      f"{result.cached_steps}/{result.steps} steps cached, {result.seconds:.1f} s)", highlight=False)
+
+
+def _push(ref: str, cfg: config.Config, json_out: bool) -> object:
+    """--push: the registry push of `nagaya push` (nagaya.image.push)."""
+    try:
+        from nagaya.image import push as push_mod
+    except ImportError:
+        raise NagayaError(f"built {ref}, but this nagaya has no `nagaya push` yet; "
+                          "push it later with `nagaya push`") from None
+    fn = getattr(push_mod, "push_image", None) or getattr(push_mod, "push", None)
+    if fn is None:
+        raise NagayaError(f"built {ref}, but nagaya.image.push has no push function")
+    from nagaya.image.store import open_store
+
+    result = fn(open_store(cfg), ref, cfg, quiet=json_out)
+    return result.to_json() if hasattr(result, "to_json") else str(result)
+
+
+def export(image: str = typer.Argument(..., help="NAME[:TAG] or digest of an image in your cache"),
+           output: Path = typer.Option(..., "--output", "-o", help="file to write (an OCI archive)"),
+           json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Write an image to one file (an OCI archive) to copy elsewhere: `nagaya image import FILE --name N`."""
+    from nagaya.build.export import export_image
+    from nagaya.image.reference import parse
+    from nagaya.image.store import open_store
+
+    try:
+        cfg = config.load()
+        store = open_store(cfg)
+        meta = store.resolve(image)
+        tag = "latest"
+        if not image.startswith("sha256:"):
+            try:
+                tag = parse(image).tag_or_latest
+            except UsageError:
+                pass
+        if output.is_dir():
+            raise UsageError(f"{output} is a directory; -o takes a file name")
+        size = export_image(store, meta, output, tag)
+    except NagayaError as e:
+        fail(e)
+    except OSError as e:
+        fail(NagayaError(f"cannot write {output}: {e.strerror}"))
+    if json_out:
+        print_json({"image": image, "digest": meta.digest, "file": str(output), "size": size, "format": "oci-archive"})
+    else:
+        console.print(f"{output} ({human_size(size)}, {meta.digest})", highlight=False)
