@@ -269,7 +269,7 @@ class Registry:
             if length and length.isdigit() and int(length) > oci.MAX_JSON_BYTES:
                 raise ImageError(f"{what}: manifest is too large ({int(length)} bytes)")
             buf = bytearray()
-            for chunk in r.iter_bytes():
+            for chunk in r.iter_raw():
                 buf += chunk
                 if len(buf) > oci.MAX_JSON_BYTES:
                     raise ImageError(f"{what}: manifest is too large (over {oci.MAX_JSON_BYTES} bytes)")
@@ -352,7 +352,7 @@ class Registry:
         h = hashlib.sha256()
         n = 0
         try:
-            for chunk in r.iter_bytes(CHUNK):
+            for chunk in r.iter_raw():         # raw: the digest covers the bytes as stored
                 n += len(chunk)
                 if n > desc.size:
                     raise ImageError(f"{what} ({desc.digest[:19]}): registry sent more than the "
