@@ -356,4 +356,8 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
                 applied += SiteService(s).apply_registry_event(ev, size)
         return {"applied": applied}
 
+    # ---- the web portal (pages, static files) -----------------------------------------------------------
+    from nagaya.server.web import install_portal
+
+    install_portal(app, site)
     return app

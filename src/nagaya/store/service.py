@@ -483,3 +483,84 @@ class SiteService:
         if action:
             q = q.where(AuditEvent.action == action)
         return list(self.s.scalars(q))
+
+
+# ---- portal additions: rotation, index pruning after a delete, admin views ---------------------------------
+
+def rotate_robot(svc: SiteService, principal: Principal, project: str, name: str) -> tuple[RobotInfo, NewSecret]:
+    """A new secret for an existing robot token (same name, scope and expiry); the old secret stops working
+    at once. Same role rule as creating one. A revoked token stays revoked: create a new one instead."""
+    p = svc.project(principal, project)
+    svc._require_manage(principal, p, ("owner", "maintainer"))
+    t = svc.s.scalar(select(RobotToken).where(RobotToken.project_id == p.id, RobotToken.name == name))
+    if t is None:
+        raise NotFound(f"project {project} has no token named {name}")
+    if t.revoked_at is not None:
+        raise Conflict(f"token {name} is revoked; create a new one")
+    secret = credentials.new_secret(credentials.ROBOT_PREFIX)
+    t.secret_hash = credentials.hash_secret(secret)
+    t.last_used = None
+    svc.audit("token.rotate", principal.name, details={"project": project, "token": name})
+    svc.s.flush()
+    return svc._robot_info(t, utcnow()), NewSecret(username=robot_username(project, name), secret=secret,
+                                                     expires_at=t.expires_at)
+
+
+def forget_manifest(svc: SiteService, repository: str, digest: str) -> int:
+    """Drop the index's tags of a manifest the server just deleted in the registry, so the next page is
+    right at once; the registry's own notification still writes the audit event."""
+    repo = svc.s.scalar(select(Repository).where(Repository.name == repository))
+    if repo is None:
+        return 0
+    n = len([t for t in repo.tags if t.digest == digest])
+    svc.s.execute(delete(Tag).where(Tag.repository_id == repo.id, Tag.digest == digest))
+    svc.s.expire(repo)
+    return n
+
+
+def search_audit(svc: SiteService, principal: Principal, *, action: str = "", actor: str = "", repository: str = "",
+                 since: datetime | None = None, until: datetime | None = None,
+                 limit: int = 500) -> list[AuditEvent]:
+    """The audit trail with the admin pages' filters (prefix match on action, exact actor, substring repo)."""
+    if not (principal.kind == "user" and principal.is_admin):
+        raise PermissionDenied("only site admins read the audit table")
+    q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(max(1, min(limit, 100000)))
+    if action:
+        q = q.where(AuditEvent.action.startswith(action, autoescape=True))
+    if actor:
+        q = q.where(AuditEvent.actor == actor)
+    if repository:
+        q = q.where(AuditEvent.repository.contains(repository, autoescape=True))
+    if since is not None:
+        q = q.where(AuditEvent.time >= since)
+    if until is not None:
+        q = q.where(AuditEvent.time < until)
+    return list(svc.s.scalars(q))
+
+
+@dataclass
+class UserInfo:
+    name: str
+    uid: int | None
+    is_admin: bool
+    created_at: datetime
+    last_login: datetime | None
+    expires_at: datetime | None
+    projects: int
+    tokens: int             # live personal access tokens
+
+
+def users_overview(svc: SiteService, principal: Principal) -> list[UserInfo]:
+    if not (principal.kind == "user" and principal.is_admin):
+        raise PermissionDenied("only site admins list users")
+    from sqlalchemy import func
+
+    now = utcnow()
+    owned = dict(svc.s.execute(select(Membership.user_id, func.count()).where(Membership.user_id.is_not(None))
+                               .group_by(Membership.user_id)).all())
+    live = dict(svc.s.execute(select(UserToken.user_id, func.count()).where(
+        UserToken.revoked_at.is_(None), or_(UserToken.expires_at.is_(None), UserToken.expires_at > now))
+        .group_by(UserToken.user_id)).all())
+    return [UserInfo(name=u.name, uid=u.uid, is_admin=u.is_admin, created_at=u.created_at, last_login=u.last_login,
+                     expires_at=u.expires_at, projects=int(owned.get(u.id, 0)), tokens=int(live.get(u.id, 0)))
+            for u in svc.s.scalars(select(User).order_by(User.name))]

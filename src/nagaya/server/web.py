@@ -1,0 +1,735 @@
+"""The web portal: server-rendered pages (Jinja2 + htmx) in the same app as the token service and the API.
+
+Every page calls the same `SiteService` functions and `authz` rules as the API and the CLI; this module only
+adds what a browser needs: cookie sessions (server-side, random ids, idle and absolute expiry), a per-session
+CSRF token on every state-changing form, login rate limiting per user+IP, and HTML error pages (a 404 for
+someone else's object looks exactly like a 404 for a missing one).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hmac
+import io
+import json
+import logging
+import secrets
+import shlex
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import httpx
+from fastapi import APIRouter, Form, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.templating import Jinja2Templates
+
+from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, UsageError
+from nagaya.server.jobs import JobGateway, JobsUnavailable, SpoolGateway
+from nagaya.store import Principal, authorize
+from nagaya.store import service as svcmod
+from nagaya.store.models import utcnow
+from nagaya.store.service import MANIFEST_TYPES, SiteService
+
+if TYPE_CHECKING:
+    from nagaya.server.app import Site
+
+log = logging.getLogger("nagaya.portal")
+HERE = Path(__file__).parent
+COOKIE = "nagaya_session"
+LOGIN_COOKIE = "nagaya_login"
+IDLE_TIMEOUT = 2 * 3600            # seconds without a request before a session ends
+ABSOLUTE_TIMEOUT = 12 * 3600       # a working day, then log in again
+MAX_FAILURES = 5                   # per user+IP within FAILURE_WINDOW, then 429 until the window passes
+FAILURE_WINDOW = 600
+_STATUS = {AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400,
+           JobsUnavailable: 503}
+
+
+# ---- sessions, CSRF, rate limits --------------------------------------------------------------------------
+
+@dataclass
+class WebSession:
+    sid: str
+    user: str
+    groups: frozenset[str]
+    is_admin: bool
+    csrf: str
+    created: float
+    seen: float
+    flash: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Sessions:
+    """Server-side sessions in memory: logout really ends a session, and a stolen cookie dies with the
+    server. One server process per site (uvicorn, one worker), so memory is the right store."""
+
+    def __init__(self, idle: float = IDLE_TIMEOUT, absolute: float = ABSOLUTE_TIMEOUT) -> None:
+        self.idle, self.absolute = idle, absolute
+        self._by_id: dict[str, WebSession] = {}
+        self._lock = threading.Lock()
+
+    def create(self, user: str, groups: frozenset[str], is_admin: bool) -> WebSession:
+        now = time.time()
+        s = WebSession(secrets.token_urlsafe(32), user, groups, is_admin, secrets.token_urlsafe(32), now, now)
+        with self._lock:
+            self._prune(now)
+            self._by_id[s.sid] = s
+        return s
+
+    def get(self, sid: str | None) -> WebSession | None:
+        if not sid:
+            return None
+        now = time.time()
+        with self._lock:
+            s = self._by_id.get(sid)
+            if s is None:
+                return None
+            if now - s.seen > self.idle or now - s.created > self.absolute:
+                del self._by_id[sid]
+                return None
+            s.seen = now
+            return s
+
+    def drop(self, sid: str | None) -> None:
+        with self._lock:
+            self._by_id.pop(sid or "", None)
+
+    def _prune(self, now: float) -> None:
+        if len(self._by_id) % 64 == 0:
+            for k in [k for k, s in self._by_id.items() if now - s.seen > self.idle or now - s.created > self.absolute]:
+                del self._by_id[k]
+
+
+class LoginLimiter:
+    """Failed logins per (user, client address): a password guesser gets MAX_FAILURES tries per window."""
+
+    def __init__(self, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW) -> None:
+        self.limit, self.window = limit, window
+        self._fails: dict[tuple[str, str], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def blocked(self, user: str, ip: str) -> float:
+        """Seconds until the next try is allowed (0: allowed)."""
+        now = time.time()
+        with self._lock:
+            recent = [t for t in self._fails.get((user, ip), []) if now - t < self.window]
+            self._fails[(user, ip)] = recent
+            return self.window - (now - recent[0]) if len(recent) >= self.limit else 0.0
+
+    def failed(self, user: str, ip: str) -> None:
+        with self._lock:
+            self._fails.setdefault((user, ip), []).append(time.time())
+
+    def succeeded(self, user: str, ip: str) -> None:
+        with self._lock:
+            self._fails.pop((user, ip), None)
+
+
+class LoginRequired(Exception):
+    pass
+
+
+def _render_error(request: Request, exc: NagayaError) -> Response:
+    status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
+    templates: Jinja2Templates = request.app.state.templates
+    sess = getattr(request.state, "web_session", None)
+    out = templates.TemplateResponse(request, "error.html", {"status": status, "message": exc.message,
+                                                             "s": sess, "nav": "", "flash": []}, status_code=status)
+    _page_headers(out)
+    return out
+
+
+class PortalRoute(APIRoute):
+    """Page routes answer errors with an HTML page (the app's handler answers JSON, for the API), and send
+    anonymous visitors to the login page."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except LoginRequired:
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                if request.headers.get("hx-request"):
+                    return Response(status_code=401, headers={"HX-Redirect": "/login"})
+                return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+            except NagayaError as e:
+                return _render_error(request, e)
+        return route
+
+
+def _page_headers(resp: Response) -> None:
+    # Set on pages only (not on /token or the API: no per-request middleware on the hot paths).
+    # Pages load nothing from elsewhere; no frames, no caching of personal pages.
+    resp.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                                               "script-src 'self'; frame-ancestors 'none'; form-action 'self'")
+    resp.headers["X-Frame-Options"] = "DENY"
+    resp.headers["Referrer-Policy"] = "same-origin"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Cache-Control"] = "no-store"
+
+
+def _secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+def _fmt_size(n: int | None) -> str:
+    if not n:
+        return "—"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def _fmt_time(t: datetime | str | None) -> str:
+    if not t:
+        return "—"
+    if isinstance(t, str):
+        return t.replace("T", " ")[:19]
+    return t.strftime("%Y-%m-%d %H:%M") + " UTC"
+
+
+def make_templates() -> Jinja2Templates:
+    t = Jinja2Templates(directory=str(HERE / "templates"))
+    t.env.filters["size"] = _fmt_size
+    t.env.filters["when"] = _fmt_time
+    t.env.filters["short"] = lambda d: (d or "").split(":")[-1][:12]
+    return t
+
+
+# ---- the router ---------------------------------------------------------------------------------------------
+
+def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
+    settings = site.settings
+    sessions = Sessions()
+    limiter = LoginLimiter()
+    spool = Path(settings.signing_key).parent.parent / "jobs-spool" if settings.signing_key else None
+    gateway: JobGateway | None = jobs or (SpoolGateway(spool) if spool else None)
+    r = APIRouter(route_class=PortalRoute, include_in_schema=False)
+
+    def sess_of(request: Request) -> WebSession:
+        s = sessions.get(request.cookies.get(COOKIE))
+        if s is None:
+            raise LoginRequired()
+        request.state.web_session = s
+        return s
+
+    def need_csrf(request: Request, s: WebSession, token: str) -> None:
+        # The per-session token, plus Origin when the browser sends one (a cross-site form never has ours).
+        sent = token or request.headers.get("x-csrf-token", "")
+        if not hmac.compare_digest(sent.encode(), s.csrf.encode()):
+            raise PermissionDenied("the form expired or came from another site; reload the page and try again")
+        origin = request.headers.get("origin")
+        if origin and origin != "null" and origin.rstrip("/") != f"{request.url.scheme}://{request.url.netloc}":
+            raise PermissionDenied("cross-site request refused")
+
+    def principal(svc: SiteService, s: WebSession) -> Principal:
+        user = svc.user(s.user)
+        if user is None:
+            raise LoginRequired()
+        try:
+            p = svc.principal(user, s.groups)          # also ends the session of an expired account
+        except AuthError:
+            sessions.drop(s.sid)
+            raise LoginRequired() from None
+        return p if p.is_admin == s.is_admin else dataclasses.replace(p, is_admin=s.is_admin)
+
+    def page(request: Request, name: str, s: WebSession | None, nav: str, status: int = 200,
+             **ctx: Any) -> HTMLResponse:
+        flash, s_flash = (list(s.flash), s) if s else ([], None)
+        if s_flash:
+            s_flash.flash.clear()
+        out: HTMLResponse = request.app.state.templates.TemplateResponse(
+            request, name, {"s": s, "nav": nav, "flash": flash, "registry": settings.registry, **ctx},
+            status_code=status)
+        _page_headers(out)
+        return out
+
+    def back(url: str, s: WebSession, kind: str = "", msg: str = "") -> RedirectResponse:
+        if msg:
+            s.flash.append((kind or "ok", msg))
+        return RedirectResponse(url, status_code=303)
+
+    # ---- login / logout --------------------------------------------------------------------------------
+
+    @r.get("/", response_class=HTMLResponse)
+    def root(request: Request) -> Response:
+        return RedirectResponse("/dashboard" if sessions.get(request.cookies.get(COOKIE)) else "/login",
+                                status_code=303)
+
+    def login_page(request: Request, error: str = "", status: int = 200, username: str = "") -> HTMLResponse:
+        token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(24)
+        out = page(request, "login.html", None, "", status=status, error=error, login_csrf=token,
+                   next=request.query_params.get("next", ""), username=username, auth=settings.auth)
+        out.set_cookie(LOGIN_COOKIE, token, max_age=3600, httponly=True, samesite="strict", secure=_secure(request))
+        return out
+
+    @r.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request) -> Response:
+        if sessions.get(request.cookies.get(COOKIE)):
+            return RedirectResponse("/dashboard", status_code=303)
+        return login_page(request)
+
+    @r.post("/login", response_class=HTMLResponse)
+    def login(request: Request, username: str = Form(""), password: str = Form(""), csrf: str = Form(""),
+              next: str = Form("")) -> Response:
+        # Login CSRF: the form's token must match the cookie set with the form (double submit).
+        cookie = request.cookies.get(LOGIN_COOKIE, "")
+        if not cookie or not hmac.compare_digest(cookie.encode(), csrf.encode()):
+            return login_page(request, "Your login form expired. Please try again.", 400, username)
+        username = username.strip()
+        ip = _client(request)
+        wait = limiter.blocked(username, ip)
+        if wait:
+            return login_page(request, f"Too many failed attempts. Try again in {int(wait // 60) + 1} minutes.",
+                              429, username)
+        try:
+            with site.db.session() as db:
+                p = site.password_login(SiteService(db), username, password)
+        except AuthError as e:
+            limiter.failed(username, ip)
+            with site.db.session() as db:
+                SiteService(db).audit("login.fail", username[:128], source=ip[:64], details={"via": "portal"})
+            msg = e.message if "expired" in e.message else "Wrong username or password."
+            return login_page(request, msg, 401, username)
+        limiter.succeeded(username, ip)
+        s = sessions.create(p.name, p.groups, p.is_admin)
+        dest = next if next.startswith("/") and not next.startswith("//") else "/dashboard"
+        out = RedirectResponse(dest, status_code=303)
+        out.set_cookie(COOKIE, s.sid, httponly=True, samesite="lax", secure=_secure(request), path="/")
+        out.delete_cookie(LOGIN_COOKIE)
+        return out
+
+    @r.post("/logout")
+    def logout(request: Request, csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        sessions.drop(s.sid)
+        with site.db.session() as db:
+            SiteService(db).audit("logout", s.user, details={"via": "portal"})
+        out = RedirectResponse("/login", status_code=303)
+        out.delete_cookie(COOKIE, path="/")
+        return out
+
+    # ---- dashboard ---------------------------------------------------------------------------------------
+
+    @r.get("/dashboard", response_class=HTMLResponse)
+    def dashboard(request: Request) -> Response:
+        s = sess_of(request)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            p = principal(svc, s)
+            projects = svc.projects(p)
+            repos = svc.repositories(p)
+            tokens = [t for t in svc.robots(p) if t.state == "active"]
+        return page(request, "dashboard.html", s, "dashboard", projects=projects, repos=repos[:8],
+                    n_repos=len(repos), n_tokens=len(tokens), jobs_on=bool(gateway and _jobs_available()))
+
+    def _jobs_available() -> bool:
+        return not isinstance(gateway, SpoolGateway) or gateway.available()
+
+    # ---- images ------------------------------------------------------------------------------------------
+
+    @r.get("/images", response_class=HTMLResponse)
+    def images(request: Request, project: str = "") -> Response:
+        s = sess_of(request)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            p = principal(svc, s)
+            projects = svc.projects(p)
+            repos = svc.repositories(p, project or None)
+        groups: dict[str, list[Any]] = {}
+        for x in repos:
+            groups.setdefault(x.project, []).append(x)
+        kinds = {pr.name: pr.kind for pr in projects}
+        order = sorted(groups, key=lambda n: (["personal", "group", "site"].index(kinds.get(n, "group")), n))
+        return page(request, "images.html", s, "images", groups=[(n, kinds.get(n, ""), groups[n]) for n in order],
+                    project=project, projects=projects)
+
+    @r.get("/images/{repository:path}", response_class=HTMLResponse)
+    def repository(request: Request, repository: str) -> Response:
+        s = sess_of(request)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            p = principal(svc, s)
+            tags = svc.tags(p, repository)
+            can_delete = "delete" in authorize(db, p, repository, ["delete"])
+        ref = f"{settings.registry}/{repository}"
+        return page(request, "repository.html", s, "images", repository=repository, tags=tags, ref=ref,
+                    can_delete=can_delete, quote=shlex.quote)
+
+    def _registry(method: str, path: str, subject: str, repository: str, actions: list[str],
+                  **kw: Any) -> httpx.Response:
+        """The registry, as the server on the user's behalf: a token for exactly what authz granted,
+        issued to the user's name so the registry's notification records who did it."""
+        tok = site.issuer.issue(subject, [{"type": "repository", "name": repository, "actions": actions}])
+        headers = {"Authorization": f"Bearer {tok['token']}", **kw.pop("headers", {})}
+        return httpx.request(method, f"http://{settings.registry}/v2/{repository}/{path}", headers=headers,
+                             timeout=30, **kw)
+
+    @r.get("/manifest/{repository:path}")
+    def manifest(request: Request, repository: str, ref: str) -> Response:
+        """The image's OCI manifest as a file: what `skopeo`/`nagaya pull` fetch first (no single-file export
+        exists yet)."""
+        s = sess_of(request)
+        with site.db.session() as db:
+            p = principal(SiteService(db), s)
+            if "pull" not in authorize(db, p, repository, ["pull"]):
+                raise NotFound(f"repository {repository} not found")
+        try:
+            resp = _registry("GET", f"manifests/{ref}", s.user, repository, ["pull"],
+                             headers={"Accept": ", ".join(MANIFEST_TYPES)})
+        except httpx.HTTPError as e:
+            raise UsageError(f"the registry did not answer: {e}") from None
+        if resp.status_code == 404:
+            raise NotFound(f"{repository}:{ref} not found")
+        if resp.status_code != 200:
+            raise UsageError(f"the registry answered {resp.status_code}")
+        name = f"{repository.replace('/', '_')}_{ref.replace(':', '-')[:24]}.manifest.json"
+        return Response(resp.content, media_type=resp.headers.get("content-type", "application/json"),
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @r.post("/images/delete")
+    def delete_image(request: Request, repository: str = Form(...), digest: str = Form(...),
+                     csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            p = principal(svc, s)
+            svc.tags(p, repository)                                  # 404 for what the user cannot list
+            if "delete" not in authorize(db, p, repository, ["delete"]):
+                raise PermissionDenied(f"your role in this project does not allow deleting images in {repository}")
+        if not digest.startswith("sha256:") or len(digest) != 71:
+            raise UsageError("bad digest")
+        try:
+            resp = _registry("DELETE", f"manifests/{digest}", s.user, repository, ["delete"])
+        except httpx.HTTPError as e:
+            raise UsageError(f"the registry did not answer: {e}") from None
+        if resp.status_code not in (202, 404):
+            raise UsageError(f"the registry refused the delete ({resp.status_code})")
+        with site.db.session() as db:
+            svcmod.forget_manifest(SiteService(db), repository, digest)
+        rest = f"/images/{repository}"
+        with site.db.session() as db:
+            try:
+                SiteService(db).tags(principal(SiteService(db), s), repository)
+            except NotFound:
+                rest = "/images"
+        return back(rest, s, "ok", f"Deleted {repository}@{digest[:19]}…")
+
+    # ---- projects ----------------------------------------------------------------------------------------
+
+    @r.get("/projects", response_class=HTMLResponse)
+    def projects(request: Request) -> Response:
+        s = sess_of(request)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            items = svc.projects(principal(svc, s))
+        return page(request, "projects.html", s, "projects", projects=items)
+
+    @r.post("/projects")
+    def create_project(request: Request, name: str = Form(...), kind: str = Form("group"),
+                       csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        name = name.strip().lower()
+        with site.db.session() as db:
+            svc = SiteService(db)
+            svc.create_project(principal(svc, s), name, kind)
+        return back(f"/projects/{name}", s, "ok", f"Project {name} created. You are its owner.")
+
+    @r.get("/projects/{name}", response_class=HTMLResponse)
+    def project(request: Request, name: str) -> Response:
+        s = sess_of(request)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            p = principal(svc, s)
+            info = svc.project_info(p, name)
+            try:
+                members = svc.members(p, name)
+            except PermissionDenied:
+                members = None
+            repos = svc.repositories(p, name)
+            manage = p.is_admin or info.role in ("owner", "maintainer")
+            tokens = svc.robots(p, name) if manage else []
+        return page(request, "project.html", s, "projects", project=info, members=members, repos=repos,
+                    tokens=tokens, is_owner=p.is_admin or info.role == "owner", manage=manage)
+
+    @r.post("/projects/{name}/members")
+    def add_member(request: Request, name: str, member: str = Form(...), kind: str = Form("user"),
+                   role: str = Form(...), csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        member = member.strip()
+        with site.db.session() as db:
+            svc = SiteService(db)
+            p = principal(svc, s)
+            svc.project(p, name)                          # 404 before revealing whether a user exists
+            if kind == "user":
+                ident = site.authn.user(member)
+                if ident is None:
+                    raise NotFound(f"no such user: {member}")
+                unix_id = ident.uid
+            elif kind == "group":
+                gid = site.authn.group_id(member)
+                if gid is False:
+                    raise NotFound(f"no such group: {member}")
+                unix_id = gid if isinstance(gid, int) and not isinstance(gid, bool) else None
+            else:
+                raise UsageError("member kind must be user or group")
+            svc.add_member(p, name, member, kind, role, unix_id)
+        return back(f"/projects/{name}", s, "ok", f"{member} is now {role} of {name}.")
+
+    @r.post("/projects/{name}/members/remove")
+    def remove_member(request: Request, name: str, member: str = Form(...), kind: str = Form("user"),
+                      csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            svc.remove_member(principal(svc, s), name, member, kind)
+        return back(f"/projects/{name}", s, "ok", f"Removed {member} from {name}.")
+
+    # ---- robot tokens ------------------------------------------------------------------------------------
+
+    @r.get("/tokens", response_class=HTMLResponse)
+    def tokens(request: Request) -> Response:
+        s = sess_of(request)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            p = principal(svc, s)
+            items = svc.robots(p)
+            manageable = [x for x in svc.projects(p) if p.is_admin or x.role in ("owner", "maintainer")]
+        return page(request, "tokens.html", s, "tokens", tokens=items, projects=manageable)
+
+    def _secret_page(request: Request, s: WebSession, info: Any, new: Any, what: str) -> Response:
+        out = page(request, "secret.html", s, "tokens", info=info, new=new, what=what)
+        return out
+
+    @r.post("/tokens", response_class=HTMLResponse)
+    def create_token(request: Request, project: str = Form(...), name: str = Form(...), scope: str = Form("pull"),
+                     expires_days: int = Form(0), csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        if expires_days < 0 or expires_days > 3650:
+            raise UsageError("expiry must be between 0 (never) and 3650 days")
+        with site.db.session() as db:
+            svc = SiteService(db)
+            expires = utcnow() + timedelta(days=expires_days) if expires_days else None
+            info, new = svc.create_robot(principal(svc, s), project, name.strip(), scope, expires)
+        return _secret_page(request, s, info, new, "created")
+
+    @r.post("/tokens/{project}/{name}/revoke")
+    def revoke_token(request: Request, project: str, name: str, csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            svc.revoke_robot(principal(svc, s), project, name)
+        return back("/tokens", s, "ok", f"Token {name} of {project} revoked: it no longer works.")
+
+    @r.post("/tokens/{project}/{name}/rotate", response_class=HTMLResponse)
+    def rotate_token(request: Request, project: str, name: str, csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            info, new = svcmod.rotate_robot(svc, principal(svc, s), project, name)
+        return _secret_page(request, s, info, new, "rotated")
+
+    # ---- jobs --------------------------------------------------------------------------------------------
+
+    def _gw() -> JobGateway:
+        if gateway is None or not _jobs_available():
+            raise JobsUnavailable("Jobs are not enabled on this site yet: the job service is not running. "
+                                  "Ask your admins to start it.")
+        return gateway
+
+    def _image_choices(svc: SiteService, p: Principal) -> list[str]:
+        out = []
+        for repo in svc.repositories(p):
+            for t in svc.tags(p, repo.name):
+                out.append(f"{settings.registry}/{repo.name}:{t.tag}")
+        return out
+
+    @r.get("/jobs", response_class=HTMLResponse)
+    def jobs_page(request: Request) -> Response:
+        s = sess_of(request)
+        with site.db.session() as db:
+            svc = SiteService(db)
+            choices = _image_choices(svc, principal(svc, s))
+        error, items = "", []
+        try:
+            items = _gw().call(s.user, "list", {})
+        except JobsUnavailable as e:
+            error = e.message
+        except NagayaError as e:
+            error = f"Could not list your jobs: {e.message}"
+        return page(request, "jobs.html", s, "jobs", images=choices, jobs=items, error=error)
+
+    @r.post("/jobs")
+    def submit_job(request: Request, image: str = Form(...), command: str = Form(""), nodes: int = Form(1),
+                   cpus: int = Form(1), mem: str = Form(""), gpus: str = Form(""), time_limit: str = Form(""),
+                   name: str = Form(""), csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        from nagaya.sched.models import parse_time
+
+        with site.db.session() as db:
+            svc = SiteService(db)
+            p = principal(svc, s)
+            if image not in _image_choices(svc, p):
+                raise NotFound("pick an image from your list")
+            user = svc.user(s.user)
+            assert user is not None
+            # A short-lived personal token so the job's pull runs with the user's own rights.
+            new = svc.issue_user_token(user, "portal-job", timedelta(minutes=15))
+        if not (1 <= nodes <= 64 and 1 <= cpus <= 1024):
+            raise UsageError("nodes must be 1–64 and CPUs 1–1024")
+        try:
+            words = shlex.split(command)
+        except ValueError as e:
+            raise UsageError(f"cannot read the command: {e}") from None
+        spec = {"image": image, "command": words, "nodes": nodes, "cpus": cpus, "mem": mem.strip(),
+                "gpus": gpus.strip(), "time_limit": parse_time(time_limit), "name": name.strip()[:64]}
+        out = _gw().call(s.user, "submit", {"spec": spec, "login": {
+            "registry": settings.registry, "server": settings.url, "username": s.user, "secret": new.secret}})
+        with site.db.session() as db:
+            SiteService(db).audit("job.submit", s.user, details={"job": out.get("id"), "image": image,
+                                                                   "via": "portal"})
+        return back(f"/jobs/{quote(str(out['id']))}", s, "ok", f"Job {out['id']} submitted.")
+
+    @r.get("/jobs/{job_id}", response_class=HTMLResponse)
+    def job(request: Request, job_id: str) -> Response:
+        s = sess_of(request)
+        info = _gw().call(s.user, "status", {"job_id": job_id})
+        return page(request, "job.html", s, "jobs", job=info)
+
+    @r.get("/jobs/{job_id}/log", response_class=HTMLResponse)
+    def job_log(request: Request, job_id: str) -> Response:
+        s = sess_of(request)
+        gw = _gw()
+        info = gw.call(s.user, "status", {"job_id": job_id})
+        logs = gw.call(s.user, "logs", {"job_id": job_id})
+        out = page(request, "job_log.html", s, "jobs", job=info, log=logs.get("log", ""),
+                   truncated=logs.get("truncated"), done=info.get("state") not in ("PENDING", "RUNNING", "SUSPENDED"))
+        return out
+
+    @r.post("/jobs/{job_id}/cancel")
+    def cancel_job(request: Request, job_id: str, csrf: str = Form("")) -> Response:
+        s = sess_of(request)
+        need_csrf(request, s, csrf)
+        _gw().call(s.user, "cancel", {"job_id": job_id})
+        with site.db.session() as db:
+            SiteService(db).audit("job.cancel", s.user, details={"job": job_id, "via": "portal"})
+        return back(f"/jobs/{quote(job_id)}", s, "ok", f"Job {job_id} cancelled.")
+
+    # ---- admin -------------------------------------------------------------------------------------------
+
+    def admin(request: Request) -> tuple[WebSession, Principal, Any]:
+        s = sess_of(request)
+        if not s.is_admin:
+            raise PermissionDenied("only site admins see this page")
+        return s, Principal(kind="user", name=s.user, groups=s.groups, is_admin=True), None
+
+    @r.get("/admin/users", response_class=HTMLResponse)
+    def admin_users(request: Request) -> Response:
+        s, p, _ = admin(request)
+        with site.db.session() as db:
+            users = svcmod.users_overview(SiteService(db), p)
+        return page(request, "admin_users.html", s, "admin", users=users)
+
+    @r.get("/admin/jobs", response_class=HTMLResponse)
+    def admin_jobs(request: Request) -> Response:
+        s, _p, _ = admin(request)
+        # Each user's jobs live with that user's scheduler; listing all of them means asking as each user
+        # who used the portal's job service (the local executor has no site-wide view).
+        error, items = "", []
+        try:
+            gw = _gw()
+            with site.db.session() as db:
+                names = [u.name for u in svcmod.users_overview(SiteService(db), _p)]
+            for n in names:
+                try:
+                    items.extend(gw.call(n, "list", {}))
+                except NagayaError:
+                    continue
+        except JobsUnavailable as e:
+            error = e.message
+        return page(request, "admin_jobs.html", s, "admin", jobs=items, error=error)
+
+    def _audit_rows(request: Request, p: Principal, limit: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        q = request.query_params
+        filters = {k: q.get(k, "").strip() for k in ("action", "actor", "repository", "since", "until")}
+
+        def day(text: str, end: bool = False) -> datetime | None:
+            if not text:
+                return None
+            try:
+                d = datetime.fromisoformat(text)
+            except ValueError:
+                raise UsageError(f"dates look like 2026-01-31, not {text!r}") from None
+            return d + timedelta(days=1) if end and len(text) <= 10 else d
+
+        with site.db.session() as db:
+            rows = svcmod.search_audit(SiteService(db), p, action=filters["action"], actor=filters["actor"],
+                                       repository=filters["repository"], since=day(filters["since"]),
+                                       until=day(filters["until"], end=True), limit=limit)
+            out = [{"time": r.time.isoformat(timespec="seconds") + "Z", "action": r.action, "actor": r.actor,
+                    "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
+                    "details": r.details} for r in rows]
+        return out, filters
+
+    @r.get("/admin/audit", response_class=HTMLResponse)
+    def admin_audit(request: Request) -> Response:
+        s, p, _ = admin(request)
+        rows, filters = _audit_rows(request, p, 500)
+        qs = "&".join(f"{k}={quote(v)}" for k, v in filters.items() if v)
+        return page(request, "admin_audit.html", s, "admin", rows=rows, f=filters, qs=qs)
+
+    @r.get("/admin/audit.csv")
+    def admin_audit_csv(request: Request) -> Response:
+        _s, p, _ = admin(request)
+        rows, _f = _audit_rows(request, p, 100000)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["time", "action", "actor", "repository", "tag", "digest", "source", "details"])
+        for x in rows:
+            w.writerow([x["time"], x["action"], x["actor"], x["repository"], x["tag"], x["digest"], x["source"],
+                        json.dumps(x["details"], sort_keys=True)])
+        return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": 'attachment; filename="nagaya-audit.csv"'})
+
+    @r.get("/admin/audit.json")
+    def admin_audit_json(request: Request) -> Response:
+        _s, p, _ = admin(request)
+        rows, _f = _audit_rows(request, p, 100000)
+        return JSONResponse(rows, headers={"Content-Disposition": 'attachment; filename="nagaya-audit.json"'})
+
+    return r
+
+
+def install_portal(app: Any, site: Site) -> None:
+    """Mount the portal into the server's app: pages, static files (vendored htmx, CSS), templates."""
+    from fastapi.staticfiles import StaticFiles
+
+    app.state.templates = make_templates()
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.include_router(portal_router(site))
