@@ -19,6 +19,7 @@ PKGS=(
   charliecloud-runtime
   docker-registry postgresql                      # the site registry; PostgreSQL for sites (and its tests)
   slapd ldap-utils                                # LDAP login back end tests (a private slapd)
+  chromium                                        # portal end-to-end tests (Playwright drives Debian's build)
 )
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
