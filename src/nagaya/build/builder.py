@@ -199,13 +199,21 @@ class Builder:
 
         layout = work / f"base-{image_id[:12]}"
         write_oci_layout(self.store, meta, layout)
-        r = self._buildah("pull", "--quiet", f"oci:{layout}")
+        # buildah names what it pulls after the path, which must then be a valid reference (lower case,
+        # no "-_"); a symlink in the private run directory gives it such a path whatever the cache's is.
+        link = _runroot() / f"base-{image_id[:12]}-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(layout)
+        try:
+            r = self._buildah("pull", "--quiet", f"oci:{link}")
+        finally:
+            link.unlink(missing_ok=True)
         got = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
         if got != image_id:
             raise BuildFailed(f"buildah loaded base {meta.short} as {got[:12] or 'nothing'}, expected {image_id[:12]}")
         # Give it a stable name and drop the one buildah derived from the temporary path.
         self._buildah("tag", image_id, f"localhost/nagaya-base:{meta.short}")
-        self._buildah("rmi", f"localhost{layout}:latest", check=False)
+        self._buildah("rmi", f"localhost{link}:latest", check=False)
         return image_id
 
     def resolve_bases(self, recipe: Recipe, build_args: list[str], work: Path) -> dict[int, str]:

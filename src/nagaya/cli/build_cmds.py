@@ -33,6 +33,10 @@ def build(context: Path = typer.Argument(..., help="build context: the directory
         for ba in build_arg:
             if not ba or ba.startswith("="):
                 raise UsageError(f"--build-arg takes K=V, got {ba!r}")
+        if push:
+            from nagaya.image.pull import parse_remote
+
+            parse_remote(tag)                   # fail before building: a name without a registry cannot be pushed
         cfg = config.load()
         store = open_store(cfg)
         with byte_progress("importing the built image", not json_out) as progress:
@@ -54,20 +58,17 @@ def build(context: Path = typer.Argument(..., help="build context: the directory
                       f"{result.cached_steps}/{result.steps} steps cached, {result.seconds:.1f} s)", highlight=False)
 
 
-def _push(ref: str, cfg: config.Config, json_out: bool) -> object:
-    """--push: the registry push of `nagaya push` (nagaya.image.push)."""
-    try:
-        from nagaya.image import push as push_mod
-    except ImportError:
-        raise NagayaError(f"built {ref}, but this nagaya has no `nagaya push` yet; "
-                          "push it later with `nagaya push`") from None
-    fn = getattr(push_mod, "push_image", None) or getattr(push_mod, "push", None)
-    if fn is None:
-        raise NagayaError(f"built {ref}, but nagaya.image.push has no push function")
+def _push(ref: str, cfg: config.Config, json_out: bool) -> dict[str, object]:
+    """--push: what `nagaya push REF REF` does (the -t name must be HOST/PROJECT/NAME:TAG)."""
+    import sys
+
+    from nagaya.image.push import push
     from nagaya.image.store import open_store
 
-    result = fn(open_store(cfg), ref, cfg, quiet=json_out)
-    return result.to_json() if hasattr(result, "to_json") else str(result)
+    res = push(open_store(cfg), ref, ref, cfg, quiet=json_out or not sys.stderr.isatty())
+    audit.record(audit.AuditEvent(action="push", user=pwd.getpwuid(os.getuid()).pw_name, uid=os.getuid(),
+                                  image=res.ref, digest=res.meta.digest, details={"bytes": res.bytes_uploaded}), cfg)
+    return res.to_json()
 
 
 def export(image: str = typer.Argument(..., help="NAME[:TAG] or digest of an image in your cache"),
