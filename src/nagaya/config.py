@@ -107,6 +107,20 @@ class LdapConfig(Record):
     start_tls: bool = False
 
 
+class SchedConfig(Record):
+    """`nagaya submit` and friends: which scheduler backend, and the local executor's limits."""
+
+    backend: str = "local"                      # local | slurm
+    state_dir: str = ""                         # local: default $XDG_DATA_HOME/nagaya/jobs (one per user, 0700)
+    max_jobs: int = 0                           # local: concurrent jobs; 0 = number of usable CPUs
+    max_cpus: int = 0                           # local: CPUs handed out to jobs; 0 = all usable CPUs
+    kill_grace: int = 10                        # seconds from TERM to KILL on cancel and time limit
+    idle_exit: int = 300                        # local runner exits after this many idle seconds
+    nagaya: str = ""                            # the nagaya executable jobs run; default: from PATH
+    slurm_bin_dir: str = ""                     # where sbatch/squeue/... live; default: PATH
+    partition: str = ""                         # default Slurm partition
+
+
 class Config(Record):
     runtime: RuntimeConfig = Factory(RuntimeConfig)
     image: ImageConfig = Factory(ImageConfig)
@@ -114,6 +128,7 @@ class Config(Record):
     audit: AuditConfig = Factory(AuditConfig)
     server: ServerConfig = Factory(ServerConfig)
     ldap: LdapConfig = Factory(LdapConfig)
+    sched: SchedConfig = Factory(SchedConfig)
 
     @property
     def cache_dir(self) -> Path:
@@ -124,13 +139,17 @@ class Config(Record):
         return Path(self.audit.path) if self.audit.path else _user_dirs()[2] / "nagaya" / "audit.jsonl"
 
     @property
+    def sched_state_dir(self) -> Path:
+        return Path(self.sched.state_dir) if self.sched.state_dir else _user_dirs()[2] / "nagaya" / "jobs"
+
+    @property
     def site_state_dir(self) -> Path:
         if self.server.state_dir:
             return Path(self.server.state_dir)
         return Path("/var/lib/nagaya/site") if os.geteuid() == 0 else _user_dirs()[2] / "nagaya" / "site"
 
 
-_SECTIONS = ("runtime", "image", "gpu", "audit", "server", "ldap")
+_SECTIONS = ("runtime", "image", "gpu", "audit", "server", "ldap", "sched")
 
 
 def _coerce(current: Any, value: Any, where: str) -> Any:

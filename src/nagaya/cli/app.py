@@ -12,6 +12,7 @@ from nagaya.cli import (
     image_cmds,
     project_cmds,
     registry_cmds,
+    sched_cmds,
     site_cmds,
     token_cmds,
 )
@@ -38,6 +39,11 @@ app.command("pull")(registry_cmds.pull)
 app.command("push")(registry_cmds.push)
 app.add_typer(registry_cmds.cache_app, name="cache")
 app.add_typer(admin_cmds.app, name="admin")
+app.command("submit", context_settings=sched_cmds.SUBMIT_CTX)(sched_cmds.submit)
+app.command("jobs")(sched_cmds.jobs)
+app.command("logs")(sched_cmds.logs)
+app.command("cancel")(sched_cmds.cancel)
+app.add_typer(sched_cmds.app, name="job")
 
 _PASS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 

@@ -1,0 +1,308 @@
+"""The local backend: jobs queue and run on this machine, under a per-user runner (runner.py).
+
+Everything of a user's jobs lives in their state dir (0700, so no other user can read records or logs):
+jobs.db (SQLite, WAL: the CLI, the runner and each job's watcher write to it concurrently), logs/ID.out,
+scripts/ID.sh, runner.lock (flock held by the one live runner) and runner.pid.
+The CLI only writes requests into the database and pokes the runner or a job's watcher with SIGUSR1;
+the processes that own a job decide its state, so a runner restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from nagaya.errors import Conflict, NotFound, PermissionDenied, UsageError
+from nagaya.sched.models import ACTIVE, JobInfo, JobSpec, iso
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  name TEXT NOT NULL DEFAULT '', user TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+  image TEXT NOT NULL, ref TEXT NOT NULL, digest TEXT NOT NULL,
+  command TEXT NOT NULL, run_args TEXT NOT NULL DEFAULT '[]', cwd TEXT NOT NULL, env TEXT NOT NULL,
+  ntasks INTEGER NOT NULL DEFAULT 1, cpus INTEGER NOT NULL DEFAULT 1, mem TEXT NOT NULL DEFAULT '',
+  gpus TEXT NOT NULL DEFAULT '', time_limit INTEGER NOT NULL DEFAULT 0, partition TEXT NOT NULL DEFAULT '',
+  host TEXT NOT NULL DEFAULT '', cpu_list TEXT NOT NULL DEFAULT '',
+  submit_time REAL NOT NULL, start_time REAL, end_time REAL, exit_code INTEGER,
+  pid INTEGER, pid_start TEXT,
+  cancel_requested INTEGER NOT NULL DEFAULT 0, want_suspended INTEGER NOT NULL DEFAULT 0,
+  suspended_total REAL NOT NULL DEFAULT 0
+);
+"""
+
+
+def ensure_state_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionDenied(f"{path} belongs to another user")
+    if st.st_mode & 0o077:
+        path.chmod(0o700)           # records and logs are private to their owner
+    for sub in ("logs", "scripts"):
+        (path / sub).mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def connect(state_dir: Path, readonly: bool = False) -> sqlite3.Connection:
+    db = state_dir / "jobs.db"
+    if readonly:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
+    else:
+        conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(SCHEMA)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def proc_start(pid: int) -> str | None:
+    """The process's start time (jiffies since boot): with the pid it names one process, never a reused pid.
+    None for a process that is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def alive(pid: int | None, start: str | None) -> bool:
+    return bool(pid) and start is not None and proc_start(pid) == start  # type: ignore[arg-type]
+
+
+def poke(pid: int | None, start: str | None) -> bool:
+    """SIGUSR1 to a runner or watcher of ours, only if the pid still names that very process."""
+    if not alive(pid, start):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGUSR1)  # type: ignore[arg-type]
+        return True
+    return False
+
+
+def row_info(r: sqlite3.Row) -> JobInfo:
+    return JobInfo(id=str(r["id"]), user=r["user"], state=r["state"], name=r["name"], image=r["image"],
+                   digest=r["digest"], command=json.loads(r["command"]), nodes=r["host"] or "",
+                   exit_code=r["exit_code"], submit_time=iso(r["submit_time"]), start_time=iso(r["start_time"]),
+                   end_time=iso(r["end_time"]), time_limit=r["time_limit"], cpus=r["cpus"] * r["ntasks"],
+                   reason=r["reason"], backend="local")
+
+
+def is_admin(cfg: Any) -> bool:
+    if os.geteuid() == 0:
+        return True
+    import grp
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    if me in cfg.server.admin_users:
+        return True
+    groups = {grp.getgrgid(g).gr_name for g in os.getgroups() if _has_gid(g)}
+    return bool(groups & set(cfg.server.admin_groups))
+
+
+def _has_gid(g: int) -> bool:
+    import grp
+
+    try:
+        grp.getgrgid(g)
+    except KeyError:
+        return False
+    return True
+
+
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+class LocalScheduler:
+    name = "local"
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.dir = cfg.sched_state_dir
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        ensure_state_dir(self.dir)
+        return connect(self.dir)
+
+    def _row(self, conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        try:
+            n = int(job_id)
+        except ValueError:
+            raise UsageError(f"invalid job id {job_id!r}") from None
+        r = conn.execute("SELECT * FROM jobs WHERE id = ?", (n,)).fetchone()
+        if r is None:
+            raise NotFound(f"job {job_id} not found")
+        return r
+
+    def limits(self) -> tuple[int, int]:
+        cpus = self.cfg.sched.max_cpus or len(usable_cpus())
+        return (self.cfg.sched.max_jobs or len(usable_cpus())), cpus
+
+    def ensure_runner(self) -> None:
+        """Start the runner unless one holds the lock; poke it either way (it may be idle-waiting)."""
+        lock = self.dir / "runner.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid, start = self._runner_pid()
+                poke(pid, start)
+                return
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        log = os.open(self.dir / "runner.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # Its own session: the runner outlives the CLI and is no part of the terminal's job control.
+            subprocess.Popen([sys.executable, "-I", "-m", "nagaya.sched.runner"], stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=log, start_new_session=True, cwd="/",
+                             env={**os.environ, "NAGAYA_SCHED_STATE_DIR": str(self.dir)})
+        finally:
+            os.close(log)
+
+    def _runner_pid(self) -> tuple[int | None, str | None]:
+        try:
+            pid, start = (self.dir / "runner.pid").read_text().split()
+            return int(pid), start
+        except (OSError, ValueError):
+            return None, None
+
+    # -- the protocol --------------------------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> str:
+        if spec.nodes > 1:
+            raise UsageError("the local backend runs jobs on this one machine: --nodes must be 1")
+        _, max_cpus = self.limits()
+        need = spec.cpus * spec.ntasks
+        if need > max_cpus:
+            raise UsageError(f"the job asks for {need} CPUs; the local backend has {max_cpus}")
+        if spec.ntasks > 1:
+            raise UsageError("the local backend runs one task per job: --ntasks must be 1")
+        run_args: list[str] = []
+        if spec.gpus:
+            run_args += ["--gpus", ",".join(str(i) for i in range(int(spec.gpus)))
+                         if spec.gpus.isdigit() else spec.gpus]
+        with contextlib.closing(self._db()) as conn:
+            cur = conn.execute(
+                "INSERT INTO jobs (name, user, state, image, ref, digest, command, run_args, cwd, env, ntasks, cpus,"
+                " mem, gpus, time_limit, partition, submit_time) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (spec.name, spec.user, "PENDING" if not spec.script else "HELD", spec.image, spec.ref, spec.digest,
+                 json.dumps(spec.command), json.dumps(run_args), spec.cwd, json.dumps(spec.env), spec.ntasks,
+                 spec.cpus, spec.mem, spec.gpus, spec.time_limit, spec.partition, time.time()))
+            job_id = cur.lastrowid
+            assert job_id is not None
+            if spec.script:
+                # The script is the job's command inside the container: keep a private copy (the user may
+                # edit theirs before the job starts) and bind its directory read-only.
+                path = self.dir / "scripts" / f"{job_id}.sh"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+                with os.fdopen(fd, "w") as f:
+                    f.write(spec.script)
+                cmd = [str(path)] if spec.script.startswith("#!") else ["/bin/sh", str(path)]
+                cmd += spec.command             # the script's own arguments
+                conn.execute("UPDATE jobs SET command = ?, run_args = ?, state = 'PENDING' WHERE id = ?",
+                             (json.dumps(cmd), json.dumps([*run_args, "--bind", f"{path.parent}:{path.parent}:ro"]),
+                              job_id))
+        self.ensure_runner()
+        return str(job_id)
+
+    def status(self, job_id: str) -> JobInfo:
+        with contextlib.closing(self._db()) as conn:
+            info = row_info(self._row(conn, job_id))
+        info.log = str(self.dir / "logs" / f"{info.id}.out")
+        self._kick(info.state)
+        return info
+
+    def list(self, all_users: bool = False) -> list[JobInfo]:
+        if all_users and not is_admin(self.cfg):
+            raise PermissionDenied("only administrators may list all users' jobs")
+        with contextlib.closing(self._db()) as conn:
+            jobs = [row_info(r) for r in conn.execute("SELECT * FROM jobs ORDER BY id")]
+        if any(j.state == "PENDING" for j in jobs):
+            self._kick("PENDING")
+        if all_users:
+            jobs += self._others()
+        return jobs
+
+    def _others(self) -> list[JobInfo]:
+        """An administrator's view: every other user's default state dir that exists."""
+        out: list[JobInfo] = []
+        me = os.getuid()
+        for pw in pwd.getpwall():
+            if pw.pw_uid == me:
+                continue
+            d = Path(pw.pw_dir) / ".local" / "share" / "nagaya" / "jobs"
+            if not (d / "jobs.db").is_file():
+                continue
+            try:
+                with contextlib.closing(connect(d, readonly=True)) as conn:
+                    out += [row_info(r) for r in conn.execute("SELECT * FROM jobs ORDER BY id")]
+            except sqlite3.Error:
+                continue
+        return out
+
+    def _kick(self, state: str) -> None:
+        # A runner that was killed leaves pending jobs behind: any command that sees them starts a new one.
+        if state == "PENDING":
+            self.ensure_runner()
+
+    def cancel(self, job_id: str) -> None:
+        with contextlib.closing(self._db()) as conn:
+            r = self._row(conn, job_id)
+            if conn.execute("UPDATE jobs SET state = 'CANCELLED', end_time = ?, reason = 'cancelled before start'"
+                            " WHERE id = ? AND state = 'PENDING'", (time.time(), r["id"])).rowcount:
+                return
+            if r["state"] not in ACTIVE:
+                raise Conflict(f"job {job_id} has already finished ({r['state']})")
+            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (r["id"],))
+            # Read the watcher's pid after the request is written: it reads requests after writing its pid.
+            r = self._row(conn, job_id)
+        poke(r["pid"], r["pid_start"])
+
+    def _control(self, job_id: str, suspend: bool) -> None:
+        with contextlib.closing(self._db()) as conn:
+            r = self._row(conn, job_id)
+            if r["state"] not in ("RUNNING", "SUSPENDED"):
+                raise Conflict(f"job {job_id} is {r['state']}, not running")
+            conn.execute("UPDATE jobs SET want_suspended = ? WHERE id = ?", (int(suspend), r["id"]))
+            r = self._row(conn, job_id)
+        poke(r["pid"], r["pid_start"])
+
+    def suspend(self, job_id: str) -> None:
+        self._control(job_id, True)
+
+    def resume(self, job_id: str) -> None:
+        self._control(job_id, False)
+
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
+        info = self.status(job_id)
+        path = Path(info.log)
+        pos = 0
+        while True:
+            state = self.status(job_id).state if follow else ""
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    while chunk := f.read(65536):
+                        pos += len(chunk)
+                        yield chunk
+            except FileNotFoundError:
+                if not follow:
+                    return
+            if not follow or state not in ACTIVE:
+                return
+            time.sleep(0.2)
