@@ -273,10 +273,11 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
         return RedirectResponse("/dashboard" if sessions.get(request.cookies.get(COOKIE)) else "/login",
                                 status_code=303)
 
-    def login_page(request: Request, error: str = "", status: int = 200, username: str = "") -> HTMLResponse:
+    def login_page(request: Request, error: str = "", status: int = 200, username: str = "",
+                   next: str | None = None) -> HTMLResponse:
         token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(24)
         out = page(request, "login.html", None, "", status=status, error=error, login_csrf=token,
-                   next=request.query_params.get("next", ""), username=username, auth=settings.auth)
+                   next=request.query_params.get("next", "") if next is None else next, username=username, auth=settings.auth)
         out.set_cookie(LOGIN_COOKIE, token, max_age=3600, httponly=True, samesite="strict", secure=_secure(request))
         return out
 
@@ -292,13 +293,13 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
         # Login CSRF: the form's token must match the cookie set with the form (double submit).
         cookie = request.cookies.get(LOGIN_COOKIE, "")
         if not cookie or not hmac.compare_digest(cookie.encode(), csrf.encode()):
-            return login_page(request, "Your login form expired. Please try again.", 400, username)
+            return login_page(request, "Your login form expired. Please try again.", 400, username, next)
         username = username.strip()
         ip = _client(request)
         wait = limiter.blocked(username, ip)
         if wait:
             return login_page(request, f"Too many failed attempts. Try again in {int(wait // 60) + 1} minutes.",
-                              429, username)
+                              429, username, next)
         try:
             with site.db.session() as db:
                 p = site.password_login(SiteService(db), username, password)
@@ -307,7 +308,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
             with site.db.session() as db:
                 SiteService(db).audit("login.fail", username[:128], source=ip[:64], details={"via": "portal"})
             msg = e.message if "expired" in e.message else "Wrong username or password."
-            return login_page(request, msg, 401, username)
+            return login_page(request, msg, 401, username, next)
         limiter.succeeded(username, ip)
         s = sessions.create(p.name, p.groups, p.is_admin)
         dest = next if next.startswith("/") and not next.startswith("//") else "/dashboard"
