@@ -271,6 +271,11 @@ def test_push_then_pull_on_clean_cache_then_run(site: Site, owner: SiteUser, arc
     ok(owner.nagaya("image", "import", str(archives["one"]), "--name", local))
     p = json.loads(ok(owner.nagaya("push", local, ref, "--json")).stdout)
     assert p["blobs_uploaded"] == 0 and p["blobs_skipped"] == 3
+    # A pulled image pushed to another repository of the same registry: blobs are mounted, not sent
+    other = f"{site.registry}/{owner.name}/hello-copy:1"
+    p = json.loads(ok(owner.nagaya("push", ref, other, "--json", env=env)).stdout)
+    assert p["blobs_mounted"] == 3 and p["bytes_uploaded"] == 0, p
+    assert ok(owner.nagaya("run", other, env=fresh_cache(owner))).stdout == "one"
 
 
 def test_run_without_pull_pulls_and_picks_up_moved_tag(site: Site, owner: SiteUser,
