@@ -121,6 +121,15 @@ class SchedConfig(Record):
     partition: str = ""                         # default Slurm partition
 
 
+class BuildConfig(Record):
+    """`nagaya build`: rootless buildah as the calling user (DESIGN.md: runc, since crun fails on hybrid cgroups)."""
+
+    buildah: str = "/usr/bin/buildah"
+    runtime: str = "/usr/sbin/runc"
+    storage_dir: str = ""                       # buildah's layer cache; default: <cache_dir>/build/storage
+    storage_driver: str = "overlay"             # overlay (rootless, kernel >= 5.13) | vfs (any file system, slower)
+
+
 class Config(Record):
     runtime: RuntimeConfig = Factory(RuntimeConfig)
     image: ImageConfig = Factory(ImageConfig)
@@ -128,6 +137,7 @@ class Config(Record):
     audit: AuditConfig = Factory(AuditConfig)
     server: ServerConfig = Factory(ServerConfig)
     ldap: LdapConfig = Factory(LdapConfig)
+    build: BuildConfig = Factory(BuildConfig)
     sched: SchedConfig = Factory(SchedConfig)
 
     @property
@@ -149,7 +159,7 @@ class Config(Record):
         return Path("/var/lib/nagaya/site") if os.geteuid() == 0 else _user_dirs()[2] / "nagaya" / "site"
 
 
-_SECTIONS = ("runtime", "image", "gpu", "audit", "server", "ldap", "sched")
+_SECTIONS = ("runtime", "image", "gpu", "audit", "server", "ldap", "build", "sched")
 
 
 def _coerce(current: Any, value: Any, where: str) -> Any:

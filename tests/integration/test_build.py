@@ -302,3 +302,13 @@ def test_push_needs_a_registry_name(alice: User, ctx: Path, fresh_cache: dict[st
     write(alice, ctx / "Dockerfile", "FROM bb\n")
     r = alice.nagaya("build", "-t", "plain:1", "--push", str(ctx), env=fresh_cache)
     assert r.returncode == 2 and "names no registry" in r.stderr
+
+
+def test_build_section_of_config_picks_storage(alice: User, ctx: Path, workdir: Path,
+                                               fresh_cache: dict[str, str]) -> None:
+    storage = workdir / "vfs-storage"
+    env = {**fresh_cache, "NAGAYA_BUILD_STORAGE_DRIVER": "vfs", "NAGAYA_BUILD_STORAGE_DIR": str(storage)}
+    write(alice, ctx / "Dockerfile", "FROM bb\nRUN echo vfs > /v.txt\nCMD [\"cat\", \"/v.txt\"]\n")
+    ok(alice.nagaya("build", "-t", "v:1", str(ctx), env=env))
+    assert (storage / "vfs").is_dir() and not (Path(fresh_cache["XDG_CACHE_HOME"]) / "nagaya" / "build").exists()
+    assert ok(alice.nagaya("run", "v:1", env=env, cwd=ctx)).stdout == "vfs\n"
