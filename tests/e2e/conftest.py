@@ -173,3 +173,24 @@ def as_user(browser: Any, portal: Site, world: dict[str, Any]) -> Iterator[Any]:
     yield make
     for p in opened:
         p.close()
+
+
+@pytest.fixture
+def job_service(portal: Site) -> Iterator[Path]:
+    """The root job dispatcher of this site (what runs jobs as each user), for one test: started here, stopped
+    by its pid."""
+    import subprocess
+    import sys
+
+    spool = portal.state_dir / "jobs-spool"
+    p = subprocess.Popen([sys.executable, "-m", "nagaya.server.jobs", "dispatch", str(spool)],
+                         stdout=subprocess.DEVNULL, stderr=open(portal.state_dir / "dispatcher.log", "ab"))
+    deadline = time.monotonic() + 20
+    while not (spool / "dispatcher.pid").exists():
+        assert p.poll() is None and time.monotonic() < deadline, "the job dispatcher did not start"
+        time.sleep(0.05)
+    try:
+        yield spool
+    finally:
+        p.terminate()
+        p.wait(timeout=10)

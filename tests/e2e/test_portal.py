@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -275,3 +276,37 @@ def test_admin_audit_and_export(as_user: Any, users: dict[str, SiteUser]) -> Non
     with alice.client() as c:
         for url in ("/admin/users", "/admin/audit", "/admin/audit.csv", "/admin/jobs"):
             assert c.get(url).status_code == 403, url
+
+
+def test_job_submit_watch_cancel(as_user: Any, portal: Site, users: dict[str, SiteUser], job_service: Path) -> None:
+    p: Portal = as_user(users["alice"])
+    page = p.page
+    page.goto("/jobs")
+    page.select_option("select[name=image]", f"{portal.registry}/nye-alice/hello:1")
+    ticker = "i=0; while [ $i -lt 120 ]; do echo tick $i; i=$((i+1)); sleep 1; done"
+    page.fill("input[name=command]", f"/bin/busybox sh -c 'echo started; {ticker}'")
+    page.fill("input[name=name]", "e2e-ticker")
+    page.fill("input[name=time_limit]", "5:00")
+    page.click("text=Submit job")
+    page.wait_for_url(re.compile(r".*/jobs/\d+$"), timeout=120000)
+    job_id = page.url.rsplit("/", 1)[1]
+    page.wait_for_selector("#log:has-text('tick 2')", timeout=120000)     # the live log, polled by htmx
+    assert "RUNNING" in page.inner_text("#job-state")
+    p.shot("14-job-running")
+    page.on("dialog", lambda d: d.accept())
+    page.click("text=Cancel job")
+    page.wait_for_selector("#job-state:has-text('CANCELLED')", timeout=60000)
+    p.shot("15-job-cancelled")
+    page.goto("/jobs")
+    assert "e2e-ticker" in page.inner_text("main table")
+    # the job ran as Alice, not as the service account or root
+    ps = users["alice"].u.run(["cat", str(users["alice"].u.home / ".local/share/nagaya/jobs/logs" / f"{job_id}.out")])
+    assert "tick 2" in ps.stdout
+    # Bob has no job of that id: 404 on the page, the log and the cancel
+    bob: Portal = as_user(users["bob"])
+    with bob.client() as c:
+        csrf = bob.csrf()
+        for method, url in (("GET", f"/jobs/{job_id}"), ("GET", f"/jobs/{job_id}/log"),
+                            ("POST", f"/jobs/{job_id}/cancel")):
+            r = c.request(method, url, data={"csrf": csrf} if method == "POST" else None)
+            assert r.status_code in (403, 404), (url, r.status_code)

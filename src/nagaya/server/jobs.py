@@ -24,6 +24,7 @@ import json
 import os
 import pwd
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from nagaya.errors import NagayaError, NotFound, PermissionDenied, UsageError
+from nagaya.errors import Conflict, NagayaError, NotFound, PermissionDenied, UsageError
 
 OPS = ("submit", "list", "status", "cancel", "logs")
 UID_MIN = 1000
@@ -61,7 +62,14 @@ class SpoolGateway:
         self.timeout = timeout
 
     def available(self) -> bool:
-        return (self.spool / "requests").is_dir() and (self.spool / "dispatcher.pid").exists()
+        try:
+            pid = int((self.spool / "dispatcher.pid").read_text())
+            os.kill(pid, 0)
+        except PermissionError:
+            return True                  # root's process, alive
+        except (OSError, ValueError):
+            return False
+        return True
 
     def call(self, user: str, op: str, args: dict[str, Any]) -> Any:
         if op not in OPS:
@@ -86,7 +94,8 @@ class SpoolGateway:
         finally:
             reply.unlink(missing_ok=True)
         if "error" in data:
-            kind = {"NotFound": NotFound, "PermissionDenied": PermissionDenied}.get(data.get("kind", ""), UsageError)
+            kinds = {"NotFound": NotFound, "PermissionDenied": PermissionDenied, "Conflict": Conflict}
+            kind = kinds.get(data.get("kind", ""), UsageError)
             raise kind(str(data["error"]))
         return data.get("result")
 
@@ -170,7 +179,9 @@ def dispatch(spool: Path, service_account: str = "nagaya") -> None:
         d.mkdir(exist_ok=True)
         os.chown(d, 0, gid)
         d.chmod(0o770)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))       # so the pid file goes with us
     (spool / "dispatcher.pid").write_text(f"{os.getpid()}\n")
+    (spool / "dispatcher.pid").chmod(0o644)
     busy: set[str] = set()
     try:
         while True:

@@ -277,7 +277,8 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
                    next: str | None = None) -> HTMLResponse:
         token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(24)
         out = page(request, "login.html", None, "", status=status, error=error, login_csrf=token,
-                   next=request.query_params.get("next", "") if next is None else next, username=username, auth=settings.auth)
+                   next=request.query_params.get("next", "") if next is None else next, username=username,
+                   auth=settings.auth)
         out.set_cookie(LOGIN_COOKIE, token, max_age=3600, httponly=True, samesite="strict", secure=_secure(request))
         return out
 
