@@ -532,3 +532,27 @@ def test_run_re_resolves_and_falls_back_only_when_unreachable(owner: SiteUser, f
     assert r.stdout == "cached" and "warning" in r.stderr and "may be stale" in r.stderr
     r = owner.nagaya("run", "127.0.0.1:1/lab/never:1", "true", env=env)
     assert r.returncode == 9 and "cannot reach registry" in r.stderr
+
+
+def test_client_chunked_upload_head_and_tag_list(site: Site, owner: SiteUser, archives: dict[str, Path]) -> None:
+    """Library level: chunked (PATCH) uploads, blob HEAD, manifest HEAD and tag listing through token auth."""
+    from nagaya.image import oci
+    from nagaya.image.registry import Registry
+
+    ref = f"{site.registry}/{owner.name}/listed:1"
+    digest = pushed(owner, archives["one"], ref)
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    blob = owner.u.home / "chunk.bin"
+    blob.write_bytes(data)
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    with Registry(site.registry, f"{owner.name}/listed", ("pull", "push"), auth_file=owner.auth_file) as reg:
+        assert not reg.has_blob(d)
+        reg.upload_blob(blob, d, len(data), chunk_size=1 << 20)
+        assert reg.has_blob(d)
+        import io
+
+        buf = io.BytesIO()
+        reg.fetch_blob(oci.Descriptor("application/octet-stream", d, len(data)), buf, "blob")
+        assert buf.getvalue() == data
+        assert reg.head_manifest("1") == digest and reg.head_manifest("nope") is None
+        assert reg.tags() == ["1"]
