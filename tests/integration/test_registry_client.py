@@ -556,3 +556,38 @@ def test_client_chunked_upload_head_and_tag_list(site: Site, owner: SiteUser, ar
         assert buf.getvalue() == data
         assert reg.head_manifest("1") == digest and reg.head_manifest("nope") is None
         assert reg.tags() == ["1"]
+
+
+@pytest.fixture(scope="module")
+def team(site: Site, owner: SiteUser, outsider: SiteUser, archives: dict[str, Path]) -> dict[str, SiteUser]:
+    """Project nyr-team: owner, a developer, a guest; the outsider is no member."""
+    people = {"owner": owner, "outsider": outsider}
+    for role in ("developer", "guest"):
+        people[role] = ensure_user(f"nyr-{role[:5]}", f"pw-nyr-{role}-{os.getpid()}")
+        people[role].login(site.server)
+    ok(owner.nagaya("project", "create", "nyr-team"))
+    for role in ("developer", "guest"):
+        ok(owner.nagaya("project", "member", "add", "nyr-team", people[role].name, "--role", role))
+    pushed(owner, archives["one"], f"{site.registry}/nyr-team/app:1")
+    return people
+
+
+@pytest.mark.parametrize(("who", "can_pull", "can_push"), [
+    ("owner", True, True), ("developer", True, True), ("guest", True, False), ("outsider", False, False),
+    ("anonymous", False, False)])
+def test_roles_through_nagaya_pull_and_push(site: Site, team: dict[str, SiteUser], archives: dict[str, Path],
+                                            who: str, can_pull: bool, can_push: bool) -> None:
+    u = team["outsider" if who == "anonymous" else who]
+    env = fresh_cache(u)
+    if who == "anonymous":                     # no auth.json at all
+        env["XDG_CONFIG_HOME"] = str(u.u.mkdir(u.u.home / f"noconf-{uuid.uuid4().hex[:6]}"))
+    r = u.nagaya("pull", f"{site.registry}/nyr-team/app:1", env=env)
+    assert (r.returncode == 0) == can_pull, r.stderr
+    if not can_pull:
+        assert r.returncode == 3 and "not found or access denied" in r.stderr
+    local = f"mine-{uuid.uuid4().hex[:6]}:1"
+    ok(u.nagaya("image", "import", str(archives["two"]), "--name", local, env=env))
+    r = u.nagaya("push", local, f"{site.registry}/nyr-team/by-{who}:1", env=env)
+    assert (r.returncode == 0) == can_push, r.stderr
+    if not can_push:
+        assert r.returncode == 6 and "denied" in r.stderr, r.stderr
