@@ -50,6 +50,8 @@ def test_login_logout_session_cookie(browser: Any, portal: Site, users: dict[str
         assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and not cookie["secure"]   # http: no Secure
         page.goto("/dashboard")
         assert "Hello, nye-alice" in page.inner_text("h1")
+        recent = page.inner_text("main table")
+        assert "nye-alice/hello" in recent and "e2e-shared/base" in recent and "nye-bob" not in recent
         p.shot("02-dashboard")
         page.click("text=Sign out")
         page.wait_for_url("**/login")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hmac
 import io
 import json
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import anyio
+import anyio.to_thread
 import httpx
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
@@ -133,6 +136,24 @@ class LoginLimiter:
             self._fails.pop((user, ip), None)
 
 
+_PAGES: anyio.CapacityLimiter | None = None
+PAGE_THREADS = 4
+
+
+def offload(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """Run a quick page handler (database + template) in a small thread pool of its own, in arrival order.
+    Forty threads contending for the GIL (FastAPI's default for sync handlers) turn a burst of page views into
+    a long latency tail; four keep every core busy and the queue fair. Handlers that wait on something slow
+    (PAM, the registry, the job spool) stay on the default pool."""
+    @functools.wraps(fn)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        global _PAGES
+        if _PAGES is None:
+            _PAGES = anyio.CapacityLimiter(PAGE_THREADS)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=_PAGES)
+    return run
+
+
 class LoginRequired(Exception):
     pass
 
@@ -210,6 +231,7 @@ def make_templates() -> Jinja2Templates:
     t.env.filters["size"] = _fmt_size
     t.env.filters["when"] = _fmt_time
     t.env.filters["short"] = lambda d: (d or "").split(":")[-1][:12]
+    t.env.filters["shjoin"] = lambda words: shlex.join(words or [])
     return t
 
 
@@ -332,16 +354,15 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
     # ---- dashboard ---------------------------------------------------------------------------------------
 
     @r.get("/dashboard", response_class=HTMLResponse)
+    @offload
     def dashboard(request: Request) -> Response:
         s = sess_of(request)
         with site.db.session() as db:
             svc = SiteService(db)
-            p = principal(svc, s)
-            projects = svc.projects(p)
-            repos = svc.repositories(p)
-            tokens = [t for t in svc.robots(p) if t.state == "active"]
-        return page(request, "dashboard.html", s, "dashboard", projects=projects, repos=repos[:8],
-                    n_repos=len(repos), n_tokens=len(tokens), jobs_on=bool(gateway and _jobs_available()))
+            info = svcmod.summary(svc, principal(svc, s))
+        return page(request, "dashboard.html", s, "dashboard", projects=info.projects, repos=info.repositories[:8],
+                    n_repos=len(info.repositories), n_tokens=info.active_tokens,
+                    jobs_on=bool(gateway and _jobs_available()))
 
     def _jobs_available() -> bool:
         return not isinstance(gateway, SpoolGateway) or gateway.available()
@@ -349,6 +370,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
     # ---- images ------------------------------------------------------------------------------------------
 
     @r.get("/images", response_class=HTMLResponse)
+    @offload
     def images(request: Request, project: str = "") -> Response:
         s = sess_of(request)
         with site.db.session() as db:
@@ -365,6 +387,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
                     project=project, projects=projects)
 
     @r.get("/images/{repository:path}", response_class=HTMLResponse)
+    @offload
     def repository(request: Request, repository: str) -> Response:
         s = sess_of(request)
         with site.db.session() as db:
@@ -439,6 +462,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
     # ---- projects ----------------------------------------------------------------------------------------
 
     @r.get("/projects", response_class=HTMLResponse)
+    @offload
     def projects(request: Request) -> Response:
         s = sess_of(request)
         with site.db.session() as db:
@@ -458,6 +482,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
         return back(f"/projects/{name}", s, "ok", f"Project {name} created. You are its owner.")
 
     @r.get("/projects/{name}", response_class=HTMLResponse)
+    @offload
     def project(request: Request, name: str) -> Response:
         s = sess_of(request)
         with site.db.session() as db:
@@ -512,6 +537,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
     # ---- robot tokens ------------------------------------------------------------------------------------
 
     @r.get("/tokens", response_class=HTMLResponse)
+    @offload
     def tokens(request: Request) -> Response:
         s = sess_of(request)
         with site.db.session() as db:
@@ -652,6 +678,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
         return s, Principal(kind="user", name=s.user, groups=s.groups, is_admin=True), None
 
     @r.get("/admin/users", response_class=HTMLResponse)
+    @offload
     def admin_users(request: Request) -> Response:
         s, p, _ = admin(request)
         with site.db.session() as db:
@@ -700,6 +727,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
         return out, filters
 
     @r.get("/admin/audit", response_class=HTMLResponse)
+    @offload
     def admin_audit(request: Request) -> Response:
         s, p, _ = admin(request)
         rows, filters = _audit_rows(request, p, 500)

@@ -564,3 +564,61 @@ def users_overview(svc: SiteService, principal: Principal) -> list[UserInfo]:
     return [UserInfo(name=u.name, uid=u.uid, is_admin=u.is_admin, created_at=u.created_at, last_login=u.last_login,
                      expires_at=u.expires_at, projects=int(owned.get(u.id, 0)), tokens=int(live.get(u.id, 0)))
             for u in svc.s.scalars(select(User).order_by(User.name))]
+
+
+@dataclass
+class Summary:
+    projects: list[ProjectInfo]
+    repositories: list[RepositoryInfo]     # newest first
+    active_tokens: int
+
+
+def summary(svc: SiteService, principal: Principal, recent: int = 8) -> Summary:
+    """The portal's dashboard in four queries, whatever the number of projects: every role at once (the
+    membership rule of `authz.member_role`, for all projects), then `authz.allowed_actions` — the same pure
+    rule the token service applies — per project."""
+    from sqlalchemy import func
+
+    from nagaya.store.authz import allowed_actions
+
+    roles: dict[int, str] = {}
+    if principal.kind == "user":
+        conds = []
+        if principal.user_id is not None:
+            conds.append(Membership.user_id == principal.user_id)
+        if principal.groups:
+            conds.append(Membership.group_id.in_(select(Group.id).where(Group.name.in_(sorted(principal.groups)))))
+        if conds:
+            for pid, role in svc.s.execute(select(Membership.project_id, Membership.role).where(or_(*conds))):
+                if pid not in roles or ROLES.index(role) < ROLES.index(roles[pid]):
+                    roles[pid] = role
+    projects: list[ProjectInfo] = []
+    listable: dict[int, str] = {}
+    manage: list[int] = []
+    q = select(Project, User.name).outerjoin(User, Project.owner_id == User.id).order_by(Project.name)
+    for p, owner in svc.s.execute(q):
+        role = roles.get(p.id)
+        actions = allowed_actions(principal, p, role)
+        if not (role or actions):
+            continue
+        projects.append(ProjectInfo(name=p.name, kind=p.kind, owner=owner or "", role=role or "",
+                                    actions=sorted(actions), created_at=p.created_at))
+        if "list" in actions:
+            listable[p.id] = p.name
+        if principal.is_admin or role in ("owner", "maintainer"):
+            manage.append(p.id)
+    repos: list[RepositoryInfo] = []
+    if listable:
+        q2 = (select(Repository.name, Repository.project_id, func.count(Tag.id), func.max(Tag.pushed_at))
+              .join(Tag, Tag.repository_id == Repository.id).where(Repository.project_id.in_(list(listable)))
+              .group_by(Repository.id, Repository.name, Repository.project_id)
+              .order_by(func.max(Tag.pushed_at).desc()))
+        repos = [RepositoryInfo(name=n, project=listable[pid], tags=int(c), updated_at=t)
+                 for n, pid, c, t in svc.s.execute(q2)]
+    tokens = 0
+    if manage:
+        now = utcnow()
+        tokens = int(svc.s.scalar(select(func.count(RobotToken.id)).where(
+            RobotToken.project_id.in_(manage), RobotToken.revoked_at.is_(None),
+            or_(RobotToken.expires_at.is_(None), RobotToken.expires_at > now))) or 0)
+    return Summary(projects=projects, repositories=repos, active_tokens=tokens)
