@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import io
 import json
+import os
 import re
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +83,27 @@ def test_images_own_and_shared_only(as_user: Any, portal: Site, users: dict[str,
     assert page.locator("button.danger", has_text="Delete").count() == 1      # owner may delete
     p.shot("04-repository")
     with page.expect_download() as dl:
-        page.click("text=Download manifest")
+        page.click("text=manifest (JSON)")
     manifest = json.loads(open(dl.value.path()).read())
     assert manifest["layers"] and manifest["config"]["digest"].startswith("sha256:")
+    # the whole image as one file (an OCI archive streamed from the registry): every blob verifies, and
+    # nagaya imports it as an ordinary user
+    with page.expect_download() as dl:
+        page.click("text=Download image")
+    assert dl.value.suggested_filename == "nye-alice_hello_1.oci.tar"
+    out = users["alice"].u.home / "hello.oci.tar"
+    dl.value.save_as(out)
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        for m in tar.getmembers():
+            if m.isfile() and m.name.startswith("blobs/sha256/"):
+                data = tar.extractfile(m).read()  # type: ignore[union-attr]
+                assert hashlib.sha256(data).hexdigest() == m.name.rsplit("/", 1)[1]
+    assert {"oci-layout", "index.json", f"blobs/sha256/{manifest['config']['digest'][7:]}"} <= set(names)
+    os.chown(out, users["alice"].u.uid, users["alice"].u.gid)
+    r = users["alice"].nagaya("image", "import", str(out), "--name", "e2e-imported")
+    assert r.returncode == 0, r.stderr
+    out.unlink()
     # the shared image: readable, not deletable for a non-admin
     page.goto("/images/e2e-shared/base")
     assert "sha256:" in page.inner_text("main")

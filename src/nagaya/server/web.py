@@ -11,15 +11,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import hmac
 import io
 import json
 import logging
+import re
 import secrets
 import shlex
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -429,6 +431,56 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
         name = f"{repository.replace('/', '_')}_{ref.replace(':', '-')[:24]}.manifest.json"
         return Response(resp.content, media_type=resp.headers.get("content-type", "application/json"),
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @r.get("/download/{repository:path}")
+    def download(request: Request, repository: str, ref: str, tag: str = "latest") -> Response:
+        """The image as one OCI archive file, streamed from the registry (see download.py)."""
+        from fastapi.responses import StreamingResponse
+
+        from nagaya.server.download import Archive
+
+        s = sess_of(request)
+        with site.db.session() as db:
+            p = principal(SiteService(db), s)
+            if "pull" not in authorize(db, p, repository, ["pull"]):
+                raise NotFound(f"repository {repository} not found")
+        tag = re.sub(r"[^A-Za-z0-9._-]", "_", tag)[:128] or "latest"
+
+        def auth() -> dict[str, str]:
+            tok = site.issuer.issue(s.user, [{"type": "repository", "name": repository, "actions": ["pull"]}])
+            return {"Authorization": f"Bearer {tok['token']}"}
+
+        http = httpx.Client(timeout=60, follow_redirects=True)
+        base = f"http://{settings.registry}/v2/{repository}"
+        try:
+            resp = http.get(f"{base}/manifests/{ref}", headers={**auth(), "Accept": ", ".join(MANIFEST_TYPES)})
+            if resp.status_code == 404:
+                raise NotFound(f"{repository}@{ref} not found")
+            if resp.status_code != 200:
+                raise UsageError(f"the registry answered {resp.status_code}")
+            digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
+            if ref.startswith("sha256:") and ref != digest:
+                raise UsageError("the registry sent a manifest that does not match its digest")
+            media_type = resp.headers.get("content-type", "").split(";")[0].strip()
+            archive = Archive(http, base, auth, resp.content, media_type, digest, tag)
+        except (httpx.HTTPError, NagayaError) as e:
+            http.close()
+            if isinstance(e, NagayaError):
+                raise
+            raise UsageError(f"the registry did not answer: {e}") from None
+
+        def body() -> Iterator[bytes]:
+            try:
+                yield from archive.stream()
+            finally:
+                http.close()
+
+        name = f"{repository.replace('/', '_')}_{tag}.oci.tar"
+        with site.db.session() as db:
+            SiteService(db).audit("image.download", s.user, repository=repository, tag=tag, digest=digest,
+                                  source=_client(request)[:64], details={"via": "portal"})
+        return StreamingResponse(body(), media_type="application/x-tar", headers={
+            "Content-Length": str(archive.length), "Content-Disposition": f'attachment; filename="{name}"'})
 
     @r.post("/images/delete")
     def delete_image(request: Request, repository: str = Form(...), digest: str = Form(...),
