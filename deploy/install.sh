@@ -19,6 +19,7 @@ PKGS=(
   charliecloud-runtime
   docker-registry postgresql                      # the site registry; PostgreSQL for sites (and its tests)
   slapd ldap-utils                                # LDAP login back end tests (a private slapd)
+  slurmctld slurmd slurm-client munge             # the slurm scheduler backend and its tests (a private cluster)
   chromium                                        # portal end-to-end tests (Playwright drives Debian's build)
 )
 missing=()

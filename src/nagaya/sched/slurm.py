@@ -1,0 +1,222 @@
+"""The slurm backend: a real cluster through its CLI (sbatch --parsable, scontrol, squeue --json, scancel).
+
+Each job is a generated batch script whose steps run `nagaya run NAME@DIGEST ...` via srun, so Slurm's
+signals, suspend and limits reach the container like any other step. The pinned digest and the image
+travel in the job's comment, so `nagaya job show` finds them on any login node. Every read goes through
+the job's UserId: nagaya shows, cancels and prints the logs of the caller's own jobs only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from nagaya.errors import Conflict, NagayaError, NotFound, PermissionDenied, UsageError
+from nagaya.sched.models import ACTIVE, JobInfo, JobSpec, format_time, iso
+
+_STATE = {"COMPLETING": "RUNNING", "CONFIGURING": "RUNNING", "REQUEUED": "PENDING", "RESIZING": "RUNNING",
+          "STAGE_OUT": "RUNNING", "SIGNALING": "RUNNING", "PREEMPTED": "CANCELLED", "DEADLINE": "TIMEOUT"}
+
+
+def _state(s: str) -> str:
+    s = s.split()[0] if s else "PENDING"
+    return s if s in ("PENDING", "RUNNING", "SUSPENDED", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") \
+        else _STATE.get(s, "FAILED")
+
+
+def parse_scontrol(line: str) -> dict[str, str]:
+    """`scontrol show job -o` prints KEY=VALUE pairs split by spaces; values may hold spaces too."""
+    out: dict[str, str] = {}
+    key = ""
+    for word in line.strip().split(" "):
+        k, eq, v = word.partition("=")
+        if eq and k and (k[0].isupper() or k[0] == "_") and " " not in k:
+            key = k
+            out[key] = v
+        elif key:
+            out[key] += " " + word
+    return out
+
+
+def _exit_code(text: str) -> int | None:
+    try:
+        code, sig = (int(x) for x in text.split(":"))
+    except ValueError:
+        return None
+    return 128 + sig if sig else code
+
+
+def _ts(text: str) -> str:
+    return "" if text in ("", "None", "Unknown", "N/A") else text
+
+
+class SlurmScheduler:
+    name = "slurm"
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.me = pwd.getpwuid(os.getuid()).pw_name
+
+    def _bin(self, name: str) -> str:
+        d = self.cfg.sched.slurm_bin_dir
+        path = os.path.join(d, name) if d else shutil.which(name)
+        if not path or not os.path.exists(path):
+            raise UsageError(f"{name} not found: is this a Slurm login node? (or set [sched] slurm_bin_dir)")
+        return path
+
+    def _run(self, name: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self._bin(name), *args], capture_output=True, text=True, input=input, timeout=60)
+
+    # -- submit -----------------------------------------------------------------------------------------------
+    def batch_script(self, spec: JobSpec) -> str:
+        nagaya = self.cfg.sched.nagaya or shutil.which("nagaya") or "nagaya"
+        run = [nagaya, "run"]
+        if spec.gpus:
+            run += ["--gpus", "all"]        # Slurm sets CUDA_VISIBLE_DEVICES/cgroups to the allocated GPUs
+        lines = ["#!/bin/sh"]
+        if spec.script:                     # the user's directives first: sbatch reads them; options win
+            lines += [x for x in spec.script.splitlines() if x.strip().startswith("#SBATCH")]
+        lines += [f"# nagaya: {spec.image} pinned to {spec.digest}", "set -e"]
+        if spec.script:
+            first = spec.script.splitlines()[0] if spec.script.startswith("#!") else "#!/bin/sh"
+            interp = shlex.split(first[2:]) or ["/bin/sh"]
+            # The script runs once in the container on the batch host, read from a here-document so
+            # no copy of it needs a shared file system.
+            lines.append(shlex.join([*run, spec.ref, *interp, "/dev/stdin", *spec.command])
+                         + " <<'NAGAYA_SCRIPT_EOF'")
+            lines += [spec.script.rstrip("\n"), "NAGAYA_SCRIPT_EOF"]
+        else:
+            lines.append("exec srun " + shlex.join([*run, spec.ref, *spec.command]))
+        return "\n".join(lines) + "\n"
+
+    def submit(self, spec: JobSpec) -> str:
+        args = ["--parsable", f"--comment=nagaya {spec.digest} {spec.ref}", f"--chdir={spec.cwd}"]
+        if spec.name:
+            args.append(f"--job-name={spec.name}")
+        if not spec.script or spec.nodes != 1:
+            args.append(f"--nodes={spec.nodes}")
+        if not spec.script or spec.ntasks != 1:
+            args.append(f"--ntasks={spec.ntasks}")
+        if not spec.script or spec.cpus != 1:
+            args.append(f"--cpus-per-task={spec.cpus}")
+        for opt, val in (("--mem", spec.mem), ("--gpus", spec.gpus), ("--partition", spec.partition)):
+            if val:
+                args.append(f"{opt}={val}")
+        if spec.time_limit:
+            args.append(f"--time={format_time(spec.time_limit)}")
+        r = self._run("sbatch", *args, input=self.batch_script(spec))
+        if r.returncode != 0:
+            raise NagayaError(f"sbatch: {r.stderr.strip() or r.stdout.strip()}")
+        return r.stdout.strip().split(";")[0]
+
+    # -- queries ------------------------------------------------------------------------------------------------
+    def _raw(self, job_id: str) -> dict[str, str]:
+        if not job_id.isdigit():
+            raise UsageError(f"invalid job id {job_id!r}")
+        r = self._run("scontrol", "show", "job", "-o", job_id)
+        if r.returncode != 0 or not r.stdout.strip():
+            raise NotFound(f"job {job_id} not found")
+        d = parse_scontrol(r.stdout.splitlines()[0])
+        # Another user's job is reported exactly like a missing one: its existence is not ours to know.
+        if d.get("UserId", "").split("(")[0] != self.me and os.geteuid() != 0:
+            raise NotFound(f"job {job_id} not found")
+        return d
+
+    def _info(self, d: dict[str, str]) -> JobInfo:
+        comment = d.get("Comment", "").split()
+        digest, image = (comment[1], comment[2]) if len(comment) >= 3 and comment[0] == "nagaya" else ("", "")
+        limit = d.get("TimeLimit", "")
+        secs = 0
+        if limit and limit not in ("UNLIMITED", "Partition_Limit"):
+            from nagaya.sched.models import parse_time
+
+            secs = parse_time(limit)
+        state = _state(d.get("JobState", ""))
+        return JobInfo(id=d.get("JobId", ""), user=d.get("UserId", "").split("(")[0], state=state,
+                       name=d.get("JobName", ""), image=image, digest=digest, command=[d.get("Command", "")],
+                       nodes="" if d.get("NodeList") in (None, "(null)") else d["NodeList"],
+                       exit_code=None if state in ACTIVE else _exit_code(d.get("ExitCode", "")),
+                       submit_time=_ts(d.get("SubmitTime", "")),
+                       start_time=_ts(d.get("StartTime", "")) if state != "PENDING" else "",
+                       end_time=_ts(d.get("EndTime", "")) if state not in ACTIVE else "",
+                       time_limit=secs, cpus=int(d.get("NumCPUs", "1").split("-")[0] or 1),
+                       reason=d.get("Reason", "") if d.get("Reason") != "None" else "", backend="slurm",
+                       log=d.get("StdOut", ""))
+
+    def status(self, job_id: str) -> JobInfo:
+        return self._info(self._raw(job_id))
+
+    def list(self, all_users: bool = False) -> list[JobInfo]:
+        if all_users:
+            from nagaya.sched.local import is_admin
+
+            if not is_admin(self.cfg):
+                raise PermissionDenied("only administrators may list all users' jobs")
+        r = self._run("squeue", "--json")
+        if r.returncode != 0:
+            raise NagayaError(f"squeue: {r.stderr.strip()}")
+        out: list[JobInfo] = []
+        for j in json.loads(r.stdout).get("jobs", []):
+            if not all_users and j.get("user_name") != self.me:
+                continue
+            comment = str(j.get("comment") or "").split()
+            state = _state(str(j.get("job_state", "")))
+            out.append(JobInfo(id=str(j.get("job_id")), user=str(j.get("user_name", "")), state=state,
+                               name=str(j.get("name", "")),
+                               image=comment[2] if len(comment) >= 3 and comment[0] == "nagaya" else "",
+                               digest=comment[1] if len(comment) >= 3 and comment[0] == "nagaya" else "",
+                               nodes=str(j.get("nodes", "")),
+                               exit_code=None if state in ACTIVE else j.get("exit_code"),
+                               submit_time=iso(j.get("submit_time")), start_time=iso(j.get("start_time")),
+                               end_time=iso(j.get("end_time")) if state not in ACTIVE else "",
+                               backend="slurm"))
+        return sorted(out, key=lambda x: int(x.id))
+
+    # -- control ------------------------------------------------------------------------------------------------
+    def _control(self, job_id: str, *argv: str) -> None:
+        info = self.status(job_id)              # the owner check
+        if info.state not in ACTIVE:
+            raise Conflict(f"job {job_id} has already finished ({info.state})")
+        tool, *rest = argv
+        r = self._run(tool, *rest, job_id)
+        if r.returncode != 0:
+            msg = r.stderr.strip() or r.stdout.strip()
+            if "Access/permission denied" in msg or "Operation not permitted" in msg:
+                raise PermissionDenied(f"{tool}: {msg} (suspending jobs is an operator action in Slurm)")
+            raise NagayaError(f"{tool}: {msg}")
+
+    def cancel(self, job_id: str) -> None:
+        self._control(job_id, "scancel")
+
+    def suspend(self, job_id: str) -> None:
+        self._control(job_id, "scontrol", "suspend")
+
+    def resume(self, job_id: str) -> None:
+        self._control(job_id, "scontrol", "resume")
+
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
+        info = self.status(job_id)
+        path = Path(info.log.replace("%j", info.id)) if info.log else None
+        pos = 0
+        while True:
+            state = self.status(job_id).state if follow else ""
+            if path is not None:
+                try:
+                    with open(path, "rb") as f:
+                        f.seek(pos)
+                        while chunk := f.read(65536):
+                            pos += len(chunk)
+                            yield chunk
+                except FileNotFoundError:
+                    pass
+            if not follow or state not in ACTIVE:
+                return
+            time.sleep(0.3)
