@@ -37,7 +37,7 @@ NCPUS = len(os.sched_getaffinity(0))
 @pytest.fixture(scope="module")
 def sched_users(system: None, rootfs: Path, app_layout: Path) -> Iterator[tuple[User, User]]:
     # Users of our own: other suites kill every process of theirs after each test, runners included.
-    a, b = ensure_users(("nagaya-s1", 500000), ("nagaya-s2", 600000))
+    a, b = ensure_users(("nagaya-s1", 500000), ("nagaya-s2", 700000))
     for u in (a, b):
         u.extra_env.update(ENV)
         reset_user(u)

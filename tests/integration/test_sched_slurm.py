@@ -36,7 +36,7 @@ def cluster(system: None) -> Iterator[SlurmCluster]:
 
 @pytest.fixture(scope="module")
 def sched_users(cluster: SlurmCluster, rootfs: Path, app_layout: Path) -> Iterator[tuple[User, User]]:
-    a, b = ensure_users(("nagaya-s1", 500000), ("nagaya-s2", 600000))
+    a, b = ensure_users(("nagaya-s1", 500000), ("nagaya-s2", 700000))
     dirs = []
     for u in (a, b):
         u.extra_env.update(cluster.env, NAGAYA_SCHED_BACKEND="slurm")
