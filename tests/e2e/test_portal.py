@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,9 @@ def test_jobs_page(as_user: Any, portal: Site, users: dict[str, SiteUser]) -> No
     assert "Run a job" in text and f"{portal.registry}/nye-alice/hello:1" in page.inner_html("select[name=image]")
     assert f"{portal.registry}/nye-bob/secret:1" not in page.inner_html("select[name=image]")
     p.shot("09-jobs")
+    # without the job service: a clear page, and 503 from the API
+    alice = api_login(portal, users["alice"])
+    assert portal.api("GET", "/api/jobs", auth=alice).status_code == 503
 
 
 def test_second_user_gets_403_or_404_everywhere(as_user: Any, portal: Site, users: dict[str, SiteUser],
@@ -325,6 +329,30 @@ def test_job_submit_watch_cancel(as_user: Any, portal: Site, users: dict[str, Si
     # the job ran as Alice, not as the service account or root
     ps = users["alice"].u.run(["cat", str(users["alice"].u.home / ".local/share/nagaya/jobs/logs" / f"{job_id}.out")])
     assert "tick 2" in ps.stdout
+    # the JSON API: the same jobs, the same owner
+    alice_tok = api_login(portal, users["alice"])
+    r = portal.api("GET", "/api/jobs", auth=alice_tok)
+    assert r.status_code == 200 and job_id in {j["id"] for j in r.json()}
+    r = portal.api("POST", "/api/jobs", auth=alice_tok, json={
+        "image": f"{portal.registry}/nye-alice/hello:1", "command": ["/bin/busybox", "sleep", "300"],
+        "name": "e2e-api"})
+    assert r.status_code == 201, r.text
+    api_job = r.json()["id"]
+    assert portal.api("GET", f"/api/jobs/{api_job}", auth=alice_tok).json()["name"] == "e2e-api"
+    assert "log" in portal.api("GET", f"/api/jobs/{api_job}/log", auth=alice_tok).json()
+    bob_tok = api_login(portal, users["bob"])
+    for method, url in (("GET", f"/api/jobs/{api_job}"), ("GET", f"/api/jobs/{api_job}/log"),
+                        ("DELETE", f"/api/jobs/{api_job}")):
+        assert portal.api(method, url, auth=bob_tok).status_code in (403, 404), url
+    assert api_job not in {j["id"] for j in portal.api("GET", "/api/jobs", auth=bob_tok).json()}
+    r = portal.api("POST", "/api/jobs", auth=bob_tok, json={
+        "image": f"{portal.registry}/nye-alice/hello:1", "command": ["true"]})
+    assert r.status_code == 404                                    # not an image Bob may use
+    assert portal.api("DELETE", f"/api/jobs/{api_job}", auth=alice_tok).status_code == 200
+    deadline = time.monotonic() + 60                               # a running job ends when its watcher acts
+    while portal.api("GET", f"/api/jobs/{api_job}", auth=alice_tok).json()["state"] != "CANCELLED":
+        assert time.monotonic() < deadline, "the job was not cancelled"
+        time.sleep(0.2)
     # Bob has no job of that id: 404 on the page, the log and the cancel
     bob: Portal = as_user(users["bob"])
     with bob.client() as c:

@@ -35,6 +35,7 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
 
 from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, UsageError
 from nagaya.server.jobs import JobGateway, JobsUnavailable, SpoolGateway
@@ -237,14 +238,71 @@ def make_templates() -> Jinja2Templates:
     return t
 
 
+# ---- jobs, shared by the pages and the API -----------------------------------------------------------------
+
+class JobService:
+    """The portal's job operations over a gateway (jobs.py), always on behalf of one logged-in user."""
+
+    def __init__(self, site: Site, gateway: JobGateway | None) -> None:
+        self.site, self.gateway = site, gateway
+
+    def available(self) -> bool:
+        return self.gateway is not None and (not isinstance(self.gateway, SpoolGateway) or self.gateway.available())
+
+    def gw(self) -> JobGateway:
+        if self.gateway is None or not self.available():
+            raise JobsUnavailable("Jobs are not enabled on this site yet: the job service is not running. "
+                                  "Ask your admins to start it.")
+        return self.gateway
+
+    def images(self, svc: SiteService, p: Principal) -> list[str]:
+        """What a job may run: every tag the user may list (their own, their groups', the site's)."""
+        reg = self.site.settings.registry
+        return [f"{reg}/{repo.name}:{t.tag}" for repo in svc.repositories(p) for t in svc.tags(p, repo.name)]
+
+    def submit(self, p: Principal, image: str, command: list[str], nodes: int = 1, cpus: int = 1, mem: str = "",
+               gpus: str = "", time_limit: str = "", name: str = "", via: str = "portal") -> str:
+        from nagaya.sched.models import parse_time
+
+        settings = self.site.settings
+        if not (1 <= nodes <= 64 and 1 <= cpus <= 1024):
+            raise UsageError("nodes must be 1–64 and CPUs 1–1024")
+        limit = parse_time(time_limit)
+        with self.site.db.session() as db:
+            svc = SiteService(db)
+            if image not in self.images(svc, p):
+                raise NotFound(f"image {image} not found among yours")
+            user = svc.user(p.name)
+            assert user is not None
+            # A short-lived personal token so the job's pull runs with the user's own rights, nobody else's.
+            new = svc.issue_user_token(user, "portal-job", timedelta(minutes=15))
+        spec = {"image": image, "command": command, "nodes": nodes, "cpus": cpus, "mem": mem.strip()[:32],
+                "gpus": gpus.strip()[:32], "time_limit": limit, "name": name.strip()[:64]}
+        out = self.gw().call(p.name, "submit", {"spec": spec, "login": {
+            "registry": settings.registry, "server": settings.url, "username": p.name, "secret": new.secret}})
+        job_id = str(out["id"])
+        with self.site.db.session() as db:
+            SiteService(db).audit("job.submit", p.name, details={"job": job_id, "image": image, "via": via})
+        return job_id
+
+    def cancel(self, user: str, job_id: str, via: str = "portal") -> None:
+        self.gw().call(user, "cancel", {"job_id": job_id})
+        with self.site.db.session() as db:
+            SiteService(db).audit("job.cancel", user, details={"job": job_id, "via": via})
+
+
+def default_jobs(site: Site) -> JobService:
+    """The site's spool (STATE_DIR/jobs-spool), served by `python -m nagaya.server.jobs dispatch` as root."""
+    key = site.settings.signing_key
+    return JobService(site, SpoolGateway(Path(key).parent.parent / "jobs-spool") if key else None)
+
+
 # ---- the router ---------------------------------------------------------------------------------------------
 
-def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
+def portal_router(site: Site, jobs: JobService) -> APIRouter:
     settings = site.settings
     sessions = Sessions()
     limiter = LoginLimiter()
-    spool = Path(settings.signing_key).parent.parent / "jobs-spool" if settings.signing_key else None
-    gateway: JobGateway | None = jobs or (SpoolGateway(spool) if spool else None)
     r = APIRouter(route_class=PortalRoute, include_in_schema=False)
 
     def sess_of(request: Request) -> WebSession:
@@ -364,10 +422,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
             info = svcmod.summary(svc, principal(svc, s))
         return page(request, "dashboard.html", s, "dashboard", projects=info.projects, repos=info.repositories[:8],
                     n_repos=len(info.repositories), n_tokens=info.active_tokens,
-                    jobs_on=bool(gateway and _jobs_available()))
-
-    def _jobs_available() -> bool:
-        return not isinstance(gateway, SpoolGateway) or gateway.available()
+                    jobs_on=jobs.available())
 
     # ---- images ------------------------------------------------------------------------------------------
 
@@ -636,25 +691,14 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
 
     # ---- jobs --------------------------------------------------------------------------------------------
 
-    def _gw() -> JobGateway:
-        if gateway is None or not _jobs_available():
-            raise JobsUnavailable("Jobs are not enabled on this site yet: the job service is not running. "
-                                  "Ask your admins to start it.")
-        return gateway
-
-    def _image_choices(svc: SiteService, p: Principal) -> list[str]:
-        out = []
-        for repo in svc.repositories(p):
-            for t in svc.tags(p, repo.name):
-                out.append(f"{settings.registry}/{repo.name}:{t.tag}")
-        return out
+    _gw = jobs.gw
 
     @r.get("/jobs", response_class=HTMLResponse)
     def jobs_page(request: Request) -> Response:
         s = sess_of(request)
         with site.db.session() as db:
             svc = SiteService(db)
-            choices = _image_choices(svc, principal(svc, s))
+            choices = jobs.images(svc, principal(svc, s))
         error, items = "", []
         try:
             items = _gw().call(s.user, "list", {})
@@ -670,31 +714,14 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
                    name: str = Form(""), csrf: str = Form("")) -> Response:
         s = sess_of(request)
         need_csrf(request, s, csrf)
-        from nagaya.sched.models import parse_time
-
-        with site.db.session() as db:
-            svc = SiteService(db)
-            p = principal(svc, s)
-            if image not in _image_choices(svc, p):
-                raise NotFound("pick an image from your list")
-            user = svc.user(s.user)
-            assert user is not None
-            # A short-lived personal token so the job's pull runs with the user's own rights.
-            new = svc.issue_user_token(user, "portal-job", timedelta(minutes=15))
-        if not (1 <= nodes <= 64 and 1 <= cpus <= 1024):
-            raise UsageError("nodes must be 1–64 and CPUs 1–1024")
         try:
             words = shlex.split(command)
         except ValueError as e:
             raise UsageError(f"cannot read the command: {e}") from None
-        spec = {"image": image, "command": words, "nodes": nodes, "cpus": cpus, "mem": mem.strip(),
-                "gpus": gpus.strip(), "time_limit": parse_time(time_limit), "name": name.strip()[:64]}
-        out = _gw().call(s.user, "submit", {"spec": spec, "login": {
-            "registry": settings.registry, "server": settings.url, "username": s.user, "secret": new.secret}})
         with site.db.session() as db:
-            SiteService(db).audit("job.submit", s.user, details={"job": out.get("id"), "image": image,
-                                                                   "via": "portal"})
-        return back(f"/jobs/{quote(str(out['id']))}", s, "ok", f"Job {out['id']} submitted.")
+            p = principal(SiteService(db), s)
+        job_id = jobs.submit(p, image, words, nodes, cpus, mem, gpus, time_limit, name)
+        return back(f"/jobs/{quote(job_id)}", s, "ok", f"Job {job_id} submitted.")
 
     @r.get("/jobs/{job_id}", response_class=HTMLResponse)
     def job(request: Request, job_id: str) -> Response:
@@ -716,9 +743,7 @@ def portal_router(site: Site, jobs: JobGateway | None = None) -> APIRouter:
     def cancel_job(request: Request, job_id: str, csrf: str = Form("")) -> Response:
         s = sess_of(request)
         need_csrf(request, s, csrf)
-        _gw().call(s.user, "cancel", {"job_id": job_id})
-        with site.db.session() as db:
-            SiteService(db).audit("job.cancel", s.user, details={"job": job_id, "via": "portal"})
+        jobs.cancel(s.user, job_id)
         return back(f"/jobs/{quote(job_id)}", s, "ok", f"Job {job_id} cancelled.")
 
     # ---- admin -------------------------------------------------------------------------------------------
@@ -814,4 +839,71 @@ def install_portal(app: Any, site: Site) -> None:
 
     app.state.templates = make_templates()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    app.include_router(portal_router(site))
+    jobs = default_jobs(site)
+    app.include_router(portal_router(site, jobs))
+    app.include_router(jobs_api_router(site, jobs))
+
+
+class JobSubmit(BaseModel):
+    image: str = Field(description="HOST:PORT/PROJECT/NAME:TAG, one of the images you may pull")
+    command: list[str] = Field(default_factory=list)
+    nodes: int = Field(1, ge=1, le=64)
+    cpus: int = Field(1, ge=1, le=1024)
+    mem: str = Field("", max_length=32)
+    gpus: str = Field("", max_length=32)
+    time_limit: str = Field("", max_length=32, description="Slurm forms: MIN, H:MM:SS, D-H:MM:SS")
+    name: str = Field("", max_length=64)
+
+
+class JobsApiRoute(APIRoute):
+    """No job service is a 503 (try later), not a server error."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except JobsUnavailable as e:
+                return JSONResponse({"detail": e.message}, status_code=503)
+        return route
+
+
+def jobs_api_router(site: Site, jobs: JobService) -> APIRouter:
+    """/api/jobs: the same operations as the Jobs page, for personal access tokens (robots run no jobs)."""
+    from nagaya.server.app import _basic, _json
+
+    r = APIRouter(prefix="/api/jobs", tags=["jobs"], route_class=JobsApiRoute)
+
+    def user(request: Request) -> Principal:
+        with site.db.session() as db:
+            p = site.principal(SiteService(db), _basic(request), allow_password=False)
+        if p.kind != "user":
+            raise AuthError("jobs need a user's personal access token") if not p.authenticated else \
+                PermissionDenied("robot tokens cannot run jobs")
+        return p
+
+    @r.get("", summary="Your jobs")
+    def list_jobs(request: Request) -> Any:
+        return _json(jobs.gw().call(user(request).name, "list", {}))
+
+    @r.post("", status_code=201, summary="Submit a job as yourself")
+    def submit(request: Request, body: JobSubmit) -> dict[str, Any]:
+        p = user(request)
+        return {"id": jobs.submit(p, body.image, body.command, body.nodes, body.cpus, body.mem, body.gpus,
+                                  body.time_limit, body.name, via="api")}
+
+    @r.get("/{job_id}", summary="One of your jobs")
+    def status(request: Request, job_id: str) -> Any:
+        return jobs.gw().call(user(request).name, "status", {"job_id": job_id})
+
+    @r.get("/{job_id}/log", summary="The end of a job's output (64 KiB)")
+    def log(request: Request, job_id: str) -> Any:
+        return jobs.gw().call(user(request).name, "logs", {"job_id": job_id})
+
+    @r.delete("/{job_id}", summary="Cancel one of your jobs")
+    def cancel(request: Request, job_id: str) -> dict[str, Any]:
+        jobs.cancel(user(request).name, job_id, via="api")
+        return {"cancelled": job_id}
+
+    return r
