@@ -771,7 +771,9 @@ def portal_router(site: Site, jobs: JobService) -> APIRouter:
         try:
             gw = _gw()
             with site.db.session() as db:
-                names = [u.name for u in svcmod.users_overview(SiteService(db), _p)]
+                # only the users who ever submitted through the portal or the API: one query each
+                names = sorted({e.actor for e in svcmod.search_audit(SiteService(db), _p, action="job.submit",
+                                                                     limit=100000)})
             for n in names:
                 try:
                     items.extend(gw.call(n, "list", {}))
