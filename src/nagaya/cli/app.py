@@ -9,6 +9,7 @@ from nagaya.cli import (
     admin_cmds,
     auth_cmds,
     build_cmds,
+    compose_cmds,
     image_cmds,
     project_cmds,
     registry_cmds,
@@ -44,6 +45,7 @@ app.command("jobs")(sched_cmds.jobs)
 app.command("logs")(sched_cmds.logs)
 app.command("cancel")(sched_cmds.cancel)
 app.add_typer(sched_cmds.app, name="job")
+app.add_typer(compose_cmds.app, name="compose")
 
 _PASS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
