@@ -279,6 +279,7 @@ def test_admin_audit_and_export(as_user: Any, users: dict[str, SiteUser]) -> Non
     page.wait_for_url("**/admin/users")
     text = page.inner_text("main table")
     assert users["alice"].name in text and users["bob"].name in text
+    assert "e2e-shared" in page.inner_text("main") and "KiB" in page.inner_text("main")
     p.shot("11-admin-users")
     page.click("text=Audit trail")
     page.wait_for_url("**/admin/audit")

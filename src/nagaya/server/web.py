@@ -760,7 +760,8 @@ def portal_router(site: Site, jobs: JobService) -> APIRouter:
         s, p, _ = admin(request)
         with site.db.session() as db:
             users = svcmod.users_overview(SiteService(db), p)
-        return page(request, "admin_users.html", s, "admin", users=users)
+            usage = svcmod.project_usage(SiteService(db), p)
+        return page(request, "admin_users.html", s, "admin", users=users, usage=usage)
 
     @r.get("/admin/jobs", response_class=HTMLResponse)
     def admin_jobs(request: Request) -> Response:
