@@ -176,9 +176,9 @@ def as_user(browser: Any, portal: Site, world: dict[str, Any]) -> Iterator[Any]:
 
 
 @pytest.fixture
-def job_service(portal: Site) -> Iterator[Path]:
+def job_service(system: None, portal: Site) -> Iterator[Path]:
     """The root job dispatcher of this site (what runs jobs as each user), for one test: started here, stopped
-    by its pid."""
+    by its pid. `system` (tests/conftest.py): the jobs run containers, so the runtime must be there."""
     import subprocess
     import sys
 
