@@ -1,16 +1,118 @@
-"""`nagaya admin`: site administration helpers that need no server."""
+"""`nagaya admin`: site administration — `subid` needs no server; `audit` and `project quota` call the
+site's admin API with the stored login of a site admin."""
 
 from __future__ import annotations
 
+import csv
 import pwd
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
 
 import typer
 
-from nagaya.cli.common import fail, print_json
-from nagaya.errors import UsageError
+from nagaya.cli.auth_cmds import REGISTRY, api_client
+from nagaya.cli.common import console, fail, human_size, parse_size, print_json
+from nagaya.errors import NagayaError, UsageError
 from nagaya.runtime import subids
 
 app = typer.Typer(help="Site administration.", no_args_is_help=True)
+project_app = typer.Typer(help="Project settings only site admins change (quotas).", no_args_is_help=True)
+app.add_typer(project_app, name="project")
+
+AUDIT_COLUMNS = ("time", "action", "actor", "repository", "tag", "digest", "source", "details")
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """An ISO date/time (UTC unless it has a zone) or an age: `7d`, `12h`, `30m`, `2w` before now."""
+    now = now or datetime.now(UTC)
+    m = re.fullmatch(r"(\d+)([smhdw])", text.strip())
+    if m:
+        secs = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return now - timedelta(seconds=int(m.group(1)) * secs)
+    try:
+        t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"invalid time {text!r} (ISO date/time, or an age like 7d, 12h)") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+@app.command("audit")
+def audit(user: str = typer.Option("", "--user", help="only this actor"),
+          since: str = typer.Option("", "--since", help="ISO date/time or an age (7d, 12h)"),
+          until: str = typer.Option("", "--until", help="ISO date/time or an age"),
+          image: str = typer.Option("", "--image", help="[HOST/]PROJECT/NAME[:TAG][@DIGEST] or a digest"),
+          action: str = typer.Option("", "--action", help="action prefix (cli.run, registry.push, admin, ...)"),
+          limit: int = typer.Option(1000, "--limit", help="at most this many (newest) events"),
+          json_out: bool = typer.Option(False, "--json", help="JSON output"),
+          csv_out: bool = typer.Option(False, "--csv", help="CSV output"),
+          registry: str = REGISTRY) -> None:
+    """Query the site's one audit trail: logins, pushes, pulls, CLI runs and submits, admin actions."""
+    params: dict[str, Any] = {"limit": limit}
+    try:
+        if user:
+            params["user"] = user
+        if since:
+            params["since"] = parse_time(since).isoformat()
+        if until:
+            params["until"] = parse_time(until).isoformat()
+        if image:
+            params["image"] = image
+        if action:
+            params["action"] = action
+        rows = api_client(registry).get("/api/admin/audit", params=params)
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(rows)
+        return
+    if csv_out:
+        w = csv.writer(sys.stdout)
+        w.writerow(AUDIT_COLUMNS)
+        for r in rows:
+            w.writerow([r["time"], r["action"], r["actor"], r["repository"], r["tag"], r["digest"], r["source"],
+                        _compact(r["details"])])
+        return
+    from rich.table import Table
+
+    t = Table(box=None, header_style="bold")
+    for c in ("TIME", "ACTION", "ACTOR", "IMAGE", "DIGEST"):
+        t.add_column(c)
+    for r in rows:
+        img = r["repository"] + (f":{r['tag']}" if r["tag"] else "")
+        t.add_row(r["time"][:19], r["action"], r["actor"], img or str(r["details"].get("project", "")),
+                  r["digest"][:19])
+    console.print(t)
+
+
+def _compact(d: Any) -> str:
+    import json
+
+    return json.dumps(d, separators=(",", ":"), sort_keys=True, default=str)
+
+
+@project_app.command("quota")
+def quota(project: str = typer.Argument(...),
+          size: str = typer.Argument(None, help="e.g. 500M, 20G; `none` removes the quota; omit to show it"),
+          registry: str = REGISTRY, json_out: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """Show or set a project's storage quota; pushes are refused once its images reach it."""
+    try:
+        api = api_client(registry)
+        url = f"/api/admin/projects/{quote(project, safe='')}/quota"
+        if size is None:
+            q = api.get(url)
+        else:
+            q = api.request("PUT", url, json={"quota_bytes": None if size.lower() in ("none", "unlimited")
+                                              else parse_size(size)})
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(q)
+        return
+    limit = human_size(q["quota_bytes"]) if q["quota_bytes"] is not None else "unlimited"
+    console.print(f"{q['project']}: {human_size(q['used_bytes'])} used, quota {limit}", highlight=False)
 
 
 @app.command("subid")

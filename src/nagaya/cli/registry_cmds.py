@@ -20,8 +20,12 @@ cache_app = typer.Typer(help="Inspect and bound the local image cache.", no_args
 
 
 def _audit(action: str, image: str, digest: str, cfg: config.Config, details: dict) -> None:
-    audit.record(audit.AuditEvent(action=action, user=pwd.getpwuid(os.getuid()).pw_name, uid=os.getuid(),
-                                  image=image, digest=digest, details=details), cfg)
+    ev = audit.AuditEvent(action=action, user=pwd.getpwuid(os.getuid()).pw_name, uid=os.getuid(),
+                          image=image, digest=digest, details=details)
+    audit.record(ev, cfg)
+    from nagaya.client.site_audit import forward
+
+    forward(ev)
 
 
 def pull(ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG] or ...@sha256:DIGEST"),

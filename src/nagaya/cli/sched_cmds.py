@@ -98,12 +98,16 @@ def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SC
         if script:
             spec.command = args[1:]         # the script's own arguments
         job_id = sched.submit(spec)
-        audit.record(audit.AuditEvent(action="submit", user=me, uid=os.getuid(), image=image, digest=digest,
-                                      command=spec.command if not script else [str(script[0]), *args[1:]],
-                                      cwd=spec.cwd, details={"job": job_id, "backend": sched.name,
-                                                             "nodes": spec.nodes, "ntasks": spec.ntasks,
-                                                             "cpus": spec.cpus, "mem": spec.mem, "gpus": spec.gpus,
-                                                             "time_limit": spec.time_limit}), cfg)
+        ev = audit.AuditEvent(action="submit", user=me, uid=os.getuid(), image=image, digest=digest,
+                              command=spec.command if not script else [str(script[0]), *args[1:]],
+                              cwd=spec.cwd, details={"job": job_id, "backend": sched.name,
+                                                     "nodes": spec.nodes, "ntasks": spec.ntasks,
+                                                     "cpus": spec.cpus, "mem": spec.mem, "gpus": spec.gpus,
+                                                     "time_limit": spec.time_limit})
+        audit.record(ev, cfg)
+        from nagaya.client.site_audit import forward
+
+        forward(ev)
     except NagayaError as e:
         fail(e)
     if json_out:

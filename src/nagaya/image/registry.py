@@ -187,6 +187,13 @@ class Registry:
         if r.status_code == 401:
             raise AuthError(f"{self.registry}: login refused (expired or revoked token?); "
                             f"run `nagaya login {self.registry}`")
+        if r.status_code == 403:
+            # the site refuses with a reason (e.g. a project over its storage quota): show it
+            try:
+                why = str(r.json().get("detail") or "")
+            except (ValueError, AttributeError):
+                why = ""
+            raise PermissionDenied(f"{self.registry}: {why or 'the token service refused this request'}")
         if r.status_code != 200:
             raise RegistryError(f"{self.registry}: token service answered HTTP {r.status_code}")
         try:

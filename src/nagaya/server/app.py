@@ -24,7 +24,7 @@ from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, Permission
 from nagaya.server.authn import Authenticator, make_authenticator
 from nagaya.server.settings import ServerSettings
 from nagaya.server.tokens import Scope, TokenIssuer
-from nagaya.store import Database, Principal, authorize, credentials
+from nagaya.store import Database, Principal, authorize, credentials, lifecycle
 from nagaya.store.models import Project, UserToken, utcnow
 from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, SiteService
 
@@ -69,6 +69,15 @@ def _basic(request: Request) -> tuple[str, str] | None:
     if scheme.lower() == "bearer" and value.strip():
         return "", value.strip()            # a personal access token alone names its user
     return None
+
+
+def _naive(t: datetime | None) -> datetime | None:
+    """Query times arrive with or without a zone; the store keeps naive UTC."""
+    if t is None or t.tzinfo is None:
+        return t
+    from datetime import UTC
+
+    return t.astimezone(UTC).replace(tzinfo=None)
 
 
 def _json(obj: Any) -> Any:
@@ -156,7 +165,11 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
     async def _nagaya_error(_request: Request, exc: NagayaError) -> JSONResponse:
         status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
         headers = {"WWW-Authenticate": 'Basic realm="nagaya"'} if status == 401 else None
-        return JSONResponse({"detail": exc.message}, status_code=status, headers=headers)
+        body: dict[str, Any] = {"detail": exc.message}
+        if _request.url.path == "/token":
+            # registry clients (skopeo, docker) print the distribution error format, not `detail`
+            body["errors"] = [{"code": "DENIED" if status == 403 else "UNAUTHORIZED", "message": exc.message}]
+        return JSONResponse(body, status_code=status, headers=headers)
 
     def session() -> Any:
         return site.db.session()
@@ -180,6 +193,11 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
                         continue
                     if sc.type == "repository":
                         granted = authorize(s, principal, sc.name, sc.actions)
+                        if "push" in granted and (why := lifecycle.push_refusal(svc, sc.name)):
+                            # refuse the whole request: a token without `push` gives clients no reason
+                            svc.audit("quota.refused", principal.name, repository=sc.name, details={"why": why})
+                            s.commit()
+                            raise PermissionDenied(why)
                         actions = [a for a in ("pull", "push", "delete") if a in granted]
                         if "*" in sc.actions and granted >= {"pull", "push", "delete"}:
                             actions = ["*"]
@@ -324,6 +342,43 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             return [{"time": r.time.isoformat() + "Z", "action": r.action, "actor": r.actor,
                      "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
                      "details": r.details} for r in rows]
+
+    @app.post("/api/audit", tags=["audit"], status_code=201,
+              summary="Report a CLI event (run, submit, pull, ...) of the authenticated user")
+    def audit_report(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            p = site.principal(svc, _basic(request), allow_password=False)
+            host = request.client.host if request.client else ""
+            lifecycle.ingest_cli_event(svc, p, body, f"cli:{host}")
+            return {"recorded": True}
+
+    @app.get("/api/admin/audit", tags=["admin"], summary="Query the audit trail (site admins), oldest first")
+    def admin_audit(request: Request, user: str = "", since: datetime | None = None, until: datetime | None = None,
+                    image: str = "", action: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+        with session() as s:
+            svc = SiteService(s)
+            rows = lifecycle.query_audit(svc, site.principal(svc, _basic(request)), user=user, since=_naive(since),
+                                         until=_naive(until), image=image, action=action, limit=limit)
+            return [{"time": r.time.isoformat() + "Z", "action": r.action, "actor": r.actor,
+                     "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
+                     "details": r.details} for r in rows]
+
+    @app.get("/api/admin/projects/{name}/quota", tags=["admin"])
+    def get_quota(request: Request, name: str) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            p = svc.project(site.principal(svc, _basic(request)), name)
+            return lifecycle.quota_info(svc, p)
+
+    @app.put("/api/admin/projects/{name}/quota", tags=["admin"], summary="Set (or clear, null) a storage quota")
+    def put_quota(request: Request, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        q = body.get("quota_bytes")
+        if q is not None and not isinstance(q, int):
+            raise UsageError("quota_bytes must be an integer or null")
+        with session() as s:
+            svc = SiteService(s)
+            return lifecycle.set_quota(svc, site.principal(svc, _basic(request)), name, q)
 
     # ---- registry notifications -----------------------------------------------------------------------
 

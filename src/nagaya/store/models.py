@@ -46,6 +46,7 @@ class Project(Base):
     kind: Mapped[str] = mapped_column(String(16))
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    quota_bytes: Mapped[int | None] = mapped_column(BigInteger)   # None: unlimited
 
     owner: Mapped[User | None] = relationship()
     memberships: Mapped[list[Membership]] = relationship(back_populates="project", cascade="all, delete-orphan",

@@ -33,10 +33,16 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
 
 def test_migrations_match_models_and_are_idempotent(db: Database) -> None:
     from alembic.autogenerate import compare_metadata
+    from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from nagaya.store.db import MIGRATIONS
 
     db.migrate()                                      # a second upgrade is a no-op
-    assert db.current_revision() == "0001"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert db.current_revision() == ScriptDirectory.from_config(cfg).get_current_head() == "0002"
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []

@@ -1,0 +1,146 @@
+"""Site lifecycle over one session: the audit trail query and CLI ingestion, per-project storage quotas.
+
+Quota design: the registry cannot be asked "how big will this push be" before it happens, so the token
+service refuses the `push` scope once a project's indexed size has reached its quota. That stops every
+client (skopeo, docker, `nagaya push`) at its first request, before any blob is uploaded, with a message."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, or_, select
+
+from nagaya.errors import NotFound, PermissionDenied, UsageError
+from nagaya.store.authz import Principal, split_repository
+from nagaya.store.models import AuditEvent, Project, Repository, Tag
+from nagaya.store.service import SiteService
+
+# Actions a CLI may report; registry.*, admin.*, login and the like are written by the server only.
+CLI_ACTION_RE = re.compile(r"^(run|exec|shell|pull|push|submit|build|import|export|reproduce)$")
+
+
+def _require_admin(principal: Principal) -> None:
+    if not (principal.kind == "user" and principal.is_admin):
+        raise PermissionDenied("only site admins may do this")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    repository: str      # project/name, without the registry host
+    tag: str
+    digest: str
+
+
+def parse_image(ref: str) -> ImageRef:
+    """`[HOST[:PORT]/]project/name[:tag][@sha256:...]` or a bare digest -> its parts."""
+    ref = ref.strip()
+    if ref.startswith("sha256:"):
+        return ImageRef("", "", ref)
+    name, _, digest = ref.partition("@")
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        name = rest                                    # drop the registry host
+    tag = ""
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, _, tag = name.rpartition(":")
+    return ImageRef(name, tag, digest)
+
+
+def query_audit(svc: SiteService, principal: Principal, *, user: str = "", since: datetime | None = None,
+                until: datetime | None = None, image: str = "", action: str = "",
+                limit: int = 1000) -> list[AuditEvent]:
+    """The one audit trail (server events, registry notifications, CLI reports), oldest first."""
+    _require_admin(principal)
+    q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(max(1, min(limit, 100000)))
+    if user:
+        q = q.where(AuditEvent.actor == user)
+    if since is not None:
+        q = q.where(AuditEvent.time >= since)
+    if until is not None:
+        q = q.where(AuditEvent.time < until)
+    if action:
+        q = q.where(AuditEvent.action.startswith(action, autoescape=True))
+    if image:
+        ref = parse_image(image)
+        if ref.digest:
+            q = q.where(AuditEvent.digest == ref.digest)
+        if ref.repository:
+            q = q.where(AuditEvent.repository == ref.repository)
+        if ref.tag and not ref.digest:
+            # a tag names whatever digest it pointed to at the time: match the tag or those digests
+            digests = select(AuditEvent.digest).where(AuditEvent.repository == ref.repository,
+                                                      AuditEvent.tag == ref.tag, AuditEvent.digest != "")
+            q = q.where(or_(AuditEvent.tag == ref.tag, AuditEvent.digest.in_(digests)))
+    return list(reversed(list(svc.s.scalars(q))))
+
+
+def ingest_cli_event(svc: SiteService, principal: Principal, ev: dict[str, Any], source: str) -> None:
+    """A record from a user's CLI (run, submit, pull, ...). The actor is the authenticated caller, never
+    a name in the body; the server's clock stamps it (the client's time is kept in details)."""
+    if principal.kind != "user":
+        raise PermissionDenied("only users report their own activity")
+    action = str(ev.get("action") or "")
+    if not CLI_ACTION_RE.match(action):
+        raise UsageError(f"action {action!r} cannot be reported by a client")
+    image = str(ev.get("image") or "")[:500]
+    ref = parse_image(image) if image else ImageRef("", "", "")
+    digest = str(ev.get("digest") or ref.digest)[:100]
+    details = {k: ev.get(k) for k in ("image", "command", "cwd", "host", "exit_code", "duration_s", "time", "uid")
+               if ev.get(k) not in (None, "", [])}
+    extra = ev.get("details")
+    if isinstance(extra, dict):
+        details.update({k: v for k, v in extra.items() if k not in details})
+    svc.audit(f"cli.{action}", principal.name, repository=ref.repository[:255], tag=ref.tag[:128], digest=digest,
+              source=source[:64], details=details)
+
+
+# ---- quotas -------------------------------------------------------------------------------------------
+
+def project_usage(svc: SiteService, project: Project) -> int:
+    """Indexed bytes: the size of each distinct manifest tagged in the project (layers shared between
+    images count once per image, an upper bound of what the registry stores)."""
+    per_digest = (select(Tag.digest, func.max(Tag.size).label("size")).join(Repository)
+                  .where(Repository.project_id == project.id).group_by(Tag.digest).subquery())
+    return int(svc.s.scalar(select(func.coalesce(func.sum(per_digest.c.size), 0))) or 0)
+
+
+def push_refusal(svc: SiteService, repository: str) -> str | None:
+    """Why a push to `repository` must be refused now (None: it may go ahead)."""
+    parts = split_repository(repository)
+    project = svc.s.scalar(select(Project).where(Project.name == parts[0])) if parts else None
+    if project is None or project.quota_bytes is None:
+        return None
+    used = project_usage(svc, project)
+    if used >= project.quota_bytes:
+        return (f"project {project.name} is over its storage quota "
+                f"({_size(used)} used of {_size(project.quota_bytes)}); "
+                f"delete tags or ask a site admin to raise it")
+    return None
+
+
+def set_quota(svc: SiteService, principal: Principal, name: str, quota: int | None) -> dict[str, Any]:
+    _require_admin(principal)
+    p = svc.s.scalar(select(Project).where(Project.name == name))
+    if p is None:
+        raise NotFound(f"project {name} not found")
+    if quota is not None and quota < 0:
+        raise UsageError("a quota cannot be negative")
+    p.quota_bytes = quota
+    svc.audit("admin.quota", principal.name, details={"project": name, "quota_bytes": quota})
+    return quota_info(svc, p)
+
+
+def quota_info(svc: SiteService, p: Project) -> dict[str, Any]:
+    return {"project": p.name, "quota_bytes": p.quota_bytes, "used_bytes": project_usage(svc, p)}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
