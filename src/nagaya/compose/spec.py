@@ -292,7 +292,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
 def parse(data: Any, env: dict[str, str], where: str = "compose file") -> Project:
     if not isinstance(data, dict):
         raise UsageError(f"{where}: expected a mapping at the top level")
-    data = interpolate(data, env)
+    try:
+        data = interpolate(data, env)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e.message}") from None
     try:
         return Project.model_validate(data)
     except ValidationError as e:

@@ -1,0 +1,173 @@
+"""`nagaya compose` on the local backend, as an unprivileged user: a healthchecked http server with four
+client replicas that reach it by service name, teardown on SIGINT / `down` / a failing service, strict
+validation naming the offending path, and placement refusing a port clash."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.users import User
+from tests.integration.sched_helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+STACK = """\
+services:
+  httpd:
+    image: bb
+    command:
+      - sh
+      - -c
+      - mkdir -p $$HOME/www && echo hello from httpd > $$HOME/www/index.html && exec httpd -f -p ${{PORT}} -h $$HOME/www
+    ports: ["${{PORT}}"]
+    healthcheck:
+      test: "wget -q -O- http://127.0.0.1:${{PORT}}/"
+      interval: 200ms
+      retries: 50
+  client:
+    image: ${{CLIENT_IMAGE:-bb}}
+    deploy:
+      replicas: 4
+    depends_on:
+      httpd:
+        condition: service_healthy
+    environment:
+      GREETING: ${{GREETING}}
+    command:
+      - sh
+      - -c
+      - wget -q -O- http://httpd:${{PORT}}/ && echo "$$GREETING $$NAGAYA_SERVICE_HTTPD_HOSTS" && {tail}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _project(user: User, workdir: Path, text: str, dotenv: str = "") -> Path:
+    d = user.mkdir(workdir / "stack")
+    (d / "compose.yml").write_text(text)
+    if dotenv:
+        (d / ".env").write_text(dotenv)
+    user.chown_tree(d)
+    return d
+
+
+def _ps(user: User, d: Path) -> dict:
+    r = user.nagaya("compose", "ps", "--json", cwd=d)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _pids(user: User) -> set[str]:
+    return {p.split()[0] for p in user.processes()}
+
+
+def _no_leftovers(user: User, before: set[str]) -> None:
+    wait_for(lambda: not (_pids(user) - before), 20, f"no process of {user.name}'s stack left")
+    with open("/proc/mounts") as f:
+        assert str(user.home) not in f.read()       # every mount lived in a private namespace
+
+
+@pytest.fixture
+def stack(alice: User, workdir: Path, session_images: None) -> tuple[User, Path, int]:
+    port = _free_port()
+    d = _project(alice, workdir, STACK.format(tail="sleep 600"), dotenv=f"GREETING=hi-from-dotenv\nPORT={port}\n")
+    return alice, d, port
+
+
+def test_stack_by_service_name_then_sigint(stack: tuple[User, Path, int]) -> None:
+    user, d, port = stack
+    before = _pids(user)
+    up = user.popen(["nagaya", "compose", "up"], cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        st = wait_for(lambda: ((s := _ps(user, d))["status"] in ("running", "failed") or up.poll() is not None)
+                      and s, 60, "the stack to come up")
+        assert st["status"] == "running", st
+        reps = {r["name"]: r for r in st["replicas"]}
+        assert sorted(reps) == ["client-1", "client-2", "client-3", "client-4", "httpd-1"]
+        assert reps["httpd-1"]["health"] == "healthy" and reps["httpd-1"]["ports"] == [port]
+        assert all(r["node"] == socket.gethostname() and r["state"] == "running" for r in reps.values())
+
+        def fetched() -> bool:
+            out = user.nagaya("compose", "logs", "client", cwd=d).stdout
+            return all(f"client-{i} | hello from httpd" in out and f"client-{i} | hi-from-dotenv 127.0.0.1" in out
+                       for i in range(1, 5))
+
+        wait_for(fetched, 30, "every client to fetch from httpd by service name")
+        assert "httpd-1" not in user.nagaya("compose", "logs", "client", cwd=d).stdout
+    finally:
+        up.send_signal(signal.SIGINT)
+        _out, err = up.communicate(timeout=60)
+    assert up.returncode == 128 + signal.SIGINT, err
+    assert "all services are up" in err
+    assert _ps(user, d)["status"] == "down"
+    _no_leftovers(user, before)
+
+
+def test_detach_and_down(stack: tuple[User, Path, int]) -> None:
+    user, d, _port = stack
+    before = _pids(user)
+    r = user.nagaya("compose", "up", "-d", cwd=d, timeout=90)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert _ps(user, d)["status"] == "running"
+        again = user.nagaya("compose", "up", "-d", cwd=d)
+        assert again.returncode == 7 and "already up" in again.stderr
+    finally:
+        r = user.nagaya("compose", "down", cwd=d, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert _ps(user, d)["status"] == "down"
+    _no_leftovers(user, before)
+    assert user.nagaya("compose", "down", cwd=d).stdout.strip() == "nothing is running"
+
+
+def test_a_failing_service_stops_the_stack(alice: User, workdir: Path, session_images: None) -> None:
+    port = _free_port()
+    d = _project(alice, workdir, STACK.format(tail="exit 3"), dotenv=f"GREETING=x\nPORT={port}\n")
+    before = _pids(alice)
+    r = alice.nagaya("compose", "up", cwd=d, timeout=90)
+    assert r.returncode == 3, r.stderr
+    assert "service client failed: client-" in r.stderr and "exited with 3" in r.stderr
+    st = _ps(alice, d)
+    assert st["status"] == "failed" and st["failed"]["service"] == "client"
+    _no_leftovers(alice, before)
+
+
+@pytest.mark.parametrize("body,path,msg", [
+    ("services:\n  web:\n    image: bb\n    ports:\n      - target: 80\n        mode: host\n",
+     "services.web.ports[0].mode", "unknown or unsupported key"),
+    ("services:\n  web:\n    image: bb\n    networks: [a]\n", "services.web.networks", "unknown or unsupported key"),
+    ("services:\n  web:\n    image: bb\n    deploy:\n      replicas: -1\n", "services.web.deploy.replicas",
+     "greater than or equal to 0"),
+    ("services:\n  web:\n    image: bb\n    healthcheck:\n      test: \"true\"\n      interval: soon\n",
+     "services.web.healthcheck.interval", "invalid duration"),
+    ("services:\n  web:\n    image: bb\n    depends_on: {db: {condition: service_healthy}}\n"
+     "  db:\n    image: bb\n", "", "db has no healthcheck"),
+    ("services:\n  web:\n    image: bb\n    volumes: [data:/data]\n", "services.web.volumes", "only bind mounts"),
+    ("services:\n  web:\n    image: ${NOPE:?set NOPE first}\n", "services.web.image", "set NOPE first"),
+])
+def test_strict_validation_names_the_path(alice: User, workdir: Path, body: str, path: str, msg: str) -> None:
+    d = _project(alice, workdir, body)
+    r = alice.nagaya("compose", "up", cwd=d)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert line.count("\n") == 0 and f"compose.yml: {path}" in line and msg in line, line
+
+
+def test_placement_refuses_a_port_clash(alice: User, workdir: Path) -> None:
+    d = _project(alice, workdir, "services:\n  web:\n    image: bb\n    ports: ['8080:8080']\n"
+                                  "    deploy: {replicas: 2}\n")
+    r = alice.nagaya("compose", "up", cwd=d)
+    assert r.returncode == 2
+    assert "cannot place web-2: port 8080/tcp" in r.stderr and "web-1" in r.stderr
+    assert not os.path.exists(d / "hosts")
