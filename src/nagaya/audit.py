@@ -4,15 +4,14 @@ The server (issue: portal/lifecycle) ingests the same records into its database.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 from nagaya.record import Factory, Record
 
 TYPE_CHECKING = False       # `typing` stays unimported on the run path; annotations are strings
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
 
@@ -35,11 +34,13 @@ class AuditEvent(Record):
         d["time"] = self.time or time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + \
             f".{int(time.time() * 1000) % 1000:03d}Z"
         d["host"] = self.host or os.uname().nodename
-        return json.dumps(d, separators=(",", ":"), sort_keys=True)
+        from nagaya.runtime.fastjson import dumps_compact  # json.dumps without importing json
+
+        return dumps_compact(d)
 
 
-def _append(path: Path, line: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _append(path: str | Path, line: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, (line + "\n").encode())
@@ -50,9 +51,9 @@ def _append(path: Path, line: str) -> None:
 def record(event: AuditEvent, cfg: Any) -> None:
     """Append `event` everywhere configured. Auditing never makes the user's command fail."""
     line = event.to_json()
-    targets = [cfg.audit_path]
+    targets = [cfg.audit_file]
     if cfg.audit.site_dir:
-        targets.append(Path(cfg.audit.site_dir) / f"{event.user}.jsonl")
+        targets.append(os.path.join(cfg.audit.site_dir, f"{event.user}.jsonl"))
     for t in targets:
         try:
             _append(t, line)
@@ -70,7 +71,9 @@ def record(event: AuditEvent, cfg: Any) -> None:
             pass
 
 
-def read(path: Path) -> list[dict[str, Any]]:
+def read(path: str | Path) -> list[dict[str, Any]]:
+    import json
+
     out = []
     try:
         with open(path) as f:

@@ -2,22 +2,33 @@
 
 Order (later wins): built-in defaults, /etc/nagaya/nagaya.toml (site), $XDG_CONFIG_HOME/nagaya/nagaya.toml
 (user; a site may lock keys with `locked = [...]`), then NAGAYA_<SECTION>_<KEY> environment variables.
-This module is on the `nagaya run` start-up path: it imports tomllib only when a file exists.
+This module is on the `nagaya run` start-up path: it imports neither pathlib (the run path uses the
+str-valued `cache_root` and `audit_file`) nor, for the plain files sites write, tomllib (see _parse_plain).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from nagaya.errors import UsageError
 from nagaya.record import Factory, Record
 
 TYPE_CHECKING = False       # `typing` stays unimported on the run path; annotations are strings
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
-SITE_CONFIG = Path(os.environ.get("NAGAYA_SITE_CONFIG", "/etc/nagaya/nagaya.toml"))
+_SITE_CONFIG = os.environ.get("NAGAYA_SITE_CONFIG", "/etc/nagaya/nagaya.toml")
+
+
+def __getattr__(name: str) -> Any:
+    # SITE_CONFIG is a Path for callers, made on first use so that loading a config needs no pathlib
+    # (a monkeypatched SITE_CONFIG is a real attribute, which load() prefers).
+    if name == "SITE_CONFIG":
+        from pathlib import Path
+
+        return Path(_SITE_CONFIG)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 DEFAULT_GPU_LIBS = (
     "libcuda.so", "libcudadebugger.so", "libnvidia-ml.so", "libnvidia-ptxjitcompiler.so",
@@ -31,12 +42,19 @@ DEFAULT_GPU_BINS = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nv
                     "nvidia-cuda-mps-server")
 
 
-def _user_dirs() -> tuple[Path, Path, Path]:
-    home = Path(os.environ.get("HOME") or os.path.expanduser("~"))
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
-    conf = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
-    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+def _user_dir_strs() -> tuple[str, str, str]:
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    conf = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
     return cache, conf, data
+
+
+def _user_dirs() -> tuple[Path, Path, Path]:
+    from pathlib import Path
+
+    cache, conf, data = _user_dir_strs()
+    return Path(cache), Path(conf), Path(data)
 
 
 class RuntimeConfig(Record):
@@ -141,19 +159,37 @@ class Config(Record):
     sched: SchedConfig = Factory(SchedConfig)
 
     @property
+    def cache_root(self) -> str:
+        """cache_dir as a str, for the run path (which does without pathlib)."""
+        return self.image.cache_dir or os.path.join(_user_dir_strs()[0], "nagaya")
+
+    @property
+    def audit_file(self) -> str:
+        """audit_path as a str."""
+        return self.audit.path or os.path.join(_user_dir_strs()[2], "nagaya", "audit.jsonl")
+
+    @property
     def cache_dir(self) -> Path:
-        return Path(self.image.cache_dir) if self.image.cache_dir else _user_dirs()[0] / "nagaya"
+        from pathlib import Path
+
+        return Path(self.cache_root)
 
     @property
     def audit_path(self) -> Path:
-        return Path(self.audit.path) if self.audit.path else _user_dirs()[2] / "nagaya" / "audit.jsonl"
+        from pathlib import Path
+
+        return Path(self.audit_file)
 
     @property
     def sched_state_dir(self) -> Path:
+        from pathlib import Path
+
         return Path(self.sched.state_dir) if self.sched.state_dir else _user_dirs()[2] / "nagaya" / "jobs"
 
     @property
     def site_state_dir(self) -> Path:
+        from pathlib import Path
+
         if self.server.state_dir:
             return Path(self.server.state_dir)
         return Path("/var/lib/nagaya/site") if os.geteuid() == 0 else _user_dirs()[2] / "nagaya" / "site"
@@ -203,13 +239,91 @@ def _apply(cfg: Config, data: dict[str, Any], origin: str, locked: set[str]) -> 
             setattr(obj, key, _coerce(getattr(obj, key), value, f"{section}.{key}"))
 
 
-def _read_toml(path: Path) -> dict[str, Any] | None:
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _plain_string(text: str) -> tuple[str, str] | None:
+    """A "basic" string without escapes or a 'literal' string at the start of `text`: (value, rest)."""
+    if text[:1] not in ('"', "'") or text.startswith(('"""', "'''")):
+        return None
+    end = text.find(text[0], 1)
+    if end < 0 or (text[0] == '"' and "\\" in text[1:end]):
+        return None
+    return text[1:end], text[end + 1:].lstrip(" \t")
+
+
+def _parse_plain(text: str) -> dict[str, Any] | None:
+    """The TOML config files use, without importing tomllib (and the `re` it pulls in): [table] headers,
+    bare keys, and as values strings without escapes, integers, booleans and one-line arrays of such
+    strings. Anything else, including every invalid document, returns None: tomllib decides those."""
+    if "\r" in text or "\x7f" in text or any(c < " " and c not in "\t\n" for c in text):
+        return None
+    doc: dict[str, Any] = {}
+    table = doc
+    for raw in text.split("\n"):
+        line = raw.strip(" \t")
+        if not line or line[0] == "#":
+            continue
+        if line[0] == "[":
+            name, _, rest = line[1:].partition("]")
+            rest = rest.lstrip(" \t")
+            if not name or not _BARE_KEY.issuperset(name) or name in doc or (rest and rest[0] != "#"):
+                return None
+            table = doc[name] = {}
+            continue
+        key, eq, rest = line.partition("=")
+        key, rest = key.rstrip(" \t"), rest.lstrip(" \t")
+        if not eq or not key or not _BARE_KEY.issuperset(key) or key in table or not rest:
+            return None
+        value: Any
+        if rest[0] == "[":
+            value, rest = [], rest[1:].lstrip(" \t")
+            while rest[:1] != "]":
+                item = _plain_string(rest)
+                if item is None:
+                    return None
+                value.append(item[0])
+                rest = item[1]
+                if rest[:1] == ",":
+                    rest = rest[1:].lstrip(" \t")
+                elif rest[:1] != "]":
+                    return None
+            rest = rest[1:].lstrip(" \t")
+        elif rest[0] in "\"'":
+            item = _plain_string(rest)
+            if item is None:
+                return None
+            value, rest = item
+        else:
+            token, hash_, _comment = rest.partition("#")
+            token, rest = token.rstrip(" \t"), hash_
+            digits = token[1:] if token[:1] in "+-" else token
+            if token in ("true", "false"):
+                value = token == "true"
+            elif digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0"):
+                value = int(token)
+            else:
+                return None
+        if rest and rest[0] != "#":
+            return None
+        table[key] = value
+    return doc
+
+
+def _read_toml(path: str | Path) -> dict[str, Any] | None:
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read()
     except (FileNotFoundError, NotADirectoryError):
         return None
     except PermissionError:
         return None
+    try:
+        plain = _parse_plain(raw.decode())
+    except UnicodeDecodeError:
+        plain = None
+    if plain is not None:
+        return plain
     import tomllib
 
     try:
@@ -221,11 +335,12 @@ def _read_toml(path: Path) -> dict[str, Any] | None:
 def load() -> Config:
     cfg = Config()
     locked: set[str] = set()
-    site = _read_toml(SITE_CONFIG)
+    site_path = globals().get("SITE_CONFIG", _SITE_CONFIG)
+    site = _read_toml(site_path)
     if site:
-        _apply(cfg, site, str(SITE_CONFIG), set())
+        _apply(cfg, site, str(site_path), set())
         locked = {str(x) for x in site.get("locked", [])}
-    user_file = _user_dirs()[1] / "nagaya" / "nagaya.toml"
+    user_file = os.path.join(_user_dir_strs()[1], "nagaya", "nagaya.toml")
     user = _read_toml(user_file)
     if user:
         _apply(cfg, user, str(user_file), locked)

@@ -185,15 +185,22 @@ def main(cmd: str, args: list[str]) -> int:
 
 def _main(cmd: str, args: list[str]) -> int:
     from nagaya import config
-    from nagaya.image.store import open_store
     from nagaya.runtime.spec import RunConfig, RunSpec
 
     ns = parse_args(cmd, args)
     cfg = config.load()
-    store = open_store(cfg)
-    meta = resolve_image(store, ns.image, cfg)
+    fuse = fuse_usable(cfg)
+    cached = _cached_local_image(cfg, ns.image) if fuse else None
+    if cached is not None:
+        digest, image_config, squashfs = cached
+    else:
+        from nagaya.image.store import open_store
+
+        store = open_store(cfg)
+        meta = resolve_image(store, ns.image, cfg)
+        digest, image_config, squashfs = meta.digest, meta.config, str(store.squashfs_path(meta.digest))
     binds = [b for item in ns.bind for b in parse_bind(item)]
-    spec = RunSpec(image_ref=ns.image, digest=meta.digest, squashfs=str(store.squashfs_path(meta.digest)),
+    spec = RunSpec(image_ref=ns.image, digest=digest, squashfs=squashfs,
                    argv=list(ns.command), entrypoint=(None if cmd == "shell" or ns.entrypoint is None
                                                       else [ns.entrypoint] if ns.entrypoint else []),
                    env=_env_items(ns), cleanenv=ns.cleanenv, binds=binds, pwd=ns.pwd,
@@ -203,16 +210,76 @@ def _main(cmd: str, args: list[str]) -> int:
         raise UsageError("nagaya exec: give a command to run")
     if cmd == "exec":
         spec.entrypoint = []
-    if not fuse_usable(cfg):
-        spec.unpacked = ensure_unpacked(store, meta.digest)
+    if not fuse:
+        spec.unpacked = ensure_unpacked(store, digest)
     else:
         from nagaya.image import squash
 
-        squash.check(store.squashfs_path(meta.digest))
-    store.touch(meta.digest)
+        squash.check(squashfs)
+    try:
+        os.utime(os.path.join(cfg.cache_root, "images", digest[7:] + ".json"))  # ImageStore.touch: LRU order
+    except OSError:
+        pass
     from nagaya.runtime import launcher
 
-    return launcher.run(spec, RunConfig.from_image_config(meta.config), cfg)
+    return launcher.run(spec, RunConfig.from_image_config(image_config), cfg)
+
+
+def _cached_local_image(cfg, text: str) -> tuple[str, dict, str] | None:
+    """ImageStore.resolve for the common case, a local NAME[:TAG] or NAME@DIGEST already in the cache, as
+    (digest, image config, squashfs path) without importing the store (pathlib, json, contextlib: a few ms
+    of every start). It reads the store's layout (refs/NAME/TAG, images/HEX.json and .sqfs; the user's
+    cache first, then the site's shared ones) exactly as ImageStore does. Anything else (digest prefixes,
+    registry references, which re-resolve on every run, misses and errors) returns None: the store decides."""
+    from nagaya.image.reference import is_digest, parse
+
+    if text.startswith("sha256:") or (len(text) >= 6 and all(c in "0123456789abcdef" for c in text)):
+        return None                         # a digest or prefix: ImageStore.resolve matches those first
+    try:
+        ref = parse(text)
+    except UsageError:
+        return None
+    if ref.registry:
+        return None
+    bases = [cfg.cache_root, *cfg.image.shared_cache_dirs]
+    digest = ref.digest
+    if not digest:
+        for base in bases:
+            try:
+                with open(os.path.join(base, "refs", ref.name, ref.tag_or_latest)) as f:
+                    digest = f.read().strip()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                return None
+            if is_digest(digest):
+                break
+            digest = None
+        if not digest:
+            return None
+    if not is_digest(digest):
+        return None
+    from nagaya.runtime.fastjson import loads
+
+    h = digest[7:]
+    for base in bases:
+        try:
+            with open(os.path.join(base, "images", h + ".json"), "rb") as f:
+                meta = loads(f.read())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("digest") != digest or not isinstance(meta.get("config"), dict):
+            return None
+        break
+    else:
+        return None
+    for shared in cfg.image.shared_cache_dirs:
+        p = os.path.join(shared, "images", h + ".sqfs")
+        if os.path.exists(p):
+            return digest, meta["config"], p
+    return digest, meta["config"], os.path.join(cfg.cache_root, "images", h + ".sqfs")
 
 
 def resolve_image(store, text: str, cfg):  # -> ImageMeta

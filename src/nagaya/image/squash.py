@@ -8,14 +8,15 @@ would need the tree unpacked first, with root to keep ownership).
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-import subprocess
-from collections.abc import Callable
-from pathlib import Path
-from typing import IO
 
 from nagaya.errors import ImageError, RuntimeSetupError
+
+TYPE_CHECKING = False       # check() is on `nagaya run`'s start-up path: build/unpack import what they need
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+    from typing import IO
 
 SQUASHFS_MAGIC = 0x73717368
 # Compression levels used when the config names only the compressor ("zstd"; "zstd:15" picks one).
@@ -28,6 +29,9 @@ SUPERBLOCK = struct.Struct("<IIIIIHHHHHHQQQQQQQQ")
 
 def build(write_tar: Callable[[IO[bytes]], object], out: Path, compression: str = "zstd", jobs: int = 0) -> None:
     """Run `write_tar(stream)` into tar2sqfs, producing `out`. On any failure `out` does not exist."""
+    import shutil
+    import subprocess
+
     exe = shutil.which("tar2sqfs")
     if not exe:
         raise ImageError("tar2sqfs is not installed (Debian package squashfs-tools-ng)")
@@ -62,7 +66,7 @@ def build(write_tar: Callable[[IO[bytes]], object], out: Path, compression: str 
         raise ImageError(f"could not build the squashfs image: {last}")
 
 
-def check(path: Path) -> None:
+def check(path: str | Path) -> None:
     """Cheap integrity check on the run path: magic, sane superblock, and the file not truncated."""
     try:
         with open(path, "rb") as f:
@@ -86,6 +90,9 @@ def check(path: Path) -> None:
 
 def unpack(squashfs: Path, dest: Path) -> None:
     """Unpack a squashfs into `dest` (must not exist) for hosts where FUSE cannot be used."""
+    import shutil
+    import subprocess
+
     exe = shutil.which("unsquashfs") or "/usr/bin/unsquashfs"
     # As an unprivileged user unsquashfs cannot chown; owners become the user (the run is the user anyway).
     r = subprocess.run([exe, "-no-progress", "-quiet", "-no-xattrs", "-d", str(dest), str(squashfs)],

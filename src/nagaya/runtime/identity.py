@@ -5,9 +5,12 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from pathlib import Path
 
 from nagaya.record import Record
+
+TYPE_CHECKING = False       # pathlib stays unimported on the run path
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class Identity(Record):
@@ -67,8 +70,9 @@ def group_file(image_group: str, ident: Identity) -> str:
     return "\n".join(keep) + "\n"
 
 
-def read_image_file(root: Path, rel: str) -> str:
+def read_image_file(root: str | Path, rel: str) -> str:
     try:
-        return (root / rel).read_text(errors="replace")
+        with open(os.path.join(root, rel), errors="replace") as f:
+            return f.read()
     except OSError:
         return ""

@@ -1,8 +1,12 @@
-"""The few Linux system calls Python's os module lacks (3.11): unshare, mount, prctl."""
+"""The few Linux system calls Python's os module lacks (3.11): unshare, mount, prctl.
+
+They are called through `_ctypes`, the C half of ctypes: `import ctypes` builds dozens of classes and
+pulls in `struct`, some 3 ms of every container start, for three functions of libc.
+"""
 
 from __future__ import annotations
 
-import ctypes
+import _ctypes
 import os
 
 CLONE_NEWNS = 0x00020000
@@ -24,37 +28,58 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
 
-_libc: ctypes.CDLL | None = None
 
 
-def libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
+class _CInt(_ctypes._SimpleCData):        # ctypes.c_int
+    _type_ = "i"
+
+
+class _CULong(_ctypes._SimpleCData):      # ctypes.c_ulong
+    _type_ = "L"
+
+
+class _LibcFunction(_ctypes.CFuncPtr):    # a function of ctypes.CDLL(None, use_errno=True)
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = _CInt
+
+
+class _Libc:
+    _handle = 0
+
+
+_functions: dict[str, _LibcFunction] = {}
+
+
+def _fn(name: str) -> _LibcFunction:
+    f = _functions.get(name)
+    if f is None:
+        if not _Libc._handle:
+            _Libc._handle = _ctypes.dlopen(None, os.RTLD_NOW)
+        f = _functions[name] = _LibcFunction((name, _Libc()))
+    return f
 
 
 def _check(rc: int, what: str) -> None:
     if rc != 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def unshare(flags: int) -> None:
-    _check(libc().unshare(flags), "unshare")
+    _check(_fn("unshare")(flags), "unshare")
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    _check(libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                        ctypes.c_ulong(flags), data.encode() if data else None), f"mount {target}")
+    _check(_fn("mount")(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                        _CULong(flags), data.encode() if data else None), f"mount {target}")
 
 
 def umount(target: str, flags: int = 0) -> None:
-    _check(libc().umount2(target.encode(), flags), f"umount {target}")
+    _check(_fn("umount2")(target.encode(), flags), f"umount {target}")
 
 
 def prctl(option: int, arg: int) -> None:
-    _check(libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0), "prctl")
+    _check(_fn("prctl")(option, _CULong(arg), 0, 0, 0), "prctl")
 
 
 def map_self(uid: int, gid: int) -> None:

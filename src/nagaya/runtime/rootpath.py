@@ -14,6 +14,7 @@ class RootView:
 
     def __init__(self, root: str, binds: list[Bind]) -> None:
         self.root = root
+        self.found_host = ""                # host path of what find_command found last
         # Longest destination first, so that nested binds win.
         self.binds = sorted(binds, key=lambda b: len(b.dst), reverse=True)
 
@@ -81,4 +82,5 @@ class RootView:
             return None, "is a directory"
         if not os.access(host, os.X_OK):
             return None, "permission denied"
+        self.found_host = host
         return path, ""
