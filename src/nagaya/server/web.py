@@ -55,6 +55,7 @@ IDLE_TIMEOUT = 2 * 3600            # seconds without a request before a session 
 ABSOLUTE_TIMEOUT = 12 * 3600       # a working day, then log in again
 MAX_FAILURES = 5                   # per user+IP within FAILURE_WINDOW, then 429 until the window passes
 FAILURE_WINDOW = 600
+PRINCIPAL_TTL = 30.0               # an admin's account expiry reaches open sessions within this many seconds
 _STATUS = {AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400,
            JobsUnavailable: 503}
 
@@ -71,6 +72,9 @@ class WebSession:
     created: float
     seen: float
     flash: list[tuple[str, str]] = field(default_factory=list)
+    principal: Principal | None = None        # cached for PRINCIPAL_TTL: one query less on every page
+    principal_at: float = 0.0
+    expires_at: datetime | None = None
 
 
 class Sessions:
@@ -322,6 +326,10 @@ def portal_router(site: Site, jobs: JobService) -> APIRouter:
             raise PermissionDenied("cross-site request refused")
 
     def principal(svc: SiteService, s: WebSession) -> Principal:
+        now = time.time()
+        if s.principal is not None and now - s.principal_at < PRINCIPAL_TTL and \
+                (s.expires_at is None or s.expires_at > utcnow()):
+            return s.principal
         user = svc.user(s.user)
         if user is None:
             raise LoginRequired()
@@ -330,7 +338,9 @@ def portal_router(site: Site, jobs: JobService) -> APIRouter:
         except AuthError:
             sessions.drop(s.sid)
             raise LoginRequired() from None
-        return p if p.is_admin == s.is_admin else dataclasses.replace(p, is_admin=s.is_admin)
+        p = p if p.is_admin == s.is_admin else dataclasses.replace(p, is_admin=s.is_admin)
+        s.principal, s.principal_at, s.expires_at = p, now, user.expires_at
+        return p
 
     def page(request: Request, name: str, s: WebSession | None, nav: str, status: int = 200,
              **ctx: Any) -> HTMLResponse:
