@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.users import User
-from tests.integration.sched_helpers import wait_for
+from tests.integration.sched_helpers import ensure_users, import_images, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +48,22 @@ services:
       - -c
       - wget -q -O- http://httpd:${{PORT}}/ && echo "$$GREETING $$NAGAYA_SERVICE_HTTPD_HOSTS" && {tail}
 """
+
+
+@pytest.fixture(scope="module")
+def alice(system: None, rootfs: Path, app_layout: Path) -> User:
+    # The scheduler suites' user: other suites `pkill -u` the conftest users after each of their tests.
+    u, _ = ensure_users(("nagaya-s1", 500000), ("nagaya-s2", 700000))
+    import_images(u, rootfs, app_layout)
+    return u
+
+
+@pytest.fixture
+def workdir(alice: User) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="compose-", dir=alice.home))
+    os.chown(d, alice.uid, alice.gid)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -79,7 +98,7 @@ def _no_leftovers(user: User, before: set[str]) -> None:
 
 
 @pytest.fixture
-def stack(alice: User, workdir: Path, session_images: None) -> tuple[User, Path, int]:
+def stack(alice: User, workdir: Path) -> tuple[User, Path, int]:
     port = _free_port()
     d = _project(alice, workdir, STACK.format(tail="sleep 600"), dotenv=f"GREETING=hi-from-dotenv\nPORT={port}\n")
     return alice, d, port
@@ -131,7 +150,7 @@ def test_detach_and_down(stack: tuple[User, Path, int]) -> None:
     assert user.nagaya("compose", "down", cwd=d).stdout.strip() == "nothing is running"
 
 
-def test_a_failing_service_stops_the_stack(alice: User, workdir: Path, session_images: None) -> None:
+def test_a_failing_service_stops_the_stack(alice: User, workdir: Path) -> None:
     port = _free_port()
     d = _project(alice, workdir, STACK.format(tail="exit 3"), dotenv=f"GREETING=x\nPORT={port}\n")
     before = _pids(alice)

@@ -42,6 +42,17 @@ def _script(args: list[str]) -> tuple[Path, str] | None:
     return (p, text) if any(x.startswith(("#NAGAYA", "#SBATCH")) for x in head) else None
 
 
+def _compose_check(path: Path, nodes: int) -> str:
+    """`submit --compose`: refuse a bad file or an impossible placement now, not once the job starts."""
+    from nagaya.compose.placement import place
+    from nagaya.compose.spec import load
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    place(load(path), [f"node{i}" for i in range(1, nodes + 1)])
+    return str(path)
+
+
 def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SCRIPT",
                                              help="the command to run in the image, or a batch script"),
            image: str = typer.Option(None, "--image", "-i", help="image (pinned to its digest now)"),
@@ -53,6 +64,7 @@ def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SC
            time_limit: str = typer.Option(None, "--time", "-t", help="MIN, MIN:SEC, H:MIN:SEC or D-H:MIN:SEC"),
            partition: str = typer.Option(None, "--partition", "-p"),
            name: str = typer.Option(None, "--name", "-J"),
+           compose: Path = typer.Option(None, "--compose", help="run this compose file's stack on the job's nodes"),
            backend: str = BACKEND_OPT,
            json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Submit a batch job that runs CMD in IMAGE (or a script with `#NAGAYA --image REF` lines)."""
@@ -66,15 +78,18 @@ def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SC
         if script:
             directives, sbatch = parse_script(script[1], str(script[0]))
         image = image or directives.get("image")
+        if compose is not None:
+            image, args = _compose_check(compose, nodes or 1), []
+            ntasks = ntasks or nodes        # one task per node: the replicas' steps overlap it
         if not image:
             raise UsageError("no image: give --image REF (or a `#NAGAYA --image REF` line in the script)")
-        if not script and not args:
+        if not script and not args and compose is None:
             raise UsageError("nothing to run: nagaya submit --image REF -- CMD [ARGS]...  or  nagaya submit SCRIPT")
         cfg = config.load()
         from nagaya.sched import get_scheduler
 
         sched = get_scheduler(cfg, backend or directives.get("backend"))
-        ref, digest = pin_image(cfg, image)
+        ref, digest = pin_image(cfg, image) if compose is None else (str(compose.resolve()), "")
 
         def pick(cli: object, key: str, default: str) -> str:
             return str(cli) if cli is not None else sbatch.get(key, default)
@@ -93,8 +108,9 @@ def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SC
                        mem=pick(mem, "mem", ""), gpus=pick(gpus, "gpus", ""),
                        time_limit=parse_time(pick(time_limit, "time", "")),
                        partition=pick(partition, "partition", cfg.sched.partition),
-                       name=pick(name, "name", script[0].name if script else Path(args[0]).name),
-                       cwd=os.getcwd(), env=dict(os.environ), user=me)
+                       name=pick(name, "name", script[0].name if script else Path(args[0] if args else image).name),
+                       cwd=os.getcwd(), env=dict(os.environ), user=me,
+                       compose=str(compose.resolve()) if compose is not None else "")
         if script:
             spec.command = args[1:]         # the script's own arguments
         job_id = sched.submit(spec)

@@ -184,6 +184,8 @@ class LocalScheduler:
 
     # -- the protocol --------------------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> str:
+        if spec.compose:
+            raise UsageError("--compose needs a Slurm backend; on this machine run: nagaya compose up -d")
         if spec.nodes > 1:
             raise UsageError("the local backend runs jobs on this one machine: --nodes must be 1")
         _, max_cpus = self.limits()

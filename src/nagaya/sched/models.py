@@ -32,6 +32,7 @@ class JobSpec(Record):
     cwd: str = ""
     env: dict[str, str] = Factory(dict)
     user: str = ""
+    compose: str = ""                   # `submit --compose`: the job runs `nagaya compose up -f` this file
 
 
 class JobInfo(Record):

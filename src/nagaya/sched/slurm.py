@@ -85,7 +85,9 @@ class SlurmScheduler:
         if spec.script:                     # the user's directives first: sbatch reads them; options win
             lines += [x for x in spec.script.splitlines() if x.strip().startswith("#SBATCH")]
         lines += [f"# nagaya: {spec.image} pinned to {spec.digest}", "set -e"]
-        if spec.script:
+        if spec.compose:                    # the stack's supervisor runs on the batch host; it sruns the replicas
+            lines.append("exec " + shlex.join([nagaya, "compose", "up", "-f", spec.compose]))
+        elif spec.script:
             first = spec.script.splitlines()[0] if spec.script.startswith("#!") else "#!/bin/sh"
             interp = shlex.split(first[2:]) or ["/bin/sh"]
             # The script runs once in the container on the batch host, read from a here-document so
