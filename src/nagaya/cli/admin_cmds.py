@@ -8,6 +8,7 @@ import pwd
 import re
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -145,3 +146,66 @@ def subid(user: str = typer.Argument(..., help="user name"),
     print("\n".join(out["subuid"]))
     print("# /etc/subgid")
     print("\n".join(out["subgid"]))
+
+
+@project_app.command("policy")
+def policy(project: str = typer.Argument(...),
+           keep: str = typer.Option(None, "--keep", help="keep the newest N tags per repository (`all`: no limit)"),
+           keep_pattern: str = typer.Option(None, "--keep-pattern", help="comma-separated globs always kept"),
+           immutable: str = typer.Option(None, "--immutable", help="comma-separated globs no push may move"),
+           registry: str = REGISTRY, json_out: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """Set a project's retention (applied by `nagaya admin maintain`) and immutable tag patterns."""
+    body: dict[str, Any] = {}
+    try:
+        if keep is not None:
+            if keep.lower() in ("all", "none"):
+                body["keep_newest"] = None
+            elif keep.isdigit():
+                body["keep_newest"] = int(keep)
+            else:
+                raise UsageError(f"--keep takes a number or `all`, not {keep!r}")
+        if keep_pattern is not None:
+            body["keep_pattern"] = keep_pattern
+        if immutable is not None:
+            body["immutable_pattern"] = immutable
+        p = api_client(registry).request("PUT", f"/api/admin/projects/{quote(project, safe='')}/policy", json=body)
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(p)
+        return
+    keep_n = "all" if p["keep_newest"] is None else p["keep_newest"]
+    console.print(f"{p['project']}: keep newest {keep_n}, keep {p['keep_pattern'] or '-'}, "
+                  f"immutable {p['immutable_pattern'] or '-'}", highlight=False)
+
+
+@app.command("maintain")
+def maintain(state_dir: Path = typer.Option(None, "--state-dir", help="the site's state dir (default: local)"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="report what would happen; change nothing"),
+             now: str = typer.Option("", "--now", help="act as if it were this time (ISO; for tests and catch-up)"),
+             no_gc: bool = typer.Option(False, "--no-gc", help="skip the registry's garbage collection"),
+             json_out: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """The periodic site job (cron/systemd timer on the site host, as root or the service account):
+    retention, then registry garbage collection with the registry stopped. Safe to run twice at once."""
+    from nagaya import config
+    from nagaya.server.maintain import maintain as run_maintenance
+
+    try:
+        when = parse_time(now) if now else datetime.now(UTC)
+        report = run_maintenance(config.load(), state_dir, dry_run=dry_run,
+                                 now=when.astimezone(UTC).replace(tzinfo=None), gc=not no_gc)
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(report)
+        return
+    if report.get("skipped"):
+        console.print(f"skipped: {report['skipped']}", highlight=False)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for r in report["retention"]:
+        console.print(f"{verb} {r['repository']}@{r['digest'][:19]} ({', '.join(r['tags'])})", highlight=False)
+    gc = report.get("gc") or {}
+    blobs = gc.get("blobs_removed", gc.get("blobs_eligible", []))
+    console.print(f"garbage collection: {len(blobs)} unreferenced blob(s) {'eligible' if dry_run else 'removed'}",
+                  highlight=False)

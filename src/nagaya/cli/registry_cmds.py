@@ -28,6 +28,24 @@ def _audit(action: str, image: str, digest: str, cfg: config.Config, details: di
     forward(ev)
 
 
+def _immutable(ref: str) -> bool:
+    """Whether the site we are logged in to forbids moving this tag (False when it cannot say)."""
+    from nagaya.client import authfile
+    from nagaya.client.api import Api
+    from nagaya.image.pull import parse_remote
+
+    try:
+        r = parse_remote(ref)
+        login = authfile.current(r.registry) if r.registry in (authfile.load().get("nagaya") or {}) else None
+        if login is None or r.digest:
+            return False
+        api = Api(login.server, login.username, login.secret, timeout=10)
+        ans = api.get("/api/tag-policy", params={"repository": r.path, "tag": r.tag_or_latest})
+        return bool(ans.get("immutable"))
+    except NagayaError:
+        return False
+
+
 def pull(ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG] or ...@sha256:DIGEST"),
          json_out: bool = JSON) -> None:
     """Resolve a tag to its digest, download the missing layers (verified) and convert the image once."""
@@ -55,7 +73,8 @@ def push(image: str = typer.Argument(..., help="local image: NAME[:TAG] or diges
 
     try:
         cfg = config.load()
-        res = do_push(open_store(cfg), image, ref, cfg, quiet=json_out or not sys.stderr.isatty())
+        res = do_push(open_store(cfg), image, ref, cfg, quiet=json_out or not sys.stderr.isatty(),
+                      immutable=_immutable(ref))
         _audit("push", res.ref, res.meta.digest, cfg, {"bytes": res.bytes_uploaded})
     except NagayaError as e:
         fail(e)

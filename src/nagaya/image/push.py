@@ -7,7 +7,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from nagaya.errors import ImageError, UsageError
+from nagaya.errors import ImageError, PermissionDenied, UsageError
 from nagaya.image import oci
 from nagaya.image.pull import _progress, parse_remote, registry_client
 from nagaya.image.store import ImageMeta, ImageStore
@@ -37,7 +37,9 @@ def _source_repo(meta: ImageMeta, registry: str) -> str | None:
     return None
 
 
-def push(store: ImageStore, local: str, ref_text: str, cfg: Any, quiet: bool = False) -> PushResult:
+def push(store: ImageStore, local: str, ref_text: str, cfg: Any, quiet: bool = False,
+         immutable: bool = False) -> PushResult:
+    """`immutable`: the site forbids moving this tag; refuse before uploading anything if it exists."""
     t0 = time.monotonic()
     meta = store.resolve(local)
     ref = parse_remote(ref_text)
@@ -56,6 +58,8 @@ def push(store: ImageStore, local: str, ref_text: str, cfg: Any, quiet: bool = F
     extra = (f"repository:{mount_from}:pull",) if mount_from else ()
     res = PushResult(f"{ref.name}:{ref.tag_or_latest}", meta)
     with registry_client(store, ref, cfg, ("pull", "push"), extra) as reg:
+        if immutable and (cur := reg.head_manifest(ref.tag_or_latest)) not in (None, meta.digest):
+            raise PermissionDenied(f"{res.ref} is an immutable tag (now {str(cur)[:19]}); push a new tag instead")
         missing = []
         for d, size in blobs:                # HEADs are cheap and first: they also fetch the token
             if reg.has_blob(d, push=True):

@@ -25,7 +25,7 @@ from nagaya.server.authn import Authenticator, make_authenticator
 from nagaya.server.settings import ServerSettings
 from nagaya.server.tokens import Scope, TokenIssuer
 from nagaya.store import Database, Principal, authorize, credentials, lifecycle
-from nagaya.store.models import Project, UserToken, utcnow
+from nagaya.store.models import Project, Repository, Tag, UserToken, utcnow
 from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, SiteService
 
 log = logging.getLogger("nagaya.server")
@@ -380,6 +380,23 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             svc = SiteService(s)
             return lifecycle.set_quota(svc, site.principal(svc, _basic(request)), name, q)
 
+    @app.put("/api/admin/projects/{name}/policy", tags=["admin"],
+             summary="Retention (keep_newest, keep_pattern) and immutable tag patterns of a project")
+    def put_policy(request: Request, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            return lifecycle.set_policy(svc, site.principal(svc, _basic(request)), name, body)
+
+    @app.get("/api/tag-policy", tags=["repositories"], summary="Whether a push may move this tag")
+    def tag_policy(request: Request, repository: str, tag: str) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            p = site.principal(svc, _basic(request))
+            # answered only to those who may push there: patterns are not public
+            mine = "push" in authorize(s, p, repository, ["push"])
+            immutable = mine and lifecycle.is_immutable(svc, repository, tag)
+            return {"repository": repository, "tag": tag, "immutable": immutable}
+
     # ---- registry notifications -----------------------------------------------------------------------
 
     @app.post("/api/registry/events", tags=["registry"], summary="The registry's notification webhook")
@@ -407,9 +424,43 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             if ev.get("action") == "push" and target.get("tag"):
                 size = site.manifest_size(str(target.get("repository")), str(target.get("digest")),
                                           str(target.get("mediaType")))
+            if ev.get("action") == "push" and target.get("tag") and _restore_immutable(ev):
+                continue
             with session() as s:
                 applied += SiteService(s).apply_registry_event(ev, size)
         return {"applied": applied}
+
+    def _restore_immutable(ev: dict[str, Any]) -> bool:
+        """A push that moved an immutable tag (a client other than `nagaya push`, which checks first): put
+        the indexed manifest back under the tag at once. The registry cannot refuse it up front: it
+        authorizes repositories, not tags."""
+        target = ev.get("target") or {}
+        repo, tag, digest = str(target.get("repository")), str(target.get("tag")), str(target.get("digest"))
+        with session() as s:
+            svc = SiteService(s)
+            if not lifecycle.is_immutable(svc, repo, tag):
+                return False
+            old = s.scalar(select(Tag).join(Repository).where(Repository.name == repo, Tag.name == tag))
+            if old is None or old.digest == digest:
+                return False                                  # a first push, or the same image again
+            old_digest, old_type = old.digest, old.media_type
+        tok = site.issuer.issue(INTERNAL, [{"type": "repository", "name": repo, "actions": ["pull", "push"]}])
+        base = f"http://{settings.registry}/v2/{repo}/manifests"
+        hdr = {"Authorization": f"Bearer {tok['token']}"}
+        try:
+            r = httpx.get(f"{base}/{old_digest}", headers={**hdr, "Accept": old_type or ", ".join(MANIFEST_TYPES)},
+                          timeout=10)
+            r.raise_for_status()
+            put = httpx.put(f"{base}/{tag}", content=r.content, timeout=10,
+                            headers={**hdr, "Content-Type": r.headers.get("content-type", old_type)})
+            put.raise_for_status()
+        except httpx.HTTPError as e:
+            log.error("cannot restore immutable tag %s:%s: %s", repo, tag, e)
+            return False
+        with session() as s:
+            SiteService(s).audit("tag.immutable.restored", str((ev.get("actor") or {}).get("name") or ""),
+                                 repository=repo, tag=tag, digest=digest, details={"kept": old_digest})
+        return True
 
     # ---- the web portal (pages, static files) -----------------------------------------------------------
     from nagaya.server.web import install_portal

@@ -6,6 +6,7 @@ client (skopeo, docker, `nagaya push`) at its first request, before any blob is 
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -144,3 +145,77 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# ---- retention and immutable tags ---------------------------------------------------------------------
+
+def _globs(text: str) -> list[str]:
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def matches(patterns: str, tag: str) -> bool:
+    return any(fnmatch.fnmatchcase(tag, g) for g in _globs(patterns))
+
+
+def is_immutable(svc: SiteService, repository: str, tag: str) -> bool:
+    parts = split_repository(repository)
+    project = svc.s.scalar(select(Project).where(Project.name == parts[0])) if parts else None
+    return bool(project and tag and matches(project.immutable_pattern, tag))
+
+
+def set_policy(svc: SiteService, principal: Principal, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Retention and immutability of a project (site admins); keys absent from `body` stay as they are."""
+    _require_admin(principal)
+    p = svc.s.scalar(select(Project).where(Project.name == name))
+    if p is None:
+        raise NotFound(f"project {name} not found")
+    if "keep_newest" in body:
+        n = body["keep_newest"]
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise UsageError("keep_newest must be a non-negative integer or null")
+        p.keep_newest = n
+    for key in ("keep_pattern", "immutable_pattern"):
+        if key in body:
+            v = body[key] or ""
+            if not isinstance(v, str) or len(v) > 255:
+                raise UsageError(f"{key} must be comma-separated globs (at most 255 characters)")
+            setattr(p, key, ",".join(_globs(v)))
+    svc.audit("admin.policy", principal.name, details={"project": name, **policy_info(p)})
+    return policy_info(p)
+
+
+def policy_info(p: Project) -> dict[str, Any]:
+    return {"project": p.name, "keep_newest": p.keep_newest, "keep_pattern": p.keep_pattern,
+            "immutable_pattern": p.immutable_pattern, "quota_bytes": p.quota_bytes}
+
+
+@dataclass
+class Removal:
+    """One manifest retention removes: every tag of it in the repository is expired."""
+
+    repository: str
+    digest: str
+    tags: list[str]
+    size: int
+
+
+def retention_plan(svc: SiteService, project: str | None = None) -> list[Removal]:
+    """Per repository: keep the newest `keep_newest` tags, tags matching `keep_pattern` and immutable
+    tags; a manifest goes only when none of its tags is kept (a registry deletes manifests, not tags)."""
+    q = select(Project).where(Project.keep_newest.is_not(None))
+    if project:
+        q = q.where(Project.name == project)
+    out: list[Removal] = []
+    for p in svc.s.scalars(q.order_by(Project.name)):
+        for repo in svc.s.scalars(select(Repository).where(Repository.project_id == p.id).order_by(Repository.name)):
+            tags = sorted(repo.tags, key=lambda t: (t.pushed_at, t.id), reverse=True)
+            keep = {t.name for t in tags[:p.keep_newest]}
+            keep |= {t.name for t in tags if matches(p.keep_pattern, t.name) or matches(p.immutable_pattern, t.name)}
+            kept_digests = {t.digest for t in tags if t.name in keep}
+            by_digest: dict[str, list[Tag]] = {}
+            for t in tags:
+                if t.digest not in kept_digests:
+                    by_digest.setdefault(t.digest, []).append(t)
+            for digest, ts in by_digest.items():
+                out.append(Removal(repo.name, digest, sorted(t.name for t in ts), max(t.size for t in ts)))
+    return out

@@ -47,6 +47,11 @@ class Project(Base):
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     quota_bytes: Mapped[int | None] = mapped_column(BigInteger)   # None: unlimited
+    # Retention per repository: keep the newest N tags (None: keep all) and tags matching these globs
+    # (comma-separated, fnmatch); immutable tags are never moved nor removed.
+    keep_newest: Mapped[int | None]
+    keep_pattern: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    immutable_pattern: Mapped[str] = mapped_column(String(255), default="", server_default="")
 
     owner: Mapped[User | None] = relationship()
     memberships: Mapped[list[Membership]] = relationship(back_populates="project", cascade="all, delete-orphan",

@@ -1,12 +1,15 @@
 """Site lifecycle against the real site: the one audit trail (`nagaya admin audit`, CLI events reaching the
-server) and per-project storage quotas enforced by the token service (skopeo and `nagaya push`). Every
+server), per-project storage quotas enforced by the token service (skopeo and `nagaya push`), immutable tags,
+retention and registry garbage collection (`nagaya admin maintain`, run as root like its cron job). Every
 user-facing command runs as an unprivileged test user; only an admin's login may use the admin commands."""
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -14,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.site.conftest import Site, SiteUser, push
+from tests.helpers import images
+from tests.integration.site.conftest import NAGAYA, Site, SiteUser, push, run_root, skopeo
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +131,123 @@ def test_quota_refuses_push_through_skopeo_and_nagaya(site: Site, logged_in: dic
     ok(owner.nagaya("push", local, f"{site.registry}/{project}/other:1"))
     # other projects never were limited
     ok(push(owner, image_archive, f"{site.registry}/{owner.name}/lc-free:1", creds))
+
+
+# ---- immutable tags, retention and garbage collection ------------------------------------------------------
+
+def archive_with(base: Path, msg: str) -> Path:
+    """busybox (a layer every such image shares) + a layer of its own with /msg."""
+    d = base / "lc-archives"
+    d.mkdir(exist_ok=True)
+    d.chmod(0o755)
+    bb = images.tar_bytes([images.entry("bin/", "dir"),
+                           images.entry("bin/busybox", "file", Path("/bin/busybox").read_bytes(), mode=0o755)])
+    own = images.tar_bytes([images.entry("msg", "file", msg.encode())])
+    layout = images.oci_layout(d / f"{msg}.layout", [bb, own], {"Cmd": ["/bin/busybox", "cat", "/msg"]})
+    out = images.oci_archive(layout, d / f"{msg}.tar")
+    subprocess.run(["chmod", "-R", "a+rX", str(layout), str(out)], check=True)
+    return out
+
+
+def blob_on_disk(site: Site, digest: str) -> bool:
+    hexd = digest.split(":", 1)[1]
+    return (site.state_dir / "registry" / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexd[:2] / hexd
+            / "data").exists()
+
+
+def layers_of(site: Site, who: SiteUser, ref: str) -> list[str]:
+    r = ok(skopeo(who, ["inspect", "--raw", f"docker://{ref}"], who.creds(site.registry)))
+    m = json.loads(r.stdout)
+    return [m["config"]["digest"], *[x["digest"] for x in m["layers"]]]
+
+
+def maintain(site: Site, *args: str) -> dict:
+    r = run_root([NAGAYA, "admin", "maintain", "--state-dir", str(site.state_dir), "--json", *args], timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout
+    return json.loads(r.stdout)
+
+
+def fresh_env(u: SiteUser) -> dict[str, str]:
+    return {"XDG_CACHE_HOME": str(u.u.mkdir(u.u.home / f"lc-cache-{uuid.uuid4().hex[:8]}"))}
+
+
+def test_immutable_tags(site: Site, logged_in: dict[str, SiteUser], base_dir: Path) -> None:
+    owner, admin = logged_in["owner"], logged_in["admin"]
+    project = f"lc-imm-{uuid.uuid4().hex[:6]}"
+    ok(owner.nagaya("project", "create", project))
+    r = owner.nagaya("admin", "project", "policy", project, "--immutable", "v*")
+    assert r.returncode != 0 and "admin" in r.stderr
+    pol = json.loads(ok(admin.nagaya("admin", "project", "policy", project, "--immutable", "v*,release-*",
+                                     "--json")).stdout)
+    assert pol["immutable_pattern"] == "v*,release-*" and pol["keep_newest"] is None
+    one, two = archive_with(base_dir, "imm-one"), archive_with(base_dir, "imm-two")
+    creds = owner.creds(site.registry)
+    ref = f"{site.registry}/{project}/app:v1"
+    ok(push(owner, one, ref, creds))
+    d1 = indexed(site, admin, f"{project}/app", "v1")["digest"]
+    # `nagaya push` asks first and refuses before uploading
+    local = f"lci-{uuid.uuid4().hex[:6]}:1"
+    ok(owner.nagaya("image", "import", str(two), "--name", local))
+    r = owner.nagaya("push", local, ref)
+    assert r.returncode != 0 and "immutable tag" in r.stderr and r.stderr.startswith("nagaya: "), r.stderr
+    # a mutable tag moves freely, a new immutable tag can be created
+    ok(owner.nagaya("push", local, f"{site.registry}/{project}/app:latest"))
+    ok(owner.nagaya("push", local, f"{site.registry}/{project}/app:v2"))
+    # other clients: the server puts the old manifest back under the tag as soon as it hears of the push
+    ok(push(owner, two, ref, creds))
+    end = time.monotonic() + 30
+    while json.loads(ok(skopeo(owner, ["inspect", f"docker://{ref}"], creds)).stdout)["Digest"] != d1:
+        assert time.monotonic() < end, "the immutable tag was not restored"
+        time.sleep(0.2)
+    assert indexed(site, admin, f"{project}/app", "v1")["digest"] == d1
+    assert ok(owner.nagaya("run", ref, env=fresh_env(owner))).stdout == "imm-one"
+    assert admin_audit(admin, "--action", "tag.immutable.restored", "--image", f"{project}/app:v1")
+
+
+def test_retention_and_gc_keep_shared_layers(site: Site, logged_in: dict[str, SiteUser], base_dir: Path) -> None:
+    owner, admin = logged_in["owner"], logged_in["admin"]
+    project = f"lc-ret-{uuid.uuid4().hex[:6]}"
+    ok(owner.nagaya("project", "create", project))
+    creds = owner.creds(site.registry)
+    repo = f"{project}/app"
+    refs = {}
+    for tag, msg in (("release-1", "ret-one"), ("old", "ret-two"), ("new", "ret-three")):
+        refs[tag] = f"{site.registry}/{repo}:{tag}"
+        ok(push(owner, archive_with(base_dir, msg), refs[tag], creds))
+        indexed(site, admin, repo, tag)
+    blobs = {tag: layers_of(site, owner, ref) for tag, ref in refs.items()}
+    shared = set(blobs["old"]) & set(blobs["new"]) & set(blobs["release-1"])
+    only_old = set(blobs["old"]) - set(blobs["new"]) - set(blobs["release-1"])
+    assert len(shared) == 1 and len(only_old) == 2            # busybox shared; config + /msg layer of its own
+    ok(admin.nagaya("admin", "project", "policy", project, "--keep", "1", "--keep-pattern", "release-*"))
+
+    dry = maintain(site, "--dry-run")
+    mine = [r for r in dry["retention"] if r["repository"] == repo]
+    assert [(r["tags"], r["deleted"]) for r in mine] == [(["old"], False)]
+    assert all(blob_on_disk(site, b) for b in only_old | shared)
+    ok(skopeo(owner, ["inspect", f"docker://{refs['old']}"], creds))          # a dry run changed nothing
+
+    rep = maintain(site)
+    mine = [r for r in rep["retention"] if r["repository"] == repo]
+    assert [(r["tags"], r["deleted"]) for r in mine] == [(["old"], True)]
+    assert rep["gc"]["registry_restarted"] and only_old <= set(rep["gc"]["blobs_removed"])
+    assert not shared & set(rep["gc"]["blobs_removed"])
+    assert not any(blob_on_disk(site, b) for b in only_old)
+    assert all(blob_on_disk(site, b) for b in shared | set(blobs["new"]) | set(blobs["release-1"]))
+    # the kept images still pull and run in full from a clean cache; the expired one is gone everywhere
+    assert ok(owner.nagaya("run", refs["new"], env=fresh_env(owner))).stdout == "ret-three"
+    assert ok(owner.nagaya("run", refs["release-1"], env=fresh_env(owner))).stdout == "ret-one"
+    assert owner.nagaya("pull", refs["old"], env=fresh_env(owner)).returncode != 0
+    tags = site.api("GET", f"/api/repositories/{repo}/tags", auth=admin.creds(site.registry)).json()
+    assert sorted(t["tag"] for t in tags) == ["new", "release-1"]
+    assert admin_audit(admin, "--action", "retention.delete", "--image", repo)
+    # idempotent: a second run finds nothing to do
+    again = maintain(site)
+    assert not [r for r in again["retention"] if r["repository"] == repo] and again["gc"]["blobs_removed"] == []
+    # one run at a time: while another holds the lock, a run skips
+    fd = os.open(site.state_dir / "maintain.lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert maintain(site)["skipped"]
+    finally:
+        os.close(fd)
