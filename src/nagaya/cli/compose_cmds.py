@@ -111,6 +111,8 @@ def ps(file: Path = FILE_OPT, json_out: bool = typer.Option(False, "--json", hel
         st = {"status": "down", "replicas": []}
     elif not supervisor_alive(st) and st["status"] in ("starting", "running", "stopping"):
         st["status"] = "down"           # the supervisor died without a word (SIGKILL): so did its children
+        for r in st["replicas"]:
+            r["state"] = "exited" if r["state"] == "running" else r["state"]
     if json_out:
         print_json(st)
         return

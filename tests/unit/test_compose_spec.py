@@ -1,0 +1,77 @@
+"""The compose models, interpolation and placement, without running anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nagaya.compose.placement import hosts_file, place, service_env
+from nagaya.compose.spec import interpolate, load, parse
+from nagaya.errors import UsageError
+
+
+def test_interpolation() -> None:
+    env = {"A": "1", "EMPTY": ""}
+    assert interpolate("${A} $A ${B:-x} ${EMPTY:-d} ${EMPTY-d} $${A} ${B:-${A}}", env) == "1 1 x d  ${A} 1"
+    with pytest.raises(UsageError, match=r"services\.web\.image: variable B is required: give B"):
+        interpolate({"services": {"web": {"image": "${B:?give B}"}}}, env)
+
+
+def test_short_forms_are_normalised() -> None:
+    p = parse({"services": {"web": {
+        "image": "bb", "command": "httpd -f -p 80", "environment": ["K=V", "FLAG=true"],
+        "ports": ["8080:80/udp", 9000], "volumes": ["./data:/data:ro"], "depends_on": ["db"],
+        "healthcheck": {"test": ["CMD", "true"], "interval": "1m30s", "timeout": "500ms"}},
+        "db": {"image": "bb", "environment": {"N": 1, "B": True}}}}, {})
+    web = p.services["web"]
+    assert web.command == ["httpd", "-f", "-p", "80"] and web.environment == {"K": "V", "FLAG": "true"}
+    assert [(x.target, x.published, x.protocol, x.host_port) for x in web.ports] == \
+        [(80, 8080, "udp", 8080), (9000, None, "tcp", 9000)]
+    assert web.volumes[0].source == "./data" and web.volumes[0].read_only
+    assert web.depends_on["db"].condition == "service_started"
+    assert web.healthcheck is not None and web.healthcheck.interval == 90 and web.healthcheck.timeout == 0.5
+    assert web.healthcheck.argv == ["true"]
+    assert p.services["db"].environment == {"N": "1", "B": "true"}
+    assert p.order() == ["db", "web"]
+
+
+@pytest.mark.parametrize("svc,where", [
+    ({"image": "bb", "build": "."}, "services.web.build"),
+    ({"image": "bb", "deploy": {"resources": {}}}, "services.web.deploy.resources"),
+    ({"image": "bb", "x-nagaya": {"cpus": 2}}, "services.web.x-nagaya.cpus"),
+    ({"image": "bb", "volumes": [{"type": "volume", "source": "v", "target": "/v"}]}, "services.web.volumes[0].type"),
+    ({"image": "bb", "healthcheck": {"test": ["BOGUS"]}}, "services.web.healthcheck.test"),
+])
+def test_unsupported_keys_name_their_path(svc: dict, where: str) -> None:
+    with pytest.raises(UsageError, match=f"compose file: {where.replace('[', '.').replace(']', '.')}"):
+        parse({"services": {"web": svc}}, {})
+
+
+def test_dotenv_fills_what_the_environment_lacks(tmp_path: Path) -> None:
+    (tmp_path / "compose.yml").write_text("services:\n  web:\n    image: ${IMG}\n    command: echo ${MSG}\n")
+    (tmp_path / ".env").write_text("# comment\nIMG=from-dotenv\nexport MSG='hi there'\n")
+    p = load(tmp_path / "compose.yml", {"IMG": "from-env"})
+    assert p.services["web"].image == "from-env" and p.services["web"].command == ["echo", "hi", "there"]
+    assert p.name == tmp_path.name.lower().replace(".", "")
+
+
+def test_placement_spreads_and_refuses_port_clashes() -> None:
+    p = parse({"services": {"web": {"image": "bb", "ports": [80]},
+                            "worker": {"image": "bb", "deploy": {"replicas": 5}},
+                            "gpu": {"image": "bb", "x-nagaya": {"nodes": ["n3"], "gpus": 1},
+                                    "deploy": {"replicas": 2}}}}, {})
+    reps = place(p, ["n1", "n2", "n3"])
+    nodes = [r.node for r in reps]
+    assert sorted(nodes) == ["n1", "n1", "n2", "n2", "n3", "n3", "n3", "n3"]
+    assert {r.node for r in reps if r.service == "gpu"} == {"n3"}
+    addrs = {"n1": "10.0.0.1", "n2": "10.0.0.2", "n3": "10.0.0.3"}
+    hosts = hosts_file(p, reps, addrs)
+    web_node = next(r.node for r in reps if r.service == "web")
+    assert f"{addrs[web_node]}\tweb\n" in hosts and hosts.count("\ttasks.worker\n") == 5
+    assert service_env(p, reps, addrs)["NAGAYA_SERVICE_GPU_HOSTS"] == "10.0.0.3,10.0.0.3"
+    clash = parse({"services": {"a": {"image": "bb", "ports": ["8080:80"]},
+                                "b": {"image": "bb", "ports": [8080], "deploy": {"replicas": 2}}}}, {})
+    assert len(place(clash, ["n1", "n2", "n3"])) == 3
+    with pytest.raises(UsageError, match="cannot place b-2: port 8080/tcp"):
+        place(clash, ["n1", "n2"])
