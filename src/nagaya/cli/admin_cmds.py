@@ -203,9 +203,50 @@ def maintain(state_dir: Path = typer.Option(None, "--state-dir", help="the site'
         console.print(f"skipped: {report['skipped']}", highlight=False)
         return
     verb = "would delete" if dry_run else "deleted"
+    for h in report.get("handover", []):
+        what = f"handed over to {h['to']}" if h["to"] else "flagged: no other owner"
+        console.print(f"project {h['project']} of expired {h['from']}: {what}", highlight=False)
+    for a in report.get("archived", []):
+        state = "archived and removed" if a["removed"] else a.get("error", "would be archived and removed")
+        console.print(f"{a['repository']}:{a['tag']} -> {a['file']}: {state}", highlight=False)
     for r in report["retention"]:
         console.print(f"{verb} {r['repository']}@{r['digest'][:19]} ({', '.join(r['tags'])})", highlight=False)
     gc = report.get("gc") or {}
     blobs = gc.get("blobs_removed", gc.get("blobs_eligible", []))
     console.print(f"garbage collection: {len(blobs)} unreferenced blob(s) {'eligible' if dry_run else 'removed'}",
                   highlight=False)
+
+
+user_app = typer.Typer(help="Accounts: expiry (end of term).", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+
+
+@user_app.command("set")
+def user_set(user: str = typer.Argument(...),
+             expires: str = typer.Option(..., "--expires", help="ISO date/time (UTC), or `never`"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="show the consequences; change nothing"),
+             registry: str = REGISTRY, json_out: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """Set when an account expires: warnings before, then no login or token and a frozen personal project;
+    after the grace period `nagaya admin maintain` archives and removes its images. Group projects it owns
+    go to another owner, or are flagged for an admin — never deleted."""
+    try:
+        when = None if expires.lower() in ("never", "none") else parse_time(expires).isoformat()
+        out = api_client(registry).request("PUT", f"/api/admin/users/{quote(user, safe='')}/expiry",
+                                           json={"expires_at": when, "dry_run": dry_run})
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(out)
+        return
+    if out["expires_at"] is None:
+        console.print(f"{user}: never expires", highlight=False)
+        return
+    head = "would expire" if dry_run else "expires"
+    console.print(f"{user} {head} at {out['expires_at']}; images archived and removed after {out['archive_after']}",
+                  highlight=False)
+    for p in out["frozen"]:
+        console.print(f"  frozen at expiry: {p}", highlight=False)
+    for h in out["handover"]:
+        console.print(f"  handed over: {h['project']} -> {h['to']}", highlight=False)
+    for f in out["flagged"]:
+        console.print(f"  flagged (no other owner): {f['project']}", highlight=False)

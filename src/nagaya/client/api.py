@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import re
+import sys
 from typing import Any
 
 import httpx
 
 from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, SiteError, UsageError
 
+_WARNED: set[str] = set()
 _ERRORS: dict[int, type[NagayaError]] = {400: UsageError, 401: AuthError, 403: PermissionDenied, 404: NotFound,
                                          409: Conflict, 422: UsageError}
 
@@ -39,6 +41,10 @@ class Api:
             r = self.http.request(method, url, **kw)
         except httpx.HTTPError as e:
             raise SiteError(f"cannot reach {self.server}: {e}") from None
+        warning = r.headers.get("x-nagaya-warning")
+        if warning and warning not in _WARNED:       # e.g. an account about to expire: once per command
+            _WARNED.add(warning)
+            sys.stderr.write(f"nagaya: warning: {warning}\n")
         if r.status_code >= 400:
             raise _ERRORS.get(r.status_code, SiteError)(_detail(r))
         return r.json() if r.content else None

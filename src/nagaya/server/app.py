@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import hmac
 import json
 import logging
@@ -29,6 +30,9 @@ from nagaya.store.models import Project, Repository, Tag, UserToken, utcnow
 from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, SiteService
 
 log = logging.getLogger("nagaya.server")
+# Per request: a note for the caller (an account about to expire), sent as the X-Nagaya-Warning header.
+# A dict, not a value: handlers run in a copied context (thread pool) and mutate the one the middleware made.
+NOTES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("nagaya_notes", default=None)
 INTERNAL = "$nagaya"          # the server's own registry reads (manifest sizes): not user activity
 _STATUS = {AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400}
 
@@ -109,6 +113,7 @@ class Site:
             raise AuthError("invalid username or password")
         user = svc.login(ident.name, ident.uid, self.is_admin(ident.name, ident.groups))
         svc.audit("login", ident.name, details={"method": self.settings.auth})
+        self.note_expiry(user)
         return svc.principal(user, ident.groups)
 
     def principal(self, svc: SiteService, creds: tuple[str, str] | None, allow_password: bool = True) -> Principal:
@@ -132,10 +137,18 @@ class Site:
             ident = self.authn.user(user.name)
             groups = ident.groups if ident else frozenset()
             user.is_admin = self.is_admin(user.name, groups)
-            return svc.principal(user, groups)
+            p = svc.principal(user, groups)
+            self.note_expiry(user)
+            return p
         if not allow_password:
             raise AuthError("use a personal access token (nagaya login) or a robot token")
         return self.password_login(svc, username, secret)
+
+    def note_expiry(self, user: Any) -> None:
+        notes = NOTES.get()
+        warning = lifecycle.expiry_warning(user, utcnow(), self.settings.expiry_warn_days)
+        if notes is not None and warning:
+            notes["warning"] = warning
 
     def manifest_size(self, repository: str, digest: str, media_type: str) -> int | None:
         """Bytes an image occupies (config + layers), read back from the registry with a server token."""
@@ -160,6 +173,15 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
     app = FastAPI(title="nagaya", version=__version__,
                   description="nagaya site server: registry token service, projects, roles and tokens")
     app.state.site = site
+
+    @app.middleware("http")
+    async def _notes(request: Request, call_next: Any) -> Any:
+        notes: dict[str, str] = {}
+        NOTES.set(notes)
+        response = await call_next(request)
+        if notes.get("warning"):
+            response.headers["X-Nagaya-Warning"] = notes["warning"]
+        return response
 
     @app.exception_handler(NagayaError)
     async def _nagaya_error(_request: Request, exc: NagayaError) -> JSONResponse:
@@ -229,7 +251,9 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             days = body.expires_days or settings.login_ttl_days
             new = svc.issue_user_token(user, body.token_name, timedelta(days=days))
             personal = s.scalar(select(Project.name).where(Project.name == user.name))
-            return {"username": user.name, "token": new.secret, "expires_at": _json({"t": new.expires_at})["t"],
+            warning = (NOTES.get() or {}).get("warning")
+            return {"username": user.name, "token": new.secret, "warning": warning,
+                    "expires_at": _json({"t": new.expires_at})["t"],
                     "registry": settings.registry, "server": settings.url, "is_admin": principal.is_admin,
                     "personal_project": personal}
 
@@ -396,6 +420,19 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             mine = "push" in authorize(s, p, repository, ["push"])
             immutable = mine and lifecycle.is_immutable(svc, repository, tag)
             return {"repository": repository, "tag": tag, "immutable": immutable}
+
+    @app.put("/api/admin/users/{name}/expiry", tags=["admin"],
+             summary="Set (or clear) when an account expires; dry_run shows the consequences only")
+    def put_expiry(request: Request, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        raw = body.get("expires_at")
+        try:
+            when = _naive(datetime.fromisoformat(str(raw).replace("Z", "+00:00"))) if raw else None
+        except ValueError:
+            raise UsageError(f"invalid expires_at {raw!r}") from None
+        with session() as s:
+            svc = SiteService(s)
+            return lifecycle.set_expiry(svc, site.principal(svc, _basic(request)), name, when,
+                                        settings.expiry_grace_days, bool(body.get("dry_run")))
 
     # ---- registry notifications -----------------------------------------------------------------------
 

@@ -3,16 +3,21 @@ service account). Idempotent, and one run at a time (an flock in the state dir; 
 it skipped). Steps: retention (delete expired manifests through the registry API, so the index and the
 registry agree), then the registry's own `garbage-collect` with the registry stopped, as its documentation
 requires: its mark phase walks every manifest still present, so no blob a manifest references is removed,
-whichever repositories share it."""
+whichever repositories share it. Before retention: expired accounts (group projects handed over or
+flagged; personal images archived and removed after the grace period), all judged at `now`."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import io
+import json
 import os
 import pwd
 import re
 import signal
 import subprocess
+import tarfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -59,6 +64,10 @@ def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetim
         site = Site(ServerSettings.load(state_dir / "server.json"))
         try:
             report: dict[str, Any] = {"dry_run": dry_run, "now": now.isoformat() + "Z", "skipped": None}
+            with site.db.session() as s:
+                report["handover"] = lifecycle.hand_over(SiteService(s), now, dry_run)
+            archive_dir = Path(site.settings.archive_dir or state_dir / "archive")
+            report["archived"] = archive_expired(site, archive_dir, now, dry_run)
             report["retention"] = apply_retention(site, dry_run)
             report["gc"] = garbage_collect(cfg, state_dir, dry_run) if gc else None
             return report
@@ -66,6 +75,109 @@ def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetim
             site.db.dispose()
     finally:
         os.close(fd)
+
+
+def _registry_get(site: Any, repository: str, path: str, accept: str = "") -> bytes:
+    tok = site.issuer.issue(ACTOR, [{"type": "repository", "name": repository, "actions": ["pull"]}])
+    headers = {"Authorization": f"Bearer {tok['token']}"} | ({"Accept": accept} if accept else {})
+    r = httpx.get(f"http://{site.settings.registry}/v2/{repository}/{path}", headers=headers, timeout=300,
+                  follow_redirects=True)
+    r.raise_for_status()
+    return r.content
+
+
+def _delete_manifest(site: Any, repository: str, digest: str) -> bool:
+    tok = site.issuer.issue(ACTOR, [{"type": "repository", "name": repository, "actions": ["delete"]}])
+    r = httpx.delete(f"http://{site.settings.registry}/v2/{repository}/manifests/{digest}",
+                     headers={"Authorization": f"Bearer {tok['token']}"}, timeout=30)
+    return r.status_code in (202, 404)           # 404: already gone (an earlier, interrupted run)
+
+
+def write_oci_archive(site: Any, row: lifecycle.TagRow, out: Path) -> int:
+    """One image as an OCI archive (oci-layout, index.json, blobs), every blob checked against its digest.
+    Written to a temporary name and renamed: a half-written archive is never taken for a good one."""
+    manifest = _registry_get(site, row.repository, f"manifests/{row.digest}", row.media_type)
+    if "sha256:" + hashlib.sha256(manifest).hexdigest() != row.digest:
+        raise SiteError(f"{row.repository}@{row.digest[:19]}: manifest digest mismatch; not archived")
+    m = json.loads(manifest)
+    if "layers" not in m:
+        raise SiteError(f"{row.repository}:{row.tag} is an index; archiving multi-platform images is not supported")
+    tmp = out.with_name(out.name + ".part")
+    total = 0
+    with tarfile.open(tmp, "w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+
+        add("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        index = {"schemaVersion": 2, "manifests": [{
+            "mediaType": row.media_type, "digest": row.digest, "size": len(manifest),
+            "annotations": {"org.opencontainers.image.ref.name": row.tag}}]}
+        add("index.json", json.dumps(index).encode())
+        add(f"blobs/sha256/{row.digest.split(':', 1)[1]}", manifest)
+        for desc in [m["config"], *m["layers"]]:
+            blob = _registry_get(site, row.repository, f"blobs/{desc['digest']}")
+            if "sha256:" + hashlib.sha256(blob).hexdigest() != desc["digest"]:
+                raise SiteError(f"{row.repository}: blob {desc['digest'][:19]} digest mismatch; not archived")
+            add(f"blobs/sha256/{desc['digest'].split(':', 1)[1]}", blob)
+            total += len(blob)
+    os.replace(tmp, out)
+    return total
+
+
+def archive_expired(site: Any, archive_dir: Path, now: datetime, dry_run: bool) -> list[dict[str, Any]]:
+    """Images of users expired longer than the grace period: archived (one OCI archive per tag plus an
+    index.json per project), then removed from the registry. A failed archive removes nothing."""
+    with site.db.session() as s:
+        due = lifecycle.archive_due(SiteService(s), now, site.settings.expiry_grace_days)
+    out: list[dict[str, Any]] = []
+    for project, rows in due:
+        pdir = archive_dir / project
+        entries: list[dict[str, Any]] = []
+        index_path = pdir / "index.json"
+        if index_path.exists():
+            entries = json.loads(index_path.read_text()).get("images", [])
+        for row in rows:
+            name = f"{row.repository.split('/', 1)[1].replace('/', '_')}_{row.tag}.tar"
+            item: dict[str, Any] = {"project": project, "repository": row.repository, "tag": row.tag,
+                                    "digest": row.digest, "file": str(pdir / name), "removed": False}
+            out.append(item)
+            if dry_run:
+                continue
+            pdir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            try:
+                item["size"] = write_oci_archive(site, row, pdir / name)
+            except (httpx.HTTPError, SiteError, ValueError) as e:
+                item["error"] = str(e)
+                continue
+            entries = [e for e in entries if (e["repository"], e["tag"]) != (row.repository, row.tag)]
+            entries.append({k: item[k] for k in ("repository", "tag", "digest", "size")} | {"file": name,
+                           "archived_at": now.isoformat() + "Z"})
+            _write_json(index_path, {"project": project, "images": entries})
+        # Then remove each manifest once (tags may share one), only when all its tags are archived.
+        mine = [i for i in out if i["project"] == project]
+        failed = {i["digest"] for i in mine if "error" in i}
+        for digest in sorted({i["digest"] for i in mine} - failed):
+            items = [i for i in mine if i["digest"] == digest]
+            repos = sorted({i["repository"] for i in items})
+            if dry_run or not all(_delete_manifest(site, r, digest) for r in repos):
+                continue
+            with site.db.session() as s:
+                svc = SiteService(s)
+                for r in repos:
+                    forget_manifest(svc, r, digest)
+                for i in items:
+                    i["removed"] = True
+                    svc.audit("expiry.archive", ACTOR, repository=i["repository"], tag=i["tag"], digest=digest,
+                              details={"file": i["file"], "size": i["size"]})
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def apply_retention(site: Any, dry_run: bool) -> list[dict[str, Any]]:
@@ -78,11 +190,8 @@ def apply_retention(site: Any, dry_run: bool) -> list[dict[str, Any]]:
         out.append(item)
         if dry_run:
             continue
-        tok = site.issuer.issue(ACTOR, [{"type": "repository", "name": rm.repository, "actions": ["delete"]}])
-        r = httpx.delete(f"http://{site.settings.registry}/v2/{rm.repository}/manifests/{rm.digest}",
-                         headers={"Authorization": f"Bearer {tok['token']}"}, timeout=30)
-        if r.status_code not in (202, 404):        # 404: already gone (an earlier, interrupted run)
-            item["error"] = f"registry answered HTTP {r.status_code}"
+        if not _delete_manifest(site, rm.repository, rm.digest):
+            item["error"] = "the registry refused the delete"
             continue
         item["deleted"] = True
         with site.db.session() as s:

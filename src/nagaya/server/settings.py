@@ -29,6 +29,9 @@ class ServerSettings:
     admin_users: list[str] = field(default_factory=list)
     admin_groups: list[str] = field(default_factory=list)
     ldap: dict[str, Any] = field(default_factory=dict)
+    expiry_warn_days: int = 14            # warn an account this long before it expires
+    expiry_grace_days: int = 30           # after expiry, this long before its images are archived and removed
+    archive_dir: str = ""                 # where expired users' images go (default: STATE_DIR/archive)
 
     @property
     def url(self) -> str:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select
 
 from nagaya.errors import NotFound, PermissionDenied, UsageError
 from nagaya.store.authz import Principal, split_repository
-from nagaya.store.models import AuditEvent, Project, Repository, Tag
+from nagaya.store.models import AuditEvent, Membership, Project, Repository, Tag, User, utcnow
 from nagaya.store.service import SiteService
 
 # Actions a CLI may report; registry.*, admin.*, login and the like are written by the server only.
@@ -113,7 +113,13 @@ def push_refusal(svc: SiteService, repository: str) -> str | None:
     """Why a push to `repository` must be refused now (None: it may go ahead)."""
     parts = split_repository(repository)
     project = svc.s.scalar(select(Project).where(Project.name == parts[0])) if parts else None
-    if project is None or project.quota_bytes is None:
+    if project is None:
+        return None
+    owner = project.owner
+    if project.kind == "personal" and owner is not None and owner.expires_at is not None \
+            and owner.expires_at <= utcnow():
+        return f"project {project.name} is frozen: its owner's account expired on {owner.expires_at:%Y-%m-%d}"
+    if project.quota_bytes is None:
         return None
     used = project_usage(svc, project)
     if used >= project.quota_bytes:
@@ -219,3 +225,97 @@ def retention_plan(svc: SiteService, project: str | None = None) -> list[Removal
             for digest, ts in by_digest.items():
                 out.append(Removal(repo.name, digest, sorted(t.name for t in ts), max(t.size for t in ts)))
     return out
+
+
+# ---- account expiry -----------------------------------------------------------------------------------
+
+def expiry_warning(user: User, now: datetime, warn_days: int) -> str | None:
+    """The warning an account gets in the last `warn_days` before it expires."""
+    if user.expires_at is None or user.expires_at <= now or user.expires_at - now > timedelta(days=warn_days):
+        return None
+    days = max(0, (user.expires_at - now).days)
+    return (f"your account {user.name} expires on {user.expires_at:%Y-%m-%d %H:%M} UTC (in {days} days): "
+            f"pushes stop then, and your images are archived and removed after the grace period")
+
+
+def _other_owner(svc: SiteService, p: Project, user: User, now: datetime) -> User | None:
+    """A remaining direct owner (not expired) to hand a group project to."""
+    q = (select(User).join(Membership, Membership.user_id == User.id)
+         .where(Membership.project_id == p.id, Membership.role == "owner", User.id != user.id,
+                or_(User.expires_at.is_(None), User.expires_at > now)).order_by(User.name))
+    return svc.s.scalars(q).first()
+
+
+def expiry_effects(svc: SiteService, user: User, expires_at: datetime, grace_days: int) -> dict[str, Any]:
+    """What expiring `user` at `expires_at` does (the dry run, and what `maintain` carries out)."""
+    personal, handover, flagged = [], [], []
+    for p in svc.s.scalars(select(Project).where(Project.owner_id == user.id).order_by(Project.name)):
+        if p.kind == "personal":
+            tags = svc.s.scalar(select(func.count(Tag.id)).join(Repository).where(Repository.project_id == p.id))
+            personal.append({"project": p.name, "tags": int(tags or 0)})
+        else:
+            heir = _other_owner(svc, p, user, expires_at)
+            (handover if heir else flagged).append({"project": p.name, "to": heir.name if heir else None})
+    return {"user": user.name, "expires_at": expires_at.isoformat() + "Z",
+            "archive_after": (expires_at + timedelta(days=grace_days)).isoformat() + "Z",
+            "frozen": [x["project"] for x in personal], "archive": personal, "handover": handover,
+            "flagged": flagged}
+
+
+def set_expiry(svc: SiteService, principal: Principal, name: str, expires_at: datetime | None, grace_days: int,
+               dry_run: bool) -> dict[str, Any]:
+    _require_admin(principal)
+    user = svc.user(name)
+    if user is None:
+        raise NotFound(f"no such user: {name} (users appear at their first login or project membership)")
+    out = expiry_effects(svc, user, expires_at, grace_days) if expires_at else {"user": name, "expires_at": None}
+    out["dry_run"] = dry_run
+    if not dry_run:
+        user.expires_at = expires_at
+        svc.audit("admin.user.expires", principal.name,
+                  details={"user": name, "expires_at": out["expires_at"]})
+    return out
+
+
+def hand_over(svc: SiteService, now: datetime, dry_run: bool) -> list[dict[str, Any]]:
+    """Group projects owned by expired users: to another owner, or flagged for an admin (never deleted)."""
+    out = []
+    q = (select(Project).join(User, Project.owner_id == User.id)
+         .where(Project.kind != "personal", User.expires_at.is_not(None), User.expires_at <= now))
+    for p in svc.s.scalars(q.order_by(Project.name)):
+        old = p.owner
+        assert old is not None
+        heir = _other_owner(svc, p, old, now)
+        item = {"project": p.name, "from": old.name, "to": heir.name if heir else None,
+                "action": "handover" if heir else "flagged"}
+        out.append(item)
+        if dry_run:
+            continue
+        if heir:
+            p.owner_id = heir.id
+            svc.audit("project.handover", "$nagaya-maintain", details=item)
+        else:
+            svc.audit("project.flagged", "$nagaya-maintain", details={**item, "why": "its only owner expired"})
+    return out
+
+
+def archive_due(svc: SiteService, now: datetime, grace_days: int) -> list[tuple[str, list[TagRow]]]:
+    """Personal projects of users expired for longer than the grace period, with their tags."""
+    limit = now - timedelta(days=grace_days)
+    q = (select(Project).join(User, Project.owner_id == User.id)
+         .where(Project.kind == "personal", User.expires_at.is_not(None), User.expires_at <= limit))
+    out = []
+    for p in svc.s.scalars(q.order_by(Project.name)):
+        rows = [TagRow(r.name, t.name, t.digest, t.media_type, t.size)
+                for r in svc.s.scalars(select(Repository).where(Repository.project_id == p.id)) for t in r.tags]
+        out.append((p.name, sorted(rows, key=lambda x: (x.repository, x.tag))))
+    return out
+
+
+@dataclass(frozen=True)
+class TagRow:
+    repository: str
+    tag: str
+    digest: str
+    media_type: str
+    size: int

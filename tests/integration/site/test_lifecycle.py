@@ -13,14 +13,35 @@ import os
 import subprocess
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import images
-from tests.integration.site.conftest import NAGAYA, Site, SiteUser, push, run_root, skopeo
+from tests.integration.site.conftest import (
+    NAGAYA,
+    Site,
+    SiteUser,
+    ensure_group,
+    ensure_user,
+    push,
+    run_root,
+    skopeo,
+)
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def lc(site: Site, site_system: None) -> dict[str, SiteUser]:
+    """Users of this module only: other sessions' fixtures reset the shared test users' logins."""
+    ensure_group("nagaya-admins")
+    spec = {"owner": (), "dev": (), "admin": ("nagaya-admins",)}
+    users = {k: ensure_user(f"nys-lc-{k}", f"pw-lc-{k}-{os.getpid()}", g) for k, g in spec.items()}
+    for u in users.values():
+        u.login(site.server)
+    return users
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -45,8 +66,8 @@ def admin_audit(admin: SiteUser, *args: str) -> list[dict]:
     return json.loads(ok(admin.nagaya("admin", "audit", "--json", *args)).stdout)
 
 
-def test_admin_audit_one_trail(site: Site, logged_in: dict[str, SiteUser], image_archive: Path) -> None:
-    owner, admin, dev = logged_in["owner"], logged_in["admin"], logged_in["dev"]
+def test_admin_audit_one_trail(site: Site, lc: dict[str, SiteUser], image_archive: Path) -> None:
+    owner, admin, dev = lc["owner"], lc["admin"], lc["dev"]
     repo = f"{owner.name}/lc-audit"
     ref = f"{site.registry}/{repo}:1"
     ok(push(owner, image_archive, ref, owner.creds(site.registry)))
@@ -77,14 +98,14 @@ def test_admin_audit_one_trail(site: Site, logged_in: dict[str, SiteUser], image
     assert r.returncode != 0 and "admin" in r.stderr and r.stderr.startswith("nagaya: ")
 
 
-def test_cli_cannot_forge_server_events(site: Site, logged_in: dict[str, SiteUser]) -> None:
-    dev, admin = logged_in["dev"], logged_in["admin"]
+def test_cli_cannot_forge_server_events(site: Site, lc: dict[str, SiteUser]) -> None:
+    dev, admin = lc["dev"], lc["admin"]
     creds = dev.creds(site.registry)
     r = site.api("POST", "/api/audit", auth=creds, json={"action": "registry.delete", "image": "x/y:1"})
     assert r.status_code == 400
     assert site.api("POST", "/api/audit", json={"action": "run"}).status_code in (401, 403)
     marker = uuid.uuid4().hex
-    r = site.api("POST", "/api/audit", auth=creds, json={"action": "run", "user": "nys-admin", "image": "a/b:1",
+    r = site.api("POST", "/api/audit", auth=creds, json={"action": "run", "user": "nys-lc-admin", "image": "a/b:1",
                                                          "details": {"marker": marker}})
     assert r.status_code == 201
     hit = [e for e in admin_audit(admin, "--action", "cli.run", "--image", "a/b:1")
@@ -92,9 +113,9 @@ def test_cli_cannot_forge_server_events(site: Site, logged_in: dict[str, SiteUse
     assert [e["actor"] for e in hit] == [dev.name]           # the caller, never the name in the body
 
 
-def test_quota_refuses_push_through_skopeo_and_nagaya(site: Site, logged_in: dict[str, SiteUser],
+def test_quota_refuses_push_through_skopeo_and_nagaya(site: Site, lc: dict[str, SiteUser],
                                                       image_archive: Path) -> None:
-    owner, admin = logged_in["owner"], logged_in["admin"]
+    owner, admin = lc["owner"], lc["admin"]
     project = f"lc-quota-{uuid.uuid4().hex[:6]}"
     ok(owner.nagaya("project", "create", project))
     creds = owner.creds(site.registry)
@@ -171,8 +192,8 @@ def fresh_env(u: SiteUser) -> dict[str, str]:
     return {"XDG_CACHE_HOME": str(u.u.mkdir(u.u.home / f"lc-cache-{uuid.uuid4().hex[:8]}"))}
 
 
-def test_immutable_tags(site: Site, logged_in: dict[str, SiteUser], base_dir: Path) -> None:
-    owner, admin = logged_in["owner"], logged_in["admin"]
+def test_immutable_tags(site: Site, lc: dict[str, SiteUser], base_dir: Path) -> None:
+    owner, admin = lc["owner"], lc["admin"]
     project = f"lc-imm-{uuid.uuid4().hex[:6]}"
     ok(owner.nagaya("project", "create", project))
     r = owner.nagaya("admin", "project", "policy", project, "--immutable", "v*")
@@ -204,8 +225,8 @@ def test_immutable_tags(site: Site, logged_in: dict[str, SiteUser], base_dir: Pa
     assert admin_audit(admin, "--action", "tag.immutable.restored", "--image", f"{project}/app:v1")
 
 
-def test_retention_and_gc_keep_shared_layers(site: Site, logged_in: dict[str, SiteUser], base_dir: Path) -> None:
-    owner, admin = logged_in["owner"], logged_in["admin"]
+def test_retention_and_gc_keep_shared_layers(site: Site, lc: dict[str, SiteUser], base_dir: Path) -> None:
+    owner, admin = lc["owner"], lc["admin"]
     project = f"lc-ret-{uuid.uuid4().hex[:6]}"
     ok(owner.nagaya("project", "create", project))
     creds = owner.creds(site.registry)
@@ -251,3 +272,83 @@ def test_retention_and_gc_keep_shared_layers(site: Site, logged_in: dict[str, Si
         assert maintain(site)["skipped"]
     finally:
         os.close(fd)
+
+
+# ---- account expiry ------------------------------------------------------------------------------------
+
+def test_account_expiry_warn_freeze_handover_archive(site: Site, lc: dict[str, SiteUser],
+                                                     base_dir: Path) -> None:
+    owner, admin = lc["owner"], lc["admin"]
+    leaver = ensure_user("nys-lc-leaver", f"pw-leaver-{os.getpid()}")
+    leaver.login(site.server)
+    creds = leaver.creds(site.registry)
+    ref = f"{site.registry}/{leaver.name}/thesis:final"
+    ok(push(leaver, archive_with(base_dir, "thesis"), ref, creds))
+    digest = indexed(site, admin, f"{leaver.name}/thesis", "final")["digest"]
+    team, solo = f"lc-team-{uuid.uuid4().hex[:6]}", f"lc-solo-{uuid.uuid4().hex[:6]}"
+    for p in (team, solo):
+        ok(leaver.nagaya("project", "create", p))
+    ok(leaver.nagaya("project", "member", "add", team, owner.name, "--role", "owner"))
+    now = datetime.now(UTC)
+
+    # dry run: the consequences, nothing changed
+    soon = (now + timedelta(days=3)).isoformat()
+    dry = json.loads(ok(admin.nagaya("admin", "user", "set", leaver.name, "--expires", soon, "--dry-run",
+                                     "--json")).stdout)
+    assert dry["frozen"] == [leaver.name] and dry["archive"] == [{"project": leaver.name, "tags": 1}]
+    assert dry["handover"] == [{"project": team, "to": owner.name}]
+    assert dry["flagged"] == [{"project": solo, "to": None}]
+    assert "warning" not in ok(leaver.nagaya("project", "ls")).stderr
+    r = leaver.nagaya("admin", "user", "set", leaver.name, "--expires", "never")
+    assert r.returncode != 0 and "admin" in r.stderr
+
+    # before expiry: a warning at login and in any site command's output; everything still works
+    ok(admin.nagaya("admin", "user", "set", leaver.name, "--expires", soon))
+    r = ok(leaver.nagaya("project", "ls"))
+    assert f"warning: your account {leaver.name} expires on" in r.stderr
+    assert "warning: your account" in leaver.login(site.server).stderr
+    creds = leaver.creds(site.registry)
+    ok(push(leaver, archive_with(base_dir, "thesis"), f"{site.registry}/{leaver.name}/thesis:v2", creds))
+
+    # at expiry: tokens stop working, the personal project is frozen (even for admins), pulls by others go on
+    ok(admin.nagaya("admin", "user", "set", leaver.name, "--expires", (now - timedelta(minutes=1)).isoformat()))
+    r = leaver.nagaya("project", "ls")
+    assert r.returncode != 0 and "expired" in r.stderr
+    assert site.token(f"repository:{leaver.name}/thesis:pull", creds).status_code == 401
+    t = site.token(f"repository:{leaver.name}/thesis:pull,push", admin.creds(site.registry))
+    assert t.status_code == 403 and "frozen" in t.json()["detail"]
+
+    # maintenance, clock moved forward: in the grace period group projects are handed over or flagged
+    archive_dir = site.state_dir / "archive" / leaver.name
+    dry = maintain(site, "--no-gc", "--dry-run", "--now", (now + timedelta(days=40)).isoformat())
+    assert {h["project"]: h["action"] for h in dry["handover"]}.items() >= {team: "handover", solo: "flagged"}.items()
+    assert [a["tag"] for a in dry["archived"] if a["project"] == leaver.name] == ["final", "v2"]
+    assert not archive_dir.exists()
+    rep = maintain(site, "--no-gc", "--now", (now + timedelta(days=10)).isoformat())
+    assert {h["project"]: h["to"] for h in rep["handover"]}.items() >= {team: owner.name, solo: None}.items()
+    assert not [a for a in rep["archived"] if a["project"] == leaver.name]
+    listed = ok(owner.nagaya("project", "ls", "--json"))
+    info = {p["name"]: p for p in json.loads(listed.stdout)}
+    assert team in info, listed.stdout + listed.stderr
+    assert info[team]["owner"] == owner.name
+    projects = site.api("GET", "/api/projects", auth=admin.creds(site.registry)).json()
+    assert solo in {p["name"] for p in projects}                              # flagged, never deleted
+    assert admin_audit(admin, "--action", "project.flagged")
+    ok(skopeo(admin, ["inspect", f"docker://{ref}"], admin.creds(site.registry)))   # still in the registry
+
+    # after the grace period: archived (OCI archives + index.json), then removed from the registry
+    rep = maintain(site, "--no-gc", "--now", (now + timedelta(days=40)).isoformat())
+    mine = {a["tag"]: a for a in rep["archived"] if a["project"] == leaver.name}
+    assert set(mine) == {"final", "v2"} and all(a["removed"] for a in mine.values())
+    index = json.loads((archive_dir / "index.json").read_text())
+    assert {(e["tag"], e["digest"]) for e in index["images"]} >= {("final", digest)}
+    r = run_root(["skopeo", "inspect", f"oci-archive:{archive_dir / Path(mine['final']['file']).name}"])
+    assert r.returncode == 0 and json.loads(r.stdout)["Digest"] == digest, r.stderr
+    assert skopeo(admin, ["inspect", f"docker://{ref}"], admin.creds(site.registry)).returncode != 0
+    assert site.api("GET", f"/api/repositories/{leaver.name}/thesis/tags",
+                    auth=admin.creds(site.registry)).status_code == 404
+    assert admin_audit(admin, "--action", "expiry.archive", "--image", f"{leaver.name}/thesis")
+    # idempotent
+    again = maintain(site, "--no-gc", "--now", (now + timedelta(days=41)).isoformat())
+    assert not [a for a in again["archived"] if a["project"] == leaver.name]
+    ok(admin.nagaya("admin", "user", "set", leaver.name, "--expires", "never"))      # leave the account usable
