@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import require
 from tests.helpers import images
 from tests.helpers.users import User
 
@@ -28,14 +29,6 @@ CI = os.environ.get("CI") == "true"
 NAGAYA = "/usr/local/bin/nagaya"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SITE_COMPONENTS = ("nagaya", "skopeo", "setpriv", "chpasswd", "useradd", "docker-registry")
-
-
-def require(ok: bool, what: str) -> None:
-    if ok:
-        return
-    if CI:
-        pytest.fail(f"required component missing in CI: {what}")
-    pytest.skip(what)
 
 
 def run_root(args: list[str], **kw) -> subprocess.CompletedProcess:
