@@ -51,3 +51,5 @@ def test_podman_login_push_pull(site: Site, logged_in: dict[str, SiteUser], imag
     assert r.returncode != 0
     for who in (owner, outsider):
         podman(who, ["system", "reset", "--force"])
+        # Rootless podman keeps a pause process (catatonit) per user; leave nothing behind.
+        who.run(["pkill", "-u", who.name, "-x", "catatonit"])
