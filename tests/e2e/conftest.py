@@ -183,6 +183,12 @@ def job_service(system: None, portal: Site) -> Iterator[Path]:
     import sys
 
     spool = portal.state_dir / "jobs-spool"
+    try:
+        os.kill(int((spool / "dispatcher.pid").read_text()), 0)
+        yield spool                     # `nagaya site up` (as root) runs the site's own dispatcher
+        return
+    except (OSError, ValueError):
+        pass
     p = subprocess.Popen([sys.executable, "-m", "nagaya.server.jobs", "dispatch", str(spool)],
                          stdout=subprocess.DEVNULL, stderr=open(portal.state_dir / "dispatcher.log", "ab"))
     deadline = time.monotonic() + 20

@@ -254,6 +254,13 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
     _write_status(state_dir, st)
     st.pids["registry"] = _spawn("registry", [cfg.server.registry_bin, "serve", str(reg_cfg)], state_dir, acct)
     _write_status(state_dir, st)
+    if os.geteuid() == 0:
+        # The portal's job dispatcher: the only part that runs as root, and only to start each user's own
+        # scheduler operations as that user (server/jobs.py). Without root the portal shows jobs as off.
+        root = _Account("root", 0, 0, [], "/root")
+        st.pids["jobs"] = _spawn("jobs", [sys.executable, "-m", "nagaya.server.jobs", "dispatch",
+                                          str(state_dir / "jobs-spool"), acct.name], state_dir, root)
+        _write_status(state_dir, st)
     try:
         _wait_ready(st, state_dir)
     except SiteError:
@@ -283,7 +290,8 @@ def _wait_ready(st: SiteStatus, state_dir: Path) -> None:
 
 
 def _stop(st: SiteStatus, state_dir: Path) -> list[str]:
-    markers = {"server": str(state_dir / "server.json"), "registry": str(state_dir / "registry.yml")}
+    markers = {"server": str(state_dir / "server.json"), "registry": str(state_dir / "registry.yml"),
+               "jobs": str(state_dir / "jobs-spool")}
     stopped = []
     # The registry first: it sends its last notifications to the server.
     for name in sorted(st.pids, key=lambda n: n != "registry"):
