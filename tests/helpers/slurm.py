@@ -49,7 +49,7 @@ JobCompType=jobcomp/none
 PropagateResourceLimitsExcept=ALL
 {nodes}
 PartitionName=debug Nodes=n[1-{n}] Default=YES MaxTime=INFINITE State=UP
-"""
+{extra}"""
 
 
 def _free_port() -> int:
@@ -59,8 +59,9 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, nodes: int = 3, cpus: int = 2) -> None:
+    def __init__(self, nodes: int = 3, cpus: int = 2, extra_conf: str = "") -> None:
         self.n = nodes
+        self.extra_conf = extra_conf      # more slurm.conf lines (e.g. AuthAltTypes for slurmrestd)
         self.cpus = cpus
         self.dir = Path(tempfile.mkdtemp(prefix="nagaya-slurm-"))
         self.dir.chmod(0o755)
@@ -87,7 +88,7 @@ class SlurmCluster:
         nodes = "\n".join(f"NodeName=n{i} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={_free_port()} "
                           f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN" for i in range(1, self.n + 1))
         self.conf.write_text(CONF.format(host=socket.gethostname(), ctld_port=_free_port(), dir=d, nodes=nodes,
-                                         n=self.n))
+                                         n=self.n, extra=self.extra_conf))
         self.conf.chmod(0o644)
         env = {**os.environ, **self.env}
         self._daemon(["slurmctld", "-i"], d / "slurmctld.pid", env)
