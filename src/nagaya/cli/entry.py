@@ -15,6 +15,12 @@ def main(argv: list[str] | None = None) -> None:
         from nagaya.cli.run_cmd import main as run_main
 
         _exit_now(run_main(args[0], args[1:]))
+    if args and args[0] == "submit":
+        from nagaya.cli.submit_fast import main as submit_main
+
+        code = submit_main(args[1:])
+        if code is not None:
+            _exit_now(code)
     from nagaya.cli.app import main as app_main
 
     app_main(args)

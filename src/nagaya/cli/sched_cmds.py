@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import pwd
 import sys
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from nagaya import audit, config
+from nagaya import config
 from nagaya.cli.common import console, fail, print_json
-from nagaya.errors import NagayaError, UsageError
+from nagaya.errors import NagayaError
 
 app = typer.Typer(help="Inspect and control one batch job.", no_args_is_help=True)
 
@@ -25,32 +23,6 @@ def _sched(backend: str | None):
 
     cfg = config.load()
     return cfg, get_scheduler(cfg, backend)
-
-
-def _script(args: list[str]) -> tuple[Path, str] | None:
-    """The script form: the first argument is a file on this machine that carries #NAGAYA/#SBATCH lines."""
-    if not args:
-        return None
-    p = Path(args[0])
-    try:
-        if not p.is_file() or p.stat().st_size > 1 << 20:
-            return None
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-    head = [x.strip() for x in text.splitlines()[:200]]
-    return (p, text) if any(x.startswith(("#NAGAYA", "#SBATCH")) for x in head) else None
-
-
-def _compose_check(path: Path, nodes: int) -> str:
-    """`submit --compose`: refuse a bad file or an impossible placement now, not once the job starts."""
-    from nagaya.compose.placement import place
-    from nagaya.compose.spec import load
-
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    place(load(path), [f"node{i}" for i in range(1, nodes + 1)])
-    return str(path)
 
 
 def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SCRIPT",
@@ -68,68 +40,18 @@ def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SC
            backend: str = BACKEND_OPT,
            json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Submit a batch job that runs CMD in IMAGE (or a script with `#NAGAYA --image REF` lines)."""
-    from nagaya.sched import JobSpec, parse_script, parse_time, pin_image
+    from nagaya.sched.submit import SubmitRequest, submit_job
 
     try:
-        args = list(args or [])
-        script = _script(args)
-        directives: dict[str, str] = {}
-        sbatch: dict[str, str] = {}
-        if script:
-            directives, sbatch = parse_script(script[1], str(script[0]))
-        image = image or directives.get("image")
-        if compose is not None:
-            image, args = _compose_check(compose, nodes or 1), []
-            ntasks = ntasks or nodes        # one task per node: the replicas' steps overlap it
-        if not image:
-            raise UsageError("no image: give --image REF (or a `#NAGAYA --image REF` line in the script)")
-        if not script and not args and compose is None:
-            raise UsageError("nothing to run: nagaya submit --image REF -- CMD [ARGS]...  or  nagaya submit SCRIPT")
-        cfg = config.load()
-        from nagaya.sched import get_scheduler
-
-        sched = get_scheduler(cfg, backend or directives.get("backend"))
-        ref, digest = pin_image(cfg, image) if compose is None else (str(compose.resolve()), "")
-
-        def pick(cli: object, key: str, default: str) -> str:
-            return str(cli) if cli is not None else sbatch.get(key, default)
-
-        def num(cli: int | None, key: str) -> int:
-            v = pick(cli, key, "1")
-            try:
-                return max(1, int(v.split("-")[0]))
-            except ValueError:
-                raise UsageError(f"invalid {key} {v!r}") from None
-
-        me = pwd.getpwuid(os.getuid()).pw_name
-        spec = JobSpec(image=image, ref=ref, digest=digest, command=args if not script else [],
-                       script=script[1] if script else "", script_name=script[0].name if script else "",
-                       nodes=num(nodes, "nodes"), ntasks=num(ntasks, "ntasks"), cpus=num(cpus, "cpus"),
-                       mem=pick(mem, "mem", ""), gpus=pick(gpus, "gpus", ""),
-                       time_limit=parse_time(pick(time_limit, "time", "")),
-                       partition=pick(partition, "partition", cfg.sched.partition),
-                       name=pick(name, "name", script[0].name if script else Path(args[0] if args else image).name),
-                       cwd=os.getcwd(), env=dict(os.environ), user=me,
-                       compose=str(compose.resolve()) if compose is not None else "")
-        if script:
-            spec.command = args[1:]         # the script's own arguments
-        job_id = sched.submit(spec)
-        ev = audit.AuditEvent(action="submit", user=me, uid=os.getuid(), image=image, digest=digest,
-                              command=spec.command if not script else [str(script[0]), *args[1:]],
-                              cwd=spec.cwd, details={"job": job_id, "backend": sched.name,
-                                                     "nodes": spec.nodes, "ntasks": spec.ntasks,
-                                                     "cpus": spec.cpus, "mem": spec.mem, "gpus": spec.gpus,
-                                                     "time_limit": spec.time_limit})
-        audit.record(ev, cfg)
-        from nagaya.client.site_audit import forward
-
-        forward(ev)
+        out = submit_job(SubmitRequest(args=list(args or []), image=image, nodes=nodes, ntasks=ntasks, cpus=cpus,
+                                       mem=mem, gpus=gpus, time_limit=time_limit, partition=partition, name=name,
+                                       compose=str(compose) if compose is not None else None, backend=backend))
     except NagayaError as e:
         fail(e)
     if json_out:
-        print_json({"id": job_id, "backend": sched.name, "image": ref, "digest": digest})
+        print_json(out)
     else:
-        print(f"Submitted batch job {job_id}")
+        print(f"Submitted batch job {out['id']}")
 
 
 def jobs(all_users: bool = typer.Option(False, "--all", "-a", help="every user's jobs (administrators)"),
