@@ -256,3 +256,14 @@ def test_gpu_passthrough_with_fake_devices(alice: User, backend: str, workdir: P
     assert r.returncode == 2 and "no GPU 3" in r.stderr
     r = run(alice, backend, "bb", "sh", "-c", "ls /dev | grep -c nvidia", env=env)
     assert r.stdout.strip() == "0"                          # no --gpus: nothing passed through
+    # Inside a Slurm allocation "all" is the job's GPUs and indices count within it; the host's global
+    # CUDA_VISIBLE_DEVICES is renumbered for the devices the container has.
+    slurm = {**env, "SLURM_JOB_GPUS": "1", "CUDA_VISIBLE_DEVICES": "1"}
+    show = "ls /dev | grep nvidia | tr '\\n' ' '; echo; echo $NVIDIA_VISIBLE_DEVICES $CUDA_VISIBLE_DEVICES"
+    for req in ("all", "0"):
+        r = run(alice, backend, "--gpus", req, "bb", "sh", "-c", show, env=slurm)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[0].split() == ["nvidia1", "nvidiactl"]
+        assert r.stdout.splitlines()[1] == "1 0"
+    r = run(alice, backend, "--gpus", "1", "bb", "true", env=slurm)
+    assert r.returncode == 2 and "allocation of 1 GPU" in r.stderr, r.stderr

@@ -42,22 +42,56 @@ def _ld_cache() -> list[tuple[str, str]]:
     return res
 
 
-def plan(request: str, cfg: GpuConfig) -> GpuPlan:
+def allocation(env: dict[str, str] | os._Environ[str] | None = None) -> list[int] | None:
+    """The GPUs the batch scheduler gave this step or job (their device minors), or None outside one.
+
+    Slurm's SLURM_STEP_GPUS / SLURM_JOB_GPUS list the GRES indices of gres.conf's `File=/dev/nvidia[..]`,
+    which are the device numbers. Without a device cgroup every /dev/nvidiaN is reachable on the node,
+    so the container must be the boundary."""
+    env = os.environ if env is None else env
+    for key in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        text = env.get(key, "").strip()
+        if text:
+            try:
+                return sorted({int(x) for x in text.split(",") if x.strip()})
+            except ValueError:
+                continue                    # e.g. a GRES without device files: no restriction to apply
+    return None
+
+
+def plan(request: str, cfg: GpuConfig, env: dict[str, str] | None = None) -> GpuPlan:
+    """`request`: "all" or indices. Inside a scheduler allocation, "all" means the allocated GPUs and
+    indices count within it (0 = the job's first GPU), as CUDA_VISIBLE_DEVICES does under Slurm."""
     out = GpuPlan()
     dev_dir = cfg.dev_dir.rstrip("/") or "/dev"
     present = sorted(int(m.group(1)) for n in _listdir(dev_dir) if (m := re.fullmatch(r"nvidia(\d+)", n)))
+    alloc = allocation(env)
+    if alloc is not None:
+        missing = [i for i in alloc if i not in present]
+        if missing:
+            raise UsageError(f"the job's GPU {missing[0]} has no device {dev_dir}/nvidia{missing[0]} on this node")
+    usable = present if alloc is None else alloc
     if request in ("all", ""):
-        chosen = present
+        chosen = usable
     else:
         try:
-            chosen = [int(x) for x in request.split(",") if x.strip()]
+            wanted = [int(x) for x in request.split(",") if x.strip()]
         except ValueError:
             raise UsageError(f"--gpus takes 'all' or a list of GPU indices like 0,1 (got {request!r})") from None
-        missing = [i for i in chosen if i not in present]
-        if missing:
-            raise UsageError(f"no GPU {missing[0]} on this host (found: {present or 'none'})")
+        if alloc is not None:
+            bad = [i for i in wanted if not 0 <= i < len(alloc)]
+            if bad:
+                raise UsageError(f"no GPU {bad[0]} in this job's allocation of {len(alloc)} GPU(s)")
+            chosen = [alloc[i] for i in wanted]
+        else:
+            missing = [i for i in wanted if i not in present]
+            if missing:
+                raise UsageError(f"no GPU {missing[0]} on this host (found: {present or 'none'})")
+            chosen = wanted
     if not present:
         raise UsageError(f"--gpus: no NVIDIA GPU devices found in {dev_dir}")
+    if not chosen:
+        raise UsageError("--gpus: this job was allocated no GPUs (request them: nagaya submit --gpus N)")
     for i in chosen:
         out.binds.append(Bind(f"{dev_dir}/nvidia{i}", f"/dev/nvidia{i}", device=True))
     for n in _CTL_DEVICES:
@@ -88,6 +122,9 @@ def plan(request: str, cfg: GpuConfig) -> GpuPlan:
                 break
     out.visible = chosen
     out.env["NVIDIA_VISIBLE_DEVICES"] = ",".join(str(i) for i in chosen)
+    # Only the chosen device nodes exist inside, and CUDA numbers what it can open from 0: a host value
+    # (Slurm's global indices, say "2,3") would point past them.
+    out.env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(chosen)))
     return out
 
 
