@@ -1,8 +1,15 @@
-"""A real Slurm cluster on loopback for tests and benchmarks: munged, slurmctld and three slurmd (n1..n3,
-one host, a port each), all under one temp dir, started as root without systemd and stopped by pid."""
+"""A real Slurm cluster for tests and benchmarks: munged, slurmctld and three slurmd (n1..n3), all under one
+temp dir, started as root without systemd and stopped by pid.
+
+Default: every slurmd on this host and 127.0.0.1 (a port each). `SlurmCluster(netns=True)`: each slurmd in a
+network and UTS namespace of its own (hostname n1.., address 10.77.0.11..) joined to a host bridge
+(10.77.0.1, where slurmctld listens), so jobs see distinct hostnames and IPs as on real nodes. The mount
+namespace stays shared (one munge socket, one home). slurmd is started with `nsenter --net --uts`, not
+`ip netns exec`, which would also remount /sys."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +21,7 @@ from pathlib import Path
 
 CONF = """\
 ClusterName=nagaya
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({ctld_addr})
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
@@ -52,6 +59,9 @@ PartitionName=debug Nodes=n[1-{n}] Default=YES MaxTime=INFINITE State=UP
 {extra}"""
 
 
+SUBNET = "10.77.0"          # netns mode: the host bridge is .1, node nK is .(10+K)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,8 +69,13 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, nodes: int = 3, cpus: int = 2, extra_conf: str = "") -> None:
+    def __init__(self, nodes: int = 3, cpus: int = 2, extra_conf: str = "", netns: bool = False) -> None:
         self.n = nodes
+        self.netns = netns
+        # Interface and namespace names are global: this cluster's own, short enough for IFNAMSIZ (15).
+        self.tag = os.urandom(2).hex()
+        self.bridge = f"nyb{self.tag}"
+        self.made: list[list[str]] = []     # undo commands for what start() set up, run in reverse by stop()
         self.extra_conf = extra_conf      # more slurm.conf lines (e.g. AuthAltTypes for slurmrestd)
         self.cpus = cpus
         self.dir = Path(tempfile.mkdtemp(prefix="nagaya-slurm-"))
@@ -73,7 +88,74 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         return {"SLURM_CONF": str(self.conf)}
 
+    @property
+    def nodes(self) -> list[str]:
+        return [f"n{i}" for i in range(1, self.n + 1)]
+
+    def addr(self, node: str) -> str:
+        return f"{SUBNET}.{10 + int(node[1:])}" if self.netns else "127.0.0.1"
+
+    def _ns_name(self, node: str) -> str:
+        return f"nagaya-{self.tag}-{node}"
+
+    def nsenter(self, node: str) -> list[str]:
+        """The prefix that runs a command on `node` (its network and UTS namespaces); empty without netns."""
+        if not self.netns:
+            return []
+        return ["nsenter", f"--net=/run/netns/{self._ns_name(node)}", f"--uts={self.dir}/ns/{node}.uts"]
+
+    def node_of(self, pid: int | str) -> str | None:
+        """Which node's network namespace a process lives in (None: the host's, or it is gone)."""
+        try:
+            ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            return None
+        for n in self.nodes:
+            with contextlib.suppress(OSError):
+                if os.stat(f"/run/netns/{self._ns_name(n)}").st_ino == ino:
+                    return n
+        return None
+
+    def _sh(self, *argv: str, undo: list[str] | None = None) -> None:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
+        if undo:
+            self.made.append(undo)
+
+    def _make_nodes_net(self) -> None:
+        """A bridge with the host at .1, and per node a network namespace (veth eth0 at .1N) and a UTS
+        namespace whose hostname is the node's name. Namespaces persist as bind mounts until stop()."""
+        held = subprocess.run(["ip", "-4", "-o", "addr", "show", "to", f"{SUBNET}.1"], capture_output=True,
+                              text=True).stdout.split()
+        if held:
+            raise RuntimeError(f"{SUBNET}.1 is already on {held[1]} (a cluster that was not stopped? "
+                               f"ip link del {held[1]}; ip netns del each nagaya-* namespace)")
+        self._sh("ip", "link", "add", self.bridge, "type", "bridge", undo=["ip", "link", "del", self.bridge])
+        self._sh("ip", "addr", "add", f"{SUBNET}.1/24", "dev", self.bridge)
+        self._sh("ip", "link", "set", self.bridge, "up")
+        (self.dir / "ns").mkdir()
+        for n in self.nodes:
+            ns, veth = self._ns_name(n), f"nyv{self.tag}{n}"
+            self._sh("ip", "netns", "add", ns, undo=["ip", "netns", "del", ns])
+            self._sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                     undo=["ip", "link", "del", veth])
+            self._sh("ip", "link", "set", veth, "master", self.bridge, "up")
+            self._sh("ip", "-n", ns, "addr", "add", f"{self.addr(n)}/24", "dev", "eth0")
+            self._sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            self._sh("ip", "-n", ns, "link", "set", "lo", "up")
+            uts = self.dir / "ns" / f"{n}.uts"
+            uts.touch()
+            self._sh("unshare", f"--uts={uts}", "hostname", n, undo=["umount", "-l", str(uts)])
+
     def start(self) -> SlurmCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()                     # no daemon, namespace or bridge outlives a failed start
+            raise
+
+    def _start(self) -> SlurmCluster:
         d = self.dir
         self.stepds_before = self._stepds()
         for sub in ("munge", "state", "spool"):
@@ -85,16 +167,20 @@ class SlurmCluster:
         self._daemon(["munged", "--force", f"--socket={d}/munge/munge.socket", f"--key-file={key}",
                       f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log", f"--seed-file={d}/munge.seed"],
                      d / "munged.pid")
-        nodes = "\n".join(f"NodeName=n{i} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={_free_port()} "
-                          f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN" for i in range(1, self.n + 1))
-        self.conf.write_text(CONF.format(host=socket.gethostname(), ctld_port=_free_port(), dir=d, nodes=nodes,
-                                         n=self.n, extra=self.extra_conf))
+        if self.netns:
+            self._make_nodes_net()
+        nodes = "\n".join(f"NodeName={n} NodeHostname={n if self.netns else socket.gethostname()} "
+                          f"NodeAddr={self.addr(n)} Port={_free_port()} CPUs={self.cpus} RealMemory=1000 State=UNKNOWN"
+                          for n in self.nodes)
+        self.conf.write_text(CONF.format(host=socket.gethostname(), ctld_addr=f"{SUBNET}.1" if self.netns else
+                                         "127.0.0.1", ctld_port=_free_port(), dir=d, nodes=nodes, n=self.n,
+                                         extra=self.extra_conf))
         self.conf.chmod(0o644)
         env = {**os.environ, **self.env}
         self._daemon(["slurmctld", "-i"], d / "slurmctld.pid", env)
-        for i in range(1, self.n + 1):
-            (d / "spool" / f"n{i}").mkdir()
-            self._daemon(["slurmd", "-N", f"n{i}"], d / f"slurmd-n{i}.pid", env)
+        for n in self.nodes:
+            (d / "spool" / n).mkdir()
+            self._daemon([*self.nsenter(n), "slurmd", "-N", n], d / f"slurmd-{n}.pid", env)
         deadline = time.monotonic() + 30
         while True:
             r = subprocess.run(["sinfo", "-h", "-o", "%T %D"], capture_output=True, text=True, env=env)
@@ -152,4 +238,7 @@ class SlurmCluster:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for undo in reversed(self.made):    # namespaces (their veth ends go with them), veths, bridge
+            subprocess.run(undo, capture_output=True, check=False)
+        self.made.clear()
         shutil.rmtree(self.dir, ignore_errors=True)

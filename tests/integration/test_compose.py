@@ -1,6 +1,8 @@
 """`nagaya compose` on the local backend, as an unprivileged user: a healthchecked http server with four
-client replicas that reach it by service name, teardown on SIGINT / `down` / a failing service, strict
-validation naming the offending path, and placement refusing a port clash."""
+client replicas that reach it by service name (the stack test_compose_slurm.py runs over three nodes),
+teardown on SIGINT / `down` / a failing service, healthchecks that keep running once a service is healthy,
+GPUs shared out between replicas, strict validation naming the offending path, and placement refusing a
+port clash."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.fake_gpu import fake_gpus
 from tests.helpers.users import User
 from tests.integration.sched_helpers import ensure_users, import_images, wait_for
 
@@ -32,7 +35,8 @@ services:
     ports: ["${{PORT}}"]
     healthcheck:
       test: "wget -q -O- http://127.0.0.1:${{PORT}}/"
-      interval: 200ms
+      interval: 5s
+      start_interval: 200ms
       retries: 50
   client:
     image: ${{CLIENT_IMAGE:-bb}}
@@ -190,3 +194,85 @@ def test_placement_refuses_a_port_clash(alice: User, workdir: Path) -> None:
     assert r.returncode == 2
     assert "cannot place web-2: port 8080/tcp" in r.stderr and "web-1" in r.stderr
     assert not os.path.exists(d / "hosts")
+
+
+HEALTH = """\
+services:
+  db:
+    image: bb
+    command: ["sleep", "600"]
+    volumes: ["./flag:/flag"]
+    healthcheck:
+      test: ["CMD", "test", "-f", "/flag/ok"]
+      interval: 300ms
+      retries: 2
+"""
+
+
+def test_healthchecks_keep_running(alice: User, workdir: Path) -> None:
+    d = _project(alice, workdir, HEALTH)
+    flag = alice.mkdir(d / "flag") / "ok"
+    flag.touch()
+    before = _pids(alice)
+    up = alice.popen(["nagaya", "compose", "up"], cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def db() -> dict:
+        return _ps(alice, d)["replicas"][0]
+
+    try:
+        wait_for(lambda: _ps(alice, d)["status"] == "running", 60, "the stack to come up")
+        assert db()["health"] == "healthy"
+        flag.unlink()                       # the check starts failing: unhealthy after `retries` in a row
+        r = wait_for(lambda: (x := db())["health"] == "unhealthy" and x, 30, "db to turn unhealthy")
+        assert r["failing_streak"] >= 2 and r["state"] == "running" and r["health_output"] == "exit 1"
+        assert _ps(alice, d)["status"] == "running"         # reported, not acted upon: the service still runs
+        table = alice.nagaya("compose", "ps", cwd=d).stdout
+        assert "unhealthy" in table
+        flag.touch()                        # one passing check: healthy again
+        r = wait_for(lambda: (x := db())["health"] == "healthy" and x, 30, "db to be healthy again")
+        assert r["failing_streak"] == 0
+    finally:
+        up.send_signal(signal.SIGINT)
+        _out, err = up.communicate(timeout=60)
+    assert up.returncode == 128 + signal.SIGINT, err
+    assert "db-1 on" in err and "is unhealthy after 2 checks (exit 1)" in err and "db-1 is healthy" in err
+    _no_leftovers(alice, before)
+    # Unhealthy before the stack is up: the service never came up, and the stack fails naming it.
+    flag.unlink()
+    r = alice.nagaya("compose", "up", cwd=d, timeout=90)
+    assert r.returncode == 1, r.stderr
+    assert "nagaya: service db: db-1 on" in r.stderr and "is unhealthy after 2 checks" in r.stderr
+    _no_leftovers(alice, before)
+
+
+GPUS = """\
+services:
+  train:
+    image: bb
+    deploy: {{replicas: {n}}}
+    x-nagaya: {{gpus: 1}}
+    command: ["sh", "-c", "echo devs $$(ls /dev | grep nvidia | sort | tr '\\n' ' ') \
+nv=$$NVIDIA_VISIBLE_DEVICES cuda=$$CUDA_VISIBLE_DEVICES && nvidia-smi"]
+"""
+
+
+def test_replicas_get_disjoint_gpus(alice: User, workdir: Path) -> None:
+    gpu_env = fake_gpus(Path("/tmp/nagaya-fake-gpu-compose"), 2)
+    d = _project(alice, workdir, GPUS.format(n=2))
+    r = alice.nagaya("compose", "up", cwd=d, env=gpu_env, timeout=90)
+    assert r.returncode == 0, r.stderr
+    st = _ps(alice, d)
+    assert sorted(x["gpus"] for x in st["replicas"]) == [[0], [1]]
+    out = alice.nagaya("compose", "logs", cwd=d).stdout
+    for x in st["replicas"]:
+        g = x["gpus"][0]
+        assert f"{x['name']} | devs nvidia{g} nvidiactl nv={g} cuda=0" in out, out
+        assert f"{x['name']} | NVIDIA-SMI fake" in out
+    (d / "compose.yml").write_text(GPUS.format(n=3))
+    r = alice.nagaya("compose", "up", cwd=d, env=gpu_env)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("nagaya: cannot place train-3: it needs 1 GPU(s) and no node it may run on has that "
+                                f"many free ({socket.gethostname()}: 0 of 2); use fewer replicas or GPUs, or more "
+                                "nodes"), r.stderr
+    r = alice.nagaya("compose", "up", cwd=d, env={**gpu_env, "CUDA_VISIBLE_DEVICES": "1"})
+    assert r.returncode == 2 and "cannot place train-2" in r.stderr and ": 0 of 1)" in r.stderr  # the job's GPUs

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nagaya.compose.placement import hosts_file, place, service_env
+from nagaya.compose.placement import _indices, gpu_pools, hosts_file, place, service_env
 from nagaya.compose.spec import interpolate, load, parse
 from nagaya.errors import UsageError
 
@@ -75,3 +75,34 @@ def test_placement_spreads_and_refuses_port_clashes() -> None:
     assert len(place(clash, ["n1", "n2", "n3"])) == 3
     with pytest.raises(UsageError, match="cannot place b-2: port 8080/tcp"):
         place(clash, ["n1", "n2"])
+
+
+def test_placement_hands_out_disjoint_gpus() -> None:
+    p = parse({"services": {"train": {"image": "bb", "x-nagaya": {"gpus": 2}, "deploy": {"replicas": 2}},
+                            "infer": {"image": "bb", "x-nagaya": {"gpus": 1}, "deploy": {"replicas": 4}},
+                            "cpu": {"image": "bb", "deploy": {"replicas": 2}}}}, {})
+    reps = place(p, ["n1", "n2"], {"n1": [0, 1, 2, 3], "n2": [4, 5, 6, 7]})
+    held = [(r.node, g) for r in reps for g in r.gpus]
+    assert len(held) == len(set(held)) == 8                     # every GPU once, none twice
+    assert sorted(len(r.gpus) for r in reps if r.service == "train") == [2, 2]
+    assert all(len(r.gpus) == 1 for r in reps if r.service == "infer")
+    assert all(not r.gpus for r in reps if r.service == "cpu")
+    assert all(g in {"n1": [0, 1, 2, 3], "n2": [4, 5, 6, 7]}[n] for n, g in held)
+    with pytest.raises(UsageError, match=r"cannot place infer-4: it needs 1 GPU\(s\) and no node it may run on "
+                                         r"has that many free \(n1: 0 of 4, n2: 0 of 3\)"):
+        place(p, ["n1", "n2"], {"n1": [0, 1, 2, 3], "n2": [4, 5, 6]})
+    assert len(place(p, ["n1", "n2"])) == 8                     # validation without nodes: GPUs not checked
+
+
+def test_gpu_pool_honours_the_jobs_gpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for i in range(4):
+        (tmp_path / f"nvidia{i}").touch()
+    (tmp_path / "nvidiactl").touch()
+    monkeypatch.delenv("SLURM_JOB_GPUS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_pools("local", ["h"], str(tmp_path)) == {"h": [0, 1, 2, 3]}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    assert gpu_pools("local", ["h"], str(tmp_path)) == {"h": [1, 3]}
+    monkeypatch.setenv("SLURM_JOB_GPUS", "2")
+    assert gpu_pools("local", ["h"], str(tmp_path)) == {"h": [2]}
+    assert _indices("0,2-4,7") == [0, 2, 3, 4, 7]

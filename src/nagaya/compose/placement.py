@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +20,7 @@ class Replica:
     index: int                  # 1-based, as compose names replicas
     node: str
     ports: list[int] = field(default_factory=list)
+    gpus: list[int] = field(default_factory=list)      # the node's GPU indices this replica owns
 
     @property
     def name(self) -> str:
@@ -44,30 +47,89 @@ def job_nodes(backend: str) -> list[str]:
     return [socket.gethostname()]
 
 
-def node_addrs(backend: str, nodes: list[str]) -> dict[str, str]:
-    """Each node's address as containers should dial it. Slurm's NodeAddr, so a cluster whose node names
-    are not in DNS still works (the test cluster: n1..n3 all on 127.0.0.1); local: loopback."""
-    if backend != "slurm":
-        return {n: "127.0.0.1" for n in nodes}
-    out: dict[str, str] = {}
+def _node_records(nodes: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
     for line in _scontrol("show", "node", "-o", ",".join(nodes)).splitlines():
         kv = dict(w.partition("=")[::2] for w in line.split() if "=" in w)
         if kv.get("NodeName") in nodes:
-            out[kv["NodeName"]] = kv.get("NodeAddr") or kv["NodeName"]
-    for n in nodes:
-        if n not in out:
-            try:
-                out[n] = socket.gethostbyname(n)
-            except OSError:
-                out[n] = n
+            out[kv["NodeName"]] = kv
     return out
 
 
-def place(project: Project, nodes: list[str]) -> list[Replica]:
+def _resolve(name: str) -> str:
+    try:
+        ipaddress.ip_address(name)
+        return name
+    except ValueError:
+        pass
+    try:
+        return socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError):
+        raise UsageError(f"cannot resolve node {name}: containers could not reach the services on it") from None
+
+
+def node_addrs(backend: str, nodes: list[str]) -> dict[str, str]:
+    """Each node's IP address as containers on other nodes dial it: Slurm's NodeAddr (the address slurmctld
+    itself uses; it differs from the name where node names are not in DNS, e.g. the netns test cluster),
+    resolved when it is a name; local: loopback. A hosts file needs addresses, never names."""
+    if backend != "slurm":
+        return {n: "127.0.0.1" for n in nodes}
+    recs = _node_records(nodes)
+    return {n: _resolve(recs.get(n, {}).get("NodeAddr") or n) for n in nodes}
+
+
+def _indices(text: str) -> list[int]:
+    """`0,2-3` -> [0, 2, 3]."""
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def gpu_pools(backend: str, nodes: list[str], dev_dir: str) -> dict[str, list[int]]:
+    """The GPU indices each node offers the stack.
+
+    Slurm job with GPUs (GRES): the indices Slurm gave the job on each node (`scontrol -d show job`); the
+    steps see those devices and compose hands them out, disjoint, to the replicas. Nodes without GPU GRES
+    configured (GPUs Slurm does not manage): the device nodes present, as on this node. Local: the job's
+    SLURM_JOB_GPUS or CUDA_VISIBLE_DEVICES when set (already narrowed for us), else every /dev/nvidiaN."""
+    present = sorted(int(m.group(1)) for n in _listdir(dev_dir) if (m := re.fullmatch(r"nvidia(\d+)", n)))
+    if backend != "slurm":
+        for var in ("SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"):
+            val = os.environ.get(var, "")
+            if re.fullmatch(r"\d+(,\d+)*", val):
+                return {n: [i for i in _indices(val) if i in present] for n in nodes}
+        return {n: present for n in nodes}
+    pools: dict[str, list[int]] = {}
+    detail = _scontrol("-d", "show", "job", os.environ["SLURM_JOB_ID"])
+    for m in re.finditer(r"^\s*Nodes=(\S+) .*?GRES=\S*?gpu(?::[^:(,\s]+)?:\d+\(IDX:([\d,-]+)\)", detail, re.M):
+        for n in _scontrol("show", "hostnames", m.group(1)).split():
+            pools[n] = _indices(m.group(2))
+    if pools:
+        return {n: pools.get(n, []) for n in nodes}
+    managed = [n for n, kv in _node_records(nodes).items() if "gpu" in kv.get("Gres", "")]
+    if managed:
+        raise UsageError(f"x-nagaya.gpus: this job has no GPUs on {', '.join(managed)} "
+                         f"(submit with --gpus or --gres=gpu:N)")
+    return {n: present for n in nodes}
+
+
+def _listdir(d: str) -> list[str]:
+    try:
+        return os.listdir(d)
+    except OSError:
+        return []
+
+
+def place(project: Project, nodes: list[str], gpus: dict[str, list[int]] | None = None) -> list[Replica]:
     """Spread each service's replicas over its nodes (least loaded first), refusing two replicas that need
-    one port on one node: under host networking they would fight over it."""
+    one port on one node (under host networking they would fight over it) and, given each node's GPU
+    indices, handing every replica `x-nagaya.gpus` of them, never one GPU to two replicas.
+    gpus=None: GPUs are not checked (validation before the job has nodes)."""
     load = {n: 0 for n in nodes}
     taken: dict[tuple[str, int, str], str] = {}      # (node, port, proto) -> replica name
+    free_gpus = {n: list((gpus or {}).get(n, [])) for n in nodes}
     out: list[Replica] = []
     for name in project.order():
         svc = project.services[name]
@@ -85,6 +147,7 @@ def place(project: Project, nodes: list[str]) -> list[Replica]:
         else:
             cands = list(nodes)
         ports = [(p.host_port, p.protocol) for p in svc.ports]
+        need = svc.x_nagaya.gpus if gpus is not None else 0
         for i in range(1, svc.replicas + 1):
             free = [n for n in cands if not any((n, port, proto) in taken for port, proto in ports)]
             if not free:
@@ -94,11 +157,17 @@ def place(project: Project, nodes: list[str]) -> list[Replica]:
                     f"cannot place {name}-{i}: port {port}/{proto} is already used on every node it may run on "
                     f"(e.g. by {holder}); under host networking two replicas cannot share a port on one node: "
                     f"use fewer replicas, more nodes, or different ports")
-            node = min(free, key=lambda n: (load[n], cands.index(n)))
+            fits = [n for n in free if len(free_gpus[n]) >= need]
+            if not fits:
+                left = ", ".join(f"{n}: {len(free_gpus[n])} of {len((gpus or {}).get(n, []))}" for n in free)
+                raise UsageError(f"cannot place {name}-{i}: it needs {need} GPU(s) and no node it may run on has "
+                                 f"that many free ({left}); use fewer replicas or GPUs, or more nodes")
+            node = min(fits, key=lambda n: (load[n], cands.index(n)))
             load[node] += 1
             for port, proto in ports:
                 taken[(node, port, proto)] = f"{name}-{i}"
-            out.append(Replica(name, i, node, [p for p, _ in ports]))
+            mine, free_gpus[node] = free_gpus[node][:need], free_gpus[node][need:]
+            out.append(Replica(name, i, node, [p for p, _ in ports], mine))
     return out
 
 

@@ -38,11 +38,16 @@ def _duration(v: Any) -> float:
 
 
 class Healthcheck(_Strict):
+    """Docker's semantics: a check every `interval` (`start_interval` while still starting), each cut off
+    after `timeout`; `retries` failures in a row make a replica unhealthy, failures within `start_period`
+    not counting; one success makes it healthy again."""
+
     test: list[str]
     interval: float = 2.0           # compose's 30s default is far too slow for a job's start-up
     timeout: float = 10.0
     retries: int = Field(3, ge=1)
     start_period: float = 0.0
+    start_interval: float | None = None
     disable: bool = False
 
     @field_validator("test", mode="before")
@@ -54,7 +59,7 @@ class Healthcheck(_Strict):
             raise ValueError("a list test starts with CMD, CMD-SHELL or NONE")
         return v
 
-    @field_validator("interval", "timeout", "start_period", mode="before")
+    @field_validator("interval", "timeout", "start_period", "start_interval", mode="before")
     @classmethod
     def _dur(cls, v: Any) -> float:
         return _duration(v)

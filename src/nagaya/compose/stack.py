@@ -23,8 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from nagaya.compose.placement import Replica, hosts_file, in_slurm_job, job_nodes, node_addrs, place, service_env
-from nagaya.compose.spec import Project, Service
+from nagaya.compose.placement import (
+    Replica,
+    gpu_pools,
+    hosts_file,
+    in_slurm_job,
+    job_nodes,
+    node_addrs,
+    place,
+    service_env,
+)
+from nagaya.compose.spec import Healthcheck, Project, Service
 from nagaya.errors import NagayaError, UsageError
 
 STOP_GRACE = 10.0               # seconds from TERM to KILL when the stack stops
@@ -73,13 +82,17 @@ class Running:
     log: Path | None = None
     state: str = "created"          # created | running | exited
     exit_code: int | None = None
-    healthy: bool = False
-    fails: int = 0
+    health: str = ""                # "" (no check) | starting | healthy | unhealthy, as Docker reports it
+    fails: int = 0                  # failed checks in a row (Docker's FailingStreak)
     check: subprocess.Popen[bytes] | None = None
     check_started: float = 0.0
     next_check: float = 0.0
     started: float = 0.0
     last_output: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.health == "healthy"
 
 
 @dataclass
@@ -106,7 +119,10 @@ class Stack:
     # -- planning ---------------------------------------------------------------------------------------------
     def plan(self) -> None:
         self.nodes = job_nodes(self.backend)
-        placed = place(self.project, self.nodes)
+        pools = None
+        if any(s.x_nagaya.gpus for s in self.project.services.values()):
+            pools = gpu_pools(self.backend, self.nodes, self.cfg.gpu.dev_dir.rstrip("/") or "/dev")
+        placed = place(self.project, self.nodes, pools)
         self.addrs = node_addrs(self.backend, sorted({r.node for r in placed} | set(self.nodes)))
         self.hosts = self.dir / "hosts"
         tmp = self.hosts.with_suffix(".tmp")
@@ -137,17 +153,19 @@ class Stack:
             opts += ["--bind", f"{self._path(v.source)}:{v.target}" + (":ro" if v.read_only else "")]
         if svc.working_dir:
             opts += ["--pwd", svc.working_dir]
-        if svc.x_nagaya.gpus:
-            opts += ["--gpus", "all"]   # Slurm confines the step to its GPUs (--gpus-per-task below)
+        if r.gpus:
+            # This replica's own GPUs (placement never gives one to two replicas). Only their device nodes
+            # exist in the container, so CUDA numbers them from 0, as under Slurm's ConstrainDevices.
+            opts += ["--gpus", ",".join(map(str, r.gpus)),
+                     "--env", "CUDA_VISIBLE_DEVICES=" + ",".join(str(i) for i in range(len(r.gpus)))]
         return opts
 
-    def _on_node(self, node: str, argv: list[str], label: str, gpus: int = 0) -> list[str]:
+    def _on_node(self, node: str, argv: list[str], label: str) -> list[str]:
         if self.backend != "slurm":
             return argv
+        # No --gpus here: a step gets the job's GPUs on its node, and placement shares them out by index.
         srun = [shutil.which("srun") or "srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap",
                 "--quiet", f"--job-name={label}", "--cpus-per-task=1", "--mem=0"]
-        if gpus:
-            srun.append(f"--gpus-per-task={gpus}")
         return [*srun, *argv]
 
     def replica_argv(self, r: Replica) -> list[str]:
@@ -157,7 +175,7 @@ class Stack:
             argv += ["--entrypoint", "", self.images[r.service], *svc.entrypoint, *(svc.command or [])]
         else:
             argv += [self.images[r.service], *(svc.command or [])]
-        return self._on_node(r.node, argv, f"{self.project.name}_{r.name}", svc.x_nagaya.gpus)
+        return self._on_node(r.node, argv, f"{self.project.name}_{r.name}")
 
     def check_argv(self, r: Replica, check: list[str]) -> list[str]:
         svc = self.project.services[r.service]
@@ -169,13 +187,13 @@ class Stack:
         reps = []
         for name in self.project.services:
             for x in self.replicas.get(name, []):
-                hc = self.project.services[name].healthcheck
-                health = "" if hc is None or hc.argv is None else "healthy" if x.healthy else \
-                    "starting" if x.state == "running" else ""
                 reps.append({"name": x.replica.name, "service": name, "replica": x.replica.index,
-                             "node": x.replica.node, "state": x.state, "health": health,
+                             "node": x.replica.node, "state": x.state,
+                             "health": x.health if x.state == "running" else "",
+                             "failing_streak": x.fails, "health_output": x.last_output,
                              "exit_code": x.exit_code, "pid": x.proc.pid if x.proc else None,
-                             "ports": x.replica.ports, "image": self.images.get(name, ""), "log": str(x.log)})
+                             "ports": x.replica.ports, "gpus": x.replica.gpus,
+                             "image": self.images.get(name, ""), "log": str(x.log)})
         doc = {"project": self.project.name, "compose_file": str(self.compose_file.resolve()),
                "backend": self.backend, "job": os.environ.get("SLURM_JOB_ID", ""), "pid": os.getpid(),
                "pid_start": proc_start(os.getpid()), "status": self.status,
@@ -216,7 +234,9 @@ class Stack:
             with open(x.log, "ab") as log:
                 x.proc = self._spawn(self.replica_argv(x.replica), log)
             x.state, x.started = "running", time.monotonic()
-            x.next_check = x.started + (min(hc.interval, 0.5) if hc else 0)
+            if hc is not None and hc.argv is not None:
+                x.health = "starting"
+                x.next_check = x.started + min(self._interval(hc, x), 0.5)
             self.say(f"started {x.replica.name} on {x.replica.node}")
 
     def _fail(self, service: str, code: int, msg: str) -> None:
@@ -224,35 +244,54 @@ class Stack:
             self.failed = (service, code, msg)
             self.say(msg)
 
-    def _poll_health(self, name: str, x: Running, now: float) -> None:
+    @staticmethod
+    def _interval(hc: Healthcheck, x: Running) -> float:
+        return hc.start_interval if x.health == "starting" and hc.start_interval is not None else hc.interval
+
+    def _poll_health(self, name: str, x: Running, now: float) -> bool:
+        """Run the replica's healthcheck every interval for as long as it runs (Docker's semantics). Returns
+        whether its health changed. Unhealthy while the stack is starting fails the stack (the service never
+        came up, as `docker compose up --wait` fails); once the stack is up it is reported, not acted upon."""
         hc = self.project.services[name].healthcheck
-        if hc is None or hc.argv is None or x.healthy or x.state != "running":
-            return
+        if hc is None or hc.argv is None or x.state != "running":
+            return False
         if x.check is None:
             if now >= x.next_check:
                 x.check = self._spawn(self.check_argv(x.replica, hc.argv), subprocess.PIPE)
                 x.check_started = now
-            return
+            return False
         rc = x.check.poll()
         if rc is None and now - x.check_started < hc.timeout:
-            return
+            return False
         if rc is None:                  # timed out
             self._kill(x.check)
             rc = -1
         out = x.check.stdout.read().decode(errors="replace").strip() if x.check.stdout else ""
         if x.check.stdout:
             x.check.stdout.close()
-        x.check, x.next_check = None, now + hc.interval
+        x.check = None
+        before, streak = x.health, x.fails
         if rc == 0:
-            x.healthy, x.fails = True, 0
+            x.health, x.fails, x.last_output = "healthy", 0, ""
+        else:
+            x.last_output = out.splitlines()[-1] if out else "timed out" if rc == -1 else f"exit {rc}"
+            # Failures within start_period do not count, unless the replica was already healthy once.
+            if x.health != "starting" or now - x.started >= hc.start_period:
+                x.fails += 1
+                if x.fails >= hc.retries:
+                    x.health = "unhealthy"
+        x.next_check = now + self._interval(hc, x)
+        if x.health == before:
+            return x.fails != streak    # ps shows the streak
+        if x.health == "healthy":
             self.say(f"{x.replica.name} is healthy")
-            return
-        x.last_output = out.splitlines()[-1] if out else f"exit {rc}"
-        if now - x.started >= hc.start_period:
-            x.fails += 1
-            if x.fails >= hc.retries:
-                self._fail(name, 1, f"service {name}: {x.replica.name} on {x.replica.node} is unhealthy "
-                                    f"after {x.fails} checks ({x.last_output})")
+        else:
+            msg = f"{x.replica.name} on {x.replica.node} is unhealthy after {x.fails} checks ({x.last_output})"
+            if self.status == "starting":
+                self._fail(name, 1, f"service {name}: {msg}")
+            else:
+                self.say(msg)
+        return True
 
     def _kill(self, p: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -287,7 +326,7 @@ class Stack:
                             if x.exit_code != 0:
                                 self._fail(name, x.exit_code, f"service {name} failed: {x.replica.name} on "
                                                               f"{x.replica.node} exited with {x.exit_code}")
-                        self._poll_health(name, x, now)
+                        changed = self._poll_health(name, x, now) or changed
                 blocked = [n for n in pending if self._blocked(n)]
                 if blocked:
                     self._fail(blocked[0], 1, f"service {blocked[0]} can never start: a dependency ended "
