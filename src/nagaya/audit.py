@@ -1,6 +1,7 @@
 """The append-only audit trail: one JSON object per line, written with O_APPEND so records never
 interleave, to the user's log and, where the site configures it, a site spool and syslog.
-The server (issue: portal/lifecycle) ingests the same records into its database."""
+`nagaya admin maintain` ingests the site spool into the server's one audit trail; the spool file's owner,
+never the record's `user`, is who it is attributed to."""
 
 from __future__ import annotations
 
@@ -28,12 +29,17 @@ class AuditEvent(Record):
     duration_s: float | None = None
     details: dict[str, Any] = Factory(dict)
     time: str = ""
+    id: str = ""                         # random; `nagaya reproduce --run ID`, and the site's de-duplication
 
     def to_json(self) -> str:
+        # Fixed at the first call: the user's log, the site spool and the server get the same record.
+        if not self.time:
+            self.time = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+        if not self.id:
+            self.id = os.urandom(6).hex()
+        if not self.host:
+            self.host = os.uname().nodename
         d = self.to_dict()
-        d["time"] = self.time or time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + \
-            f".{int(time.time() * 1000) % 1000:03d}Z"
-        d["host"] = self.host or os.uname().nodename
         from nagaya.runtime.fastjson import dumps_compact  # json.dumps without importing json
 
         return dumps_compact(d)

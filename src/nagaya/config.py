@@ -76,6 +76,7 @@ class ImageConfig(Record):
     shared_cache_dirs: list[str] = Factory(list)  # read-only site caches, searched first
     insecure_registries: list[str] = Factory(list)  # HOST[:PORT] spoken to over plain HTTP (loopback always is)
     pull_jobs: int = 4                          # parallel layer downloads/uploads
+    cache_max_size: str = ""                    # e.g. "50G": `nagaya cache gc` and `admin maintain` shrink caches to it
 
 
 class GpuConfig(Record):

@@ -184,16 +184,19 @@ def maintain(state_dir: Path = typer.Option(None, "--state-dir", help="the site'
              dry_run: bool = typer.Option(False, "--dry-run", help="report what would happen; change nothing"),
              now: str = typer.Option("", "--now", help="act as if it were this time (ISO; for tests and catch-up)"),
              no_gc: bool = typer.Option(False, "--no-gc", help="skip the registry's garbage collection"),
+             no_cache_gc: bool = typer.Option(False, "--no-cache-gc", help="skip the shared node caches' gc"),
              json_out: bool = typer.Option(False, "--json", help="JSON output")) -> None:
-    """The periodic site job (cron/systemd timer on the site host, as root or the service account):
-    retention, then registry garbage collection with the registry stopped. Safe to run twice at once."""
+    """The periodic site job (cron/systemd timer on the site host, as root): ingest the audit spool, shrink
+    shared node caches to [image] cache_max_size, expire accounts, apply retention, then registry garbage
+    collection with the registry stopped. Idempotent, and safe to run twice at once (the second skips)."""
     from nagaya import config
     from nagaya.server.maintain import maintain as run_maintenance
 
     try:
         when = parse_time(now) if now else datetime.now(UTC)
         report = run_maintenance(config.load(), state_dir, dry_run=dry_run,
-                                 now=when.astimezone(UTC).replace(tzinfo=None), gc=not no_gc)
+                                 now=when.astimezone(UTC).replace(tzinfo=None), gc=not no_gc,
+                                 cache_gc=not no_cache_gc)
     except NagayaError as e:
         fail(e)
     if json_out:
@@ -203,6 +206,19 @@ def maintain(state_dir: Path = typer.Option(None, "--state-dir", help="the site'
         console.print(f"skipped: {report['skipped']}", highlight=False)
         return
     verb = "would delete" if dry_run else "deleted"
+    sp = report.get("audit_spool")
+    if sp:
+        console.print(f"audit spool: {sp['ingested']} record(s) {'to ingest' if dry_run else 'ingested'}, "
+                      f"{sp['duplicates']} already there, {sp['refused'] + sp['malformed']} refused", highlight=False)
+        for e in sp["errors"]:
+            console.print(f"audit spool: {e}", highlight=False)
+    for c in report.get("cache_gc", []):
+        if "skipped" in c or "error" in c:
+            console.print(f"cache {c['cache']}: {c.get('skipped') or c.get('error')}", highlight=False)
+        else:
+            console.print(f"cache {c['cache']}: {len(c['removed_images'])} image(s) {verb.split()[-1]}, "
+                          f"{human_size(c['size_before'])} -> {human_size(c['size_after'])}, "
+                          f"{len(c['kept_in_use'])} kept in use", highlight=False)
     for h in report.get("handover", []):
         what = f"handed over to {h['to']}" if h["to"] else "flagged: no other owner"
         console.print(f"project {h['project']} of expired {h['from']}: {what}", highlight=False)

@@ -112,7 +112,8 @@ def cache_ls(json_out: bool = JSON) -> None:
 
 
 @cache_app.command("gc")
-def cache_gc(max_size: str = typer.Option(None, "--max-size", help="shrink the cache to this size (e.g. 20G)"),
+def cache_gc(max_size: str = typer.Option(None, "--max-size",
+                                          help="shrink the cache to this size (20G; default: [image] cache_max_size)"),
              older_than: str = typer.Option(None, "--older-than", help="remove images unused for this long (30d)"),
              dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be removed"),
              json_out: bool = JSON) -> None:
@@ -120,7 +121,9 @@ def cache_gc(max_size: str = typer.Option(None, "--max-size", help="shrink the c
     from nagaya.image.cache import gc, parse_age
 
     try:
-        store = open_store(config.load())
+        cfg = config.load()
+        store = open_store(cfg)
+        max_size = max_size or cfg.image.cache_max_size or None        # the site's cap unless given
         rep = gc(store, parse_size(max_size) if max_size else None, parse_age(older_than) if older_than else None,
                  dry_run)
     except NagayaError as e:

@@ -62,19 +62,22 @@ def parse_age(text: str) -> float:
 
 
 def _in_use(store: ImageStore, digest: str) -> bool:
+    """A running container holds a shared flock on locks/use-HEX of its user's cache, or, for an image
+    of a shared cache (which its users cannot write to), on the squashfs file itself."""
     import fcntl
 
-    p = store.root / "locks" / f"use-{digest[7:]}"
-    if not p.exists():
-        return False
-    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    for p in (store.root / "locks" / f"use-{digest[7:]}", store.root / "images" / f"{digest[7:]}.sqfs"):
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False
 
 
 def list_cached(store: ImageStore) -> list[CachedImage]:
@@ -183,8 +186,26 @@ def gc(store: ImageStore, max_size: int | None = None, older_than: float | None 
 
 
 def _remove_image(store: ImageStore, img: CachedImage) -> None:
-    if not store.delete_image(img.meta.digest):     # raises while a container holds the use-lock
-        return
+    import fcntl
+
+    # Hold the squashfs exclusively while deleting: a container starting from a shared cache now either
+    # got its shared lock first (and we stop here) or finds the image gone, never a file vanishing under it.
+    sq = store.root / "images" / f"{img.meta.digest[7:]}.sqfs"
+    try:
+        fd = os.open(sq, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"image {img.meta.digest[:19]} is in use by a running container") from None
+        if not store.delete_image(img.meta.digest):     # raises while a container holds the use-lock
+            return
+    finally:
+        if fd >= 0:
+            os.close(fd)
     for t in img.tags:
         with contextlib.suppress(NagayaError):
             store.untag(parse(t))

@@ -270,7 +270,22 @@ class Launcher:
             action="run", user=self.ident.name, uid=self.ident.uid, image=self.spec.image_ref,
             digest=self.spec.digest, command=self.final_argv if hasattr(self, "final_argv") else self.spec.argv,
             cwd=self.host_cwd, host=os.uname().nodename, exit_code=code, duration_s=round(duration, 4),
-            details={"backend": self.spec.backend}), self.cfg)
+            details=self._run_options()), self.cfg)
+
+    def _run_options(self) -> dict[str, object]:
+        """What `nagaya reproduce --run ID` needs besides digest and command (environment values excepted)."""
+        spec = self.spec
+        d: dict[str, object] = {"backend": spec.backend}
+        if hasattr(self, "container_cwd"):
+            d["pwd"] = self.container_cwd
+        if spec.binds:
+            d["binds"] = [f"{b.src}:{b.dst}:{'ro' if b.readonly else 'rw'}" for b in spec.binds]
+        for key in ("writable_tmpfs", "overlay_dir", "gpus", "cleanenv", "no_home"):
+            if getattr(spec, key):
+                d[key] = getattr(spec, key)
+        if spec.env:
+            d["env_keys"] = sorted(spec.env)
+        return d
 
     def _run(self) -> int:
         spec, cfg = self.spec, self.cfg
@@ -353,6 +368,11 @@ class Launcher:
 
         locks = os.path.join(self.cfg.cache_root, "locks")
         try:
+            if self.spec.squashfs and not self.spec.squashfs.startswith(self.cfg.cache_root + "/"):
+                # a read-only shared cache: lock the squashfs itself (`admin maintain` gc's those caches)
+                fd = os.open(self.spec.squashfs, os.O_RDONLY | os.O_CLOEXEC)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                return fd
             os.makedirs(locks, exist_ok=True)
             fd = os.open(os.path.join(locks, f"use-{self.spec.digest[7:]}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                          0o644)
@@ -464,6 +484,7 @@ class Launcher:
         if not argv:
             raise UsageError(f"image {spec.image_ref} has no default command: give one, e.g. "
                              f"`nagaya run {spec.image_ref} sh`")
+        self.container_cwd = cwd
         found, reason = view.find_command(argv[0], env["PATH"], cwd)
         if not found:
             if reason == "not found":

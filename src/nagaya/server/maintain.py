@@ -4,7 +4,9 @@ it skipped). Steps: retention (delete expired manifests through the registry API
 registry agree), then the registry's own `garbage-collect` with the registry stopped, as its documentation
 requires: its mark phase walks every manifest still present, so no blob a manifest references is removed,
 whichever repositories share it. Before retention: expired accounts (group projects handed over or
-flagged; personal images archived and removed after the grace period), all judged at `now`."""
+flagged; personal images archived and removed after the grace period), all judged at `now`. First of all,
+as root: the site audit spool is read (ingested into the one audit trail) and the shared node caches are
+shrunk to their size cap."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from typing import Any
 import httpx
 
 from nagaya.config import Config
-from nagaya.errors import SiteError
+from nagaya.errors import NagayaError, SiteError
+from nagaya.server import audit_spool
 from nagaya.server import site as site_mod
 from nagaya.server.settings import ServerSettings
 from nagaya.store import lifecycle
@@ -50,31 +53,76 @@ def become_service_account(cfg: Config) -> None:
     os.setuid(pw.pw_uid)
 
 
-def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetime, gc: bool = True) -> dict[str, Any]:
+def _lock(cfg: Config, state_dir: Path) -> int:
+    """The one-run-at-a-time lock. Root opens it before dropping to the service account (root-only steps
+    run first), so a lock file root creates is handed to the service account."""
+    path = state_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam(cfg.server.user)
+        os.fchown(fd, pw.pw_uid, pw.pw_gid)
+    return fd
+
+
+def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetime, gc: bool = True,
+             cache_gc: bool = True) -> dict[str, Any]:
     state_dir = site_mod.find_state_dir(cfg, state_dir).absolute()
-    become_service_account(cfg)
-    fd = os.open(state_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _lock(cfg, state_dir)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return {"skipped": "another maintenance run holds the lock", "dry_run": dry_run}
+        # Root's part: users' spool files are theirs (0600), shared node caches belong to the site admin.
+        spool = audit_spool.read(cfg.audit.site_dir, state_dir) if cfg.audit.site_dir else None
+        caches = gc_shared_caches(cfg, dry_run) if cache_gc else []
+        become_service_account(cfg)
         from nagaya.server.app import Site
 
         site = Site(ServerSettings.load(state_dir / "server.json"))
         try:
             report: dict[str, Any] = {"dry_run": dry_run, "now": now.isoformat() + "Z", "skipped": None}
+            report["audit_spool"] = audit_spool.ingest(site, spool, state_dir, now, dry_run) if spool else None
             with site.db.session() as s:
                 report["handover"] = lifecycle.hand_over(SiteService(s), now, dry_run)
-            archive_dir = Path(site.settings.archive_dir or state_dir / "archive")
-            report["archived"] = archive_expired(site, archive_dir, now, dry_run)
+            report["archived"] = archive_expired(site, archive_root(site.settings, state_dir), now, dry_run)
             report["retention"] = apply_retention(site, dry_run)
             report["gc"] = garbage_collect(cfg, state_dir, dry_run) if gc else None
+            report["cache_gc"] = caches
             return report
         finally:
             site.db.dispose()
     finally:
         os.close(fd)
+
+
+def archive_root(settings: ServerSettings, state_dir: Path) -> Path:
+    return Path(settings.archive_dir) if settings.archive_dir else state_dir / "archive"
+
+
+def gc_shared_caches(cfg: Config, dry_run: bool) -> list[dict[str, Any]]:
+    """`nagaya cache gc` for the site's shared node caches, down to `[image] cache_max_size`. An image a
+    running container uses is never removed (the container holds a shared flock on its squashfs)."""
+    from nagaya.cli.common import parse_size
+    from nagaya.image.cache import gc as cache_gc
+    from nagaya.image.store import ImageStore
+
+    out: list[dict[str, Any]] = []
+    cap = parse_size(cfg.image.cache_max_size) if cfg.image.cache_max_size else None
+    for d in cfg.image.shared_cache_dirs:
+        item: dict[str, Any] = {"cache": d, "max_size": cap}
+        out.append(item)
+        if cap is None:
+            item["skipped"] = "no [image] cache_max_size configured"
+            continue
+        if not Path(d, "images").is_dir():
+            item["skipped"] = "not a nagaya cache"
+            continue
+        try:
+            item.update(cache_gc(ImageStore(Path(d)), max_size=cap, dry_run=dry_run).to_json())
+        except (NagayaError, OSError) as e:
+            item["error"] = str(e)
+    return out
 
 
 def _registry_get(site: Any, repository: str, path: str, accept: str = "") -> bytes:

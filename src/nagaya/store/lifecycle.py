@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -79,24 +81,61 @@ def query_audit(svc: SiteService, principal: Principal, *, user: str = "", since
     return list(reversed(list(svc.s.scalars(q))))
 
 
-def ingest_cli_event(svc: SiteService, principal: Principal, ev: dict[str, Any], source: str) -> None:
+def cli_event_id(actor: str, ev: dict[str, Any]) -> str:
+    """One id per CLI record and actor: the copy forwarded at once (`POST /api/audit`) and the copy
+    ingested later from the site spool are the same event. Namespaced by the authenticated actor, so a
+    user can never pre-empt someone else's record with a chosen id."""
+    import hashlib
+    import json
+
+    rid = ev.get("id")
+    key = str(rid) if isinstance(rid, str) and rid else json.dumps(ev, sort_keys=True, default=str)
+    return "cli:" + hashlib.sha256(f"{actor}\0{key}".encode()).hexdigest()[:56]
+
+
+def ingest_cli_event(svc: SiteService, principal: Principal, ev: dict[str, Any], source: str) -> bool:
     """A record from a user's CLI (run, submit, pull, ...). The actor is the authenticated caller, never
     a name in the body; the server's clock stamps it (the client's time is kept in details)."""
     if principal.kind != "user":
         raise PermissionDenied("only users report their own activity")
+    return record_cli_event(svc, principal.name, ev, source)
+
+
+def record_cli_event(svc: SiteService, actor: str, ev: dict[str, Any], source: str,
+                     when: datetime | None = None) -> bool:
+    """Store one CLI record for `actor` (already authenticated, or the owner of a spool file). False when
+    the same record is already in the trail."""
     action = str(ev.get("action") or "")
     if not CLI_ACTION_RE.match(action):
         raise UsageError(f"action {action!r} cannot be reported by a client")
+    event_id = cli_event_id(actor, ev)
+    if svc.s.scalar(select(AuditEvent.id).where(AuditEvent.event_id == event_id)):
+        return False
     image = str(ev.get("image") or "")[:500]
     ref = parse_image(image) if image else ImageRef("", "", "")
     digest = str(ev.get("digest") or ref.digest)[:100]
-    details = {k: ev.get(k) for k in ("image", "command", "cwd", "host", "exit_code", "duration_s", "time", "uid")
-               if ev.get(k) not in (None, "", [])}
+    details = {k: ev.get(k) for k in ("id", "image", "command", "cwd", "host", "exit_code", "duration_s", "time",
+                                      "uid") if ev.get(k) not in (None, "", [])}
     extra = ev.get("details")
     if isinstance(extra, dict):
         details.update({k: v for k, v in extra.items() if k not in details})
-    svc.audit(f"cli.{action}", principal.name, repository=ref.repository[:255], tag=ref.tag[:128], digest=digest,
-              source=source[:64], details=details)
+    row = AuditEvent(action=f"cli.{action}", actor=actor, repository=ref.repository[:255], tag=ref.tag[:128],
+                     digest=digest, source=source[:64], event_id=event_id, details=details)
+    if when is not None:
+        row.time = when
+    svc.s.add(row)
+    return True
+
+
+def spool_time(ev: dict[str, Any], now: datetime) -> datetime:
+    """When a spooled record happened: its own time (it may be ingested days later), never in the future."""
+    try:
+        t = datetime.fromisoformat(str(ev.get("time") or "").replace("Z", "+00:00"))
+    except ValueError:
+        return now
+    if t.tzinfo is not None:
+        t = t.astimezone(UTC).replace(tzinfo=None)
+    return min(t, now)
 
 
 # ---- quotas -------------------------------------------------------------------------------------------
@@ -319,3 +358,57 @@ class TagRow:
     digest: str
     media_type: str
     size: int
+
+
+# ---- the archive, for `nagaya reproduce` ---------------------------------------------------------------
+
+def archive_root(settings: Any) -> Path:
+    """Where maintenance archives expired users' images (`archive_dir`, default STATE_DIR/archive)."""
+    return Path(settings.archive_dir) if settings.archive_dir else Path(settings.signing_key).parent.parent / "archive"
+
+
+def _archive_entries(root: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import json
+
+    try:
+        projects = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return
+    for pdir in projects:
+        try:
+            index = json.loads((pdir / "index.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for e in index.get("images", []):
+            if isinstance(e, dict) and isinstance(e.get("file"), str):
+                yield pdir.name, e
+
+
+def archived(svc: SiteService, principal: Principal, root: Path, digest: str) -> list[dict[str, Any]]:
+    """Archived images with this manifest digest that the caller may pull (the project's rules still
+    apply after the registry forgot the image: its members with pull, and site admins)."""
+    from nagaya.store.authz import authorize
+
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise UsageError("give a full sha256: digest")
+    out = []
+    for project, e in _archive_entries(root):
+        if e.get("digest") != digest or not authorize(svc.s, principal, str(e.get("repository", "")), ["pull"]):
+            continue
+        out.append({"project": project, "repository": e["repository"], "tag": e.get("tag", ""), "digest": digest,
+                    "size": e.get("size"), "archived_at": e.get("archived_at"),
+                    "url": f"/api/archive/{project}/{e['file']}"})
+    return out
+
+
+def archive_file(svc: SiteService, principal: Principal, root: Path, project: str, name: str) -> Path:
+    """The path of one archive the caller may read; anything else is a 404 (never a hint that it exists)."""
+    from nagaya.store.authz import authorize
+
+    for p, e in _archive_entries(root):
+        if p == project and e["file"] == name and "/" not in name and \
+                authorize(svc.s, principal, str(e.get("repository", "")), ["pull"]):
+            path = root / project / name
+            if path.is_file():
+                return path
+    raise NotFound(f"no archived image {project}/{name}")
