@@ -404,7 +404,7 @@ def portal_router(site: Site, jobs: JobService) -> APIRouter:
             return login_page(request, msg, 401, username, next)
         limiter.succeeded(username, ip)
         s = sessions.create(p.name, p.groups, p.is_admin)
-        from nagaya.server.app import NOTES     # an account about to expire: say so on the first page
+        from nagaya.server.app import NOTES  # an account about to expire: say so on the first page
 
         if (warning := (NOTES.get() or {}).get("warning")):
             s.flash.append(("warn", warning))
