@@ -50,6 +50,24 @@ def _user_dir_strs() -> tuple[str, str, str]:
     return cache, conf, data
 
 
+def _expand(text: str) -> str:
+    """${USER}, ${UID} and ${NODE} (Slurm's node name, else the short host name) in a path, from the
+    process's own identity rather than the environment, which a job may not carry."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]
+    for key, value in (("USER", user), ("UID", str(uid)), ("NODE", node)):
+        text = text.replace("${" + key + "}", value).replace("$" + key, value)
+    if "$" in text:
+        raise UsageError(f"[image] cache_dir {text!r}: only ${{USER}}, ${{UID}} and ${{NODE}} are expanded")
+    return text
+
+
 def _user_dirs() -> tuple[Path, Path, Path]:
     from pathlib import Path
 
@@ -161,8 +179,10 @@ class Config(Record):
 
     @property
     def cache_root(self) -> str:
-        """cache_dir as a str, for the run path (which does without pathlib)."""
-        return self.image.cache_dir or os.path.join(_user_dir_strs()[0], "nagaya")
+        """cache_dir as a str, for the run path (which does without pathlib). A node-local cache for a
+        cluster whose $HOME is shared: cache_dir = "/var/tmp/nagaya-${USER}" (${UID}, ${NODE} also work)."""
+        d = self.image.cache_dir
+        return _expand(d) if "$" in d else d or os.path.join(_user_dir_strs()[0], "nagaya")
 
     @property
     def audit_file(self) -> str:

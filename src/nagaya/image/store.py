@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -129,8 +130,23 @@ class ImageStore:
         return self.root / "refs" / name / tag
 
     def ensure_dirs(self) -> None:
+        if not self.root.exists():
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._check_owner()
         for d in ("blobs/sha256", "images", "refs", "tmp", "locks"):
             (self.root / d).mkdir(parents=True, exist_ok=True, mode=0o755)
+
+    def _check_owner(self) -> None:
+        """A cache in a shared place (/var/tmp/nagaya-${USER} on a node) could have been made by someone
+        else first, to feed us their images: it must be ours, a real directory, and writable by us alone."""
+        st = os.lstat(self.root)
+        uid = os.geteuid()
+        others_write = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != os.getegid())
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or others_write:
+            from nagaya.errors import ImageError
+
+            raise ImageError(f"image cache {self.root} is not a directory owned by you and writable by you "
+                             "alone; remove it or set [image] cache_dir")
 
     @contextlib.contextmanager
     def tmpdir(self, prefix: str = "work-") -> Iterator[Path]:
