@@ -13,6 +13,7 @@ from nagaya.cli import (
     image_cmds,
     project_cmds,
     registry_cmds,
+    reproduce_cmd,
     sched_cmds,
     site_cmds,
     token_cmds,
@@ -46,6 +47,7 @@ app.command("logs")(sched_cmds.logs)
 app.command("cancel")(sched_cmds.cancel)
 app.add_typer(sched_cmds.app, name="job")
 app.add_typer(compose_cmds.app, name="compose")
+app.command("reproduce")(reproduce_cmd.reproduce)
 
 _PASS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 

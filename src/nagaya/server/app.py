@@ -388,6 +388,23 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
                      "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
                      "details": r.details} for r in rows]
 
+    @app.get("/api/archive", tags=["archive"], summary="Archived images with this digest the caller may pull")
+    def archive_find(request: Request, digest: str) -> list[dict[str, Any]]:
+        with session() as s:
+            svc = SiteService(s)
+            p = site.principal(svc, _basic(request), allow_password=False)
+            return lifecycle.archived(svc, p, lifecycle.archive_root(settings), digest)
+
+    @app.get("/api/archive/{project}/{name}", tags=["archive"], summary="One archived image (OCI archive)")
+    def archive_get(request: Request, project: str, name: str) -> Any:
+        from fastapi.responses import FileResponse
+
+        with session() as s:
+            svc = SiteService(s)
+            p = site.principal(svc, _basic(request), allow_password=False)
+            path = lifecycle.archive_file(svc, p, lifecycle.archive_root(settings), project, name)
+        return FileResponse(path, media_type="application/x-tar")
+
     @app.get("/api/admin/projects/{name}/quota", tags=["admin"])
     def get_quota(request: Request, name: str) -> dict[str, Any]:
         with session() as s:
