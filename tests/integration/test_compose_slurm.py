@@ -1,15 +1,15 @@
-"""`nagaya submit --compose` on the private Slurm cluster (three slurmd on one host): replicas spread over
-n1..n3 as srun steps, clients reach the http server by service name, and cancelling the job tears the
-stack down on every node.
-
-The three slurmd share this host and 127.0.0.1 (their NodeAddr), so `httpd` resolves to 127.0.0.1 wherever
-it runs; per-node network namespaces with distinct IPs are not part of this cluster."""
+"""`nagaya submit --compose` on a private Slurm cluster whose three nodes live in network namespaces of their
+own (hostnames n1..n3, addresses 10.77.0.11..13 on a host bridge; tests/helpers/slurm.py): replicas spread
+over the nodes as srun steps, four clients reach the healthchecked http server by service name across nodes,
+and SIGINT to `compose up` or cancelling the job tears the stack down on every node. The same stack runs on
+the local backend in test_compose.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -29,27 +29,40 @@ STACK = """\
 services:
   httpd:
     image: bb
-    command: ["sh", "-c", "mkdir -p $$HOME/www-c && echo hello from $$SLURMD_NODENAME > $$HOME/www-c/index.html \
-&& exec httpd -f -p {port} -h $$HOME/www-c"]
+    command: ["sh", "/stack/httpd.sh"]
+    environment: {{PORT: "{port}"}}
+    volumes: ["./:/stack:ro"]
     ports: ["{port}"]
     healthcheck:
       test: "wget -q -O- http://127.0.0.1:{port}/"
-      interval: 300ms
+      interval: 5s
+      start_interval: 300ms
       retries: 100
   client:
     image: bb
     deploy: {{replicas: 4}}
     depends_on: {{httpd: {{condition: service_healthy}}}}
-    command: ["sh", "-c", "wget -q -O- http://httpd:{port}/ && echo on $$SLURMD_NODENAME \
-&& echo \\"hosts $$NAGAYA_SERVICE_CLIENT_HOSTS\\" && exec sleep 600"]
+    environment: {{PORT: "{port}"}}
+    volumes: ["./:/stack:ro"]
+    command: ["sh", "/stack/client.sh"]
+"""
+HTTPD_SH = """\
+mkdir -p "$HOME/www-$PORT" && echo "hello from $(hostname)" > "$HOME/www-$PORT/index.html"
+exec httpd -f -p "$PORT" -h "$HOME/www-$PORT"
+"""
+CLIENT_SH = """\
+wget -q -O- "http://httpd:$PORT/" || exit 1
+echo "on $(hostname) $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
+echo "hosts $NAGAYA_SERVICE_CLIENT_HOSTS"
+exec sleep 600
 """
 
 
 @pytest.fixture(scope="module")
 def cluster(system: None) -> Iterator[SlurmCluster]:
-    for exe in ("slurmctld", "slurmd", "munged", "sbatch", "srun"):
+    for exe in ("slurmctld", "slurmd", "munged", "sbatch", "srun", "ip", "nsenter"):
         require(shutil.which(exe) is not None, f"{exe} is not installed (bash deploy/install.sh)")
-    c = SlurmCluster().start()
+    c = SlurmCluster(netns=True).start()
     yield c
     c.stop()
     assert not c._stepds() - c.stepds_before, "job steps left behind"
@@ -73,44 +86,106 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_stack_over_three_nodes_then_cancel(user: User, cluster: SlurmCluster) -> None:
-    d = CWD[user.name]
-    f = d / "compose.yml"
-    f.write_text(STACK.format(port=_free_port()))
-    os.chown(f, user.uid, user.gid)
-    before = {p.split()[0] for p in user.processes()}
-    r = user.nagaya("submit", "--json", "--compose", str(f), "--nodes", "3", cwd=d)
-    assert r.returncode == 0, r.stderr
-    job = str(json.loads(r.stdout)["id"])
-    ps_env = {"SLURM_JOB_ID": job}          # ps/logs/down find a job's stack by its id
+def _pids(user: User) -> set[str]:
+    return {p.split()[0] for p in user.processes()}
 
-    def ps() -> dict:
-        r = user.nagaya("compose", "ps", "--json", "-f", str(f), env=ps_env, cwd=d)
+
+def _stack(user: User, name: str) -> Path:
+    d = user.mkdir(CWD[user.name] / name)
+    (d / "compose.yml").write_text(STACK.format(port=_free_port()))
+    (d / "httpd.sh").write_text(HTTPD_SH)
+    (d / "client.sh").write_text(CLIENT_SH)
+    user.chown_tree(d)
+    return d / "compose.yml"
+
+
+class Up:
+    """A stack submitted with `nagaya submit --compose --nodes 3`, watched through `compose ps/logs`."""
+
+    def __init__(self, user: User, f: Path) -> None:
+        self.user, self.f = user, f
+        r = user.nagaya("submit", "--json", "--compose", str(f), "--nodes", "3", cwd=f.parent)
+        assert r.returncode == 0, r.stderr
+        self.job = str(json.loads(r.stdout)["id"])
+        self.env = {"SLURM_JOB_ID": self.job}          # ps/logs/down find a job's stack by its id
+
+    def ps(self) -> dict:
+        r = self.user.nagaya("compose", "ps", "--json", "-f", str(self.f), env=self.env, cwd=self.f.parent)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
-    try:
-        st = wait_for(lambda: (s := ps())["status"] in ("running", "failed") and s, 90, "the stack to come up",
+    def logs(self, service: str) -> str:
+        return self.user.nagaya("compose", "logs", service, "-f", str(self.f), env=self.env, cwd=self.f.parent).stdout
+
+    def running(self) -> dict:
+        st = wait_for(lambda: (s := self.ps())["status"] in ("running", "failed") and s, 120, "the stack to come up",
                       every=0.3)
-        assert st["status"] == "running", (st, user.nagaya("logs", job).stdout)
-        assert st["backend"] == "slurm" and st["job"] == job
+        assert st["status"] == "running", (st, self.user.nagaya("logs", self.job).stdout)
+        assert st["backend"] == "slurm" and st["job"] == self.job
+        return st
+
+    def fetched(self, nodes: dict[str, str]) -> str:
+        def done() -> str:
+            out = self.logs("client")
+            return out if all(f"client-{i} | on {nodes[f'client-{i}']} " in out for i in range(1, 5)) else ""
+
+        return wait_for(done, 60, "every client to fetch from httpd by service name", every=0.3)
+
+
+def _gone_everywhere(user: User, cluster: SlurmCluster, before: set[str]) -> None:
+    wait_for(lambda: not (_pids(user) - before), 30, "no process of the stack left on any node")
+    for n in cluster.nodes:         # nothing of the user's left in any node's namespace (and none moved out)
+        assert not [p for p in _pids(user) if cluster.node_of(p) == n], n
+    with open("/proc/mounts") as f:     # one mount namespace for every node: no FUSE or overlay left over
+        assert not [m for m in f if m.split()[2].startswith(("fuse", "overlay")) and
+                    (str(user.home) in m or "nagaya" in m)]
+    wait_for(lambda: not cluster._stepds() - cluster.stepds_before, 30, "every job step to end")
+
+
+def test_stack_across_namespaced_nodes_then_sigint(user: User, cluster: SlurmCluster) -> None:
+    before = _pids(user)
+    up = Up(user, _stack(user, "sigint"))
+    try:
+        st = up.running()
         nodes = {r["name"]: r["node"] for r in st["replicas"]}
         assert set(nodes.values()) == {"n1", "n2", "n3"}, nodes      # spread over every node
-
-        def fetched() -> str:
-            out = user.nagaya("compose", "logs", "client", "-f", str(f), env=ps_env, cwd=d).stdout
-            return out if all(f"client-{i} | on {nodes[f'client-{i}']}" in out for i in range(1, 5)) else ""
-
-        out = wait_for(fetched, 60, "every client to fetch from httpd by service name", every=0.3)
-        assert out.count(f"hello from {nodes['httpd-1']}") == 4
-        assert "hosts 127.0.0.1,127.0.0.1,127.0.0.1,127.0.0.1" in out
+        assert next(r for r in st["replicas"] if r["name"] == "httpd-1")["health"] == "healthy"
+        server = nodes["httpd-1"]
+        out = up.fetched(nodes)
+        for i in range(1, 5):
+            node = nodes[f"client-{i}"]
+            # Each replica saw its node's own hostname and address, and fetched from the server's node.
+            assert f"client-{i} | on {node} {cluster.addr(node)}/24" in out, out
+            assert f"client-{i} | hello from {server}" in out, out
+        assert {nodes[f"client-{i}"] for i in range(1, 5)} - {server}, "no client on another node than httpd"
+        addrs = ",".join(cluster.addr(nodes[f"client-{i}"]) for i in range(1, 5))
+        assert f"hosts {addrs}" in out
+        hosts = Path(st["replicas"][0]["log"]).parent.parent / "hosts"
+        assert f"{cluster.addr(server)}\thttpd\n" in hosts.read_text()
+        # The stack's processes run inside the nodes' namespaces, on every node.
+        assert {cluster.node_of(p) for p in _pids(user) - before} >= {"n1", "n2", "n3"}
+        supervisor = int(st["pid"])
+        assert cluster.node_of(supervisor) == "n1"      # the batch step, on the job's first node
+        os.kill(supervisor, signal.SIGINT)              # as ^C would: compose up stops the whole stack
+        wait_for(lambda: up.ps()["status"] == "down", 60, "the supervisor to record the teardown")
     finally:
-        assert user.nagaya("cancel", job).returncode == 0
-    assert wait_state(user, job, timeout=60)["state"] == "CANCELLED"
-    wait_for(lambda: ps()["status"] in ("down", "failed"), 30, "the supervisor to record the teardown")
-    wait_for(lambda: not ({p.split()[0] for p in user.processes()} - before), 30, "no process of the stack left")
-    assert not cluster._stepds() - cluster.stepds_before or wait_for(
-        lambda: not cluster._stepds() - cluster.stepds_before, 30, "every step to end")
+        user.nagaya("cancel", up.job)
+    assert wait_state(user, up.job, timeout=60)["state"] in ("FAILED", "CANCELLED", "COMPLETED")
+    assert all(r["state"] == "exited" for r in up.ps()["replicas"])
+    _gone_everywhere(user, cluster, before)
+
+
+def test_cancelling_the_job_tears_the_stack_down(user: User, cluster: SlurmCluster) -> None:
+    before = _pids(user)
+    up = Up(user, _stack(user, "cancel"))
+    try:
+        st = up.running()
+        up.fetched({r["name"]: r["node"] for r in st["replicas"]})
+    finally:
+        assert user.nagaya("cancel", up.job).returncode == 0
+    assert wait_state(user, up.job, timeout=60)["state"] == "CANCELLED"
+    wait_for(lambda: up.ps()["status"] in ("down", "failed"), 30, "the supervisor to record the teardown")
+    _gone_everywhere(user, cluster, before)
 
 
 def test_submit_compose_validates_first(user: User) -> None:
