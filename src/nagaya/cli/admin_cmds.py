@@ -191,9 +191,11 @@ def maintain(state_dir: Path = typer.Option(None, "--state-dir", help="the site'
     collection with the registry stopped. Idempotent, and safe to run twice at once (the second skips)."""
     from nagaya import config
     from nagaya.server.maintain import maintain as run_maintenance
+    from nagaya.store import clock
 
     try:
-        when = parse_time(now) if now else datetime.now(UTC)
+        # the site clock: real time unless NAGAYA_CLOCK_OFFSET moves it (tests, rehearsals), or --now
+        when = parse_time(now, clock.now().replace(tzinfo=UTC)) if now else clock.now().replace(tzinfo=UTC)
         report = run_maintenance(config.load(), state_dir, dry_run=dry_run,
                                  now=when.astimezone(UTC).replace(tzinfo=None), gc=not no_gc,
                                  cache_gc=not no_cache_gc)
