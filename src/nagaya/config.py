@@ -156,6 +156,11 @@ class SchedConfig(Record):
     nagaya: str = ""                            # the nagaya executable jobs run; default: from PATH
     slurm_bin_dir: str = ""                     # where sbatch/squeue/... live; default: PATH
     partition: str = ""                         # default Slurm partition
+    portal_submit: str = "dispatcher"           # how the portal submits for users: dispatcher (root helper,
+                                                # the user's own backend) | slurmrestd (JWT per user, no root)
+    slurmrestd_url: str = ""                    # http://127.0.0.1:6820 or unix:/run/slurmrestd.socket
+    slurmrestd_jwt_key: str = ""                # Slurm's jwt_key file (HS256), readable by the service account
+    portal_pull_hours: int = 24                 # slurmrestd: the job's own pull token lives this long
 
 
 class BuildConfig(Record):

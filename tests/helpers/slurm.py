@@ -69,7 +69,9 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, nodes: int = 3, cpus: int = 2, extra_conf: str = "", netns: bool = False) -> None:
+    def __init__(self, nodes: int = 3, cpus: int = 2, extra_conf: str = "", netns: bool = False,
+                 gpus: int = 0) -> None:
+        self.gpus = gpus                    # per node: GRES gpu backed by fake /dev/nvidiaN nodes (gpu_dev_dir)
         self.n = nodes
         self.netns = netns
         # Interface and namespace names are global: this cluster's own, short enough for IFNAMSIZ (15).
@@ -148,6 +150,23 @@ class SlurmCluster:
             uts.touch()
             self._sh("unshare", f"--uts={uts}", "hostname", n, undo=["umount", "-l", str(uts)])
 
+    @property
+    def gpu_dev_dir(self) -> Path:
+        return self.dir / "gpu" / "dev"
+
+    def _make_gpus(self) -> str:
+        """Fake GPUs: character devices with the NVIDIA driver's major (195) that nothing can open, listed
+        in gres.conf as real ones would be; returns the slurm.conf lines. Every node shares them (one host)."""
+        dev = self.gpu_dev_dir
+        dev.mkdir(parents=True)
+        for i in range(self.gpus):
+            os.mknod(dev / f"nvidia{i}", 0o666 | 0o020000, os.makedev(195, i))
+        os.mknod(dev / "nvidiactl", 0o666 | 0o020000, os.makedev(195, 255))
+        for p in (self.dir / "gpu", dev):
+            p.chmod(0o755)
+        (self.dir / "gres.conf").write_text(f"NodeName=n[1-{self.n}] Name=gpu File={dev}/nvidia[0-{self.gpus - 1}]\n")
+        return "GresTypes=gpu\n"
+
     def start(self) -> SlurmCluster:
         try:
             return self._start()
@@ -169,12 +188,14 @@ class SlurmCluster:
                      d / "munged.pid")
         if self.netns:
             self._make_nodes_net()
+        gres = self._make_gpus() if self.gpus else ""
+        gres_attr = f" Gres=gpu:{self.gpus}" if self.gpus else ""
         nodes = "\n".join(f"NodeName={n} NodeHostname={n if self.netns else socket.gethostname()} "
-                          f"NodeAddr={self.addr(n)} Port={_free_port()} CPUs={self.cpus} RealMemory=1000 State=UNKNOWN"
-                          for n in self.nodes)
+                          f"NodeAddr={self.addr(n)} Port={_free_port()} CPUs={self.cpus} RealMemory=1000 "
+                          f"State=UNKNOWN{gres_attr}" for n in self.nodes)
         self.conf.write_text(CONF.format(host=socket.gethostname(), ctld_addr=f"{SUBNET}.1" if self.netns else
                                          "127.0.0.1", ctld_port=_free_port(), dir=d, nodes=nodes, n=self.n,
-                                         extra=self.extra_conf))
+                                         extra=gres + self.extra_conf))
         self.conf.chmod(0o644)
         env = {**os.environ, **self.env}
         self._daemon(["slurmctld", "-i"], d / "slurmctld.pid", env)

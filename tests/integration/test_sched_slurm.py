@@ -28,7 +28,7 @@ TRAP = "trap 'echo cleaning up; exit 7' TERM; echo ready; while :; do sleep 0.1;
 def cluster(system: None) -> Iterator[SlurmCluster]:
     for exe in ("slurmctld", "slurmd", "munged", "sbatch"):
         require(shutil.which(exe) is not None, f"{exe} is not installed (bash deploy/install.sh)")
-    c = SlurmCluster().start()
+    c = SlurmCluster(gpus=2).start()      # each node: two fake GPUs as GRES (gres.conf, /dev/nvidiaN)
     yield c
     c.stop()
     assert not c._stepds() - c.stepds_before, "job steps left behind"
@@ -183,3 +183,37 @@ def test_digest_pinning(alice: User) -> None:
     info = wait_state(alice, job, timeout=30)
     assert info["state"] == "COMPLETED" and info["digest"] == pinned
     assert logs(alice, job) == "image data\n"
+
+
+def test_gpus_requested_are_the_gpus_the_container_sees(alice: User, cluster: SlurmCluster) -> None:
+    """Two 1-GPU jobs on one node each see one different device, renumbered from 0 for CUDA; a 2-GPU job
+    sees both. Without a device cgroup every /dev/nvidiaN is reachable on the node: nagaya is the boundary."""
+    d = alice.mkdir(alice.home / "sched-gpus")
+    release = d / "release"
+    script = d / "gpu.sh"
+    # n3: the time-limit job holds a CPU of n1, and both jobs need one CPU each on the same node
+    script.write_text("#!/bin/sh\n#NAGAYA --image bb\n#SBATCH --nodelist=n3\n"
+                      "echo devices $(ls /dev | grep nvidia | tr '\\n' ' ')\n"
+                      "echo visible $NVIDIA_VISIBLE_DEVICES cuda $CUDA_VISIBLE_DEVICES\n"
+                      f"i=0; while [ ! -e {release} ] && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.1; done\n")
+    os.chown(script, alice.uid, alice.gid)
+    env = {"NAGAYA_GPU_DEV_DIR": str(cluster.gpu_dev_dir)}
+    jobs = [submit(alice, "--gpus", "1", str(script), cwd=d, env=env) for _ in range(2)]
+    for j in jobs:
+        wait_for(lambda j=j: "cuda" in logs(alice, j), 30, f"job {j} to report its GPUs")
+    seen = []
+    for j in jobs:
+        lines = dict(x.split(" ", 1) for x in logs(alice, j).splitlines() if x.startswith(("devices", "visible")))
+        devices = lines["devices"].split()
+        assert len(devices) == 2 and "nvidiactl" in devices, lines
+        gpu = next(x for x in devices if x != "nvidiactl")
+        assert lines["visible"] == f"{gpu.removeprefix('nvidia')} cuda 0", lines
+        seen.append(gpu)
+    assert sorted(seen) == ["nvidia0", "nvidia1"], "two jobs on one node must get different GPUs"
+    os.close(os.open(release, os.O_CREAT | os.O_WRONLY, 0o644))
+    for j in jobs:
+        assert wait_state(alice, j, timeout=30)["state"] == "COMPLETED"
+    both = submit(alice, "--gpus", "2", "--image", "bb", "--", "sh", "-c",
+                  "echo $(ls /dev | grep -c 'nvidia[0-9]') $CUDA_VISIBLE_DEVICES", env=env)
+    assert wait_state(alice, both, timeout=30)["state"] == "COMPLETED"
+    assert logs(alice, both).split() == ["2", "0,1"]

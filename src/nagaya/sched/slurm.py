@@ -58,6 +58,58 @@ def _ts(text: str) -> str:
     return "" if text in ("", "None", "Unknown", "N/A") else text
 
 
+def nagaya_exe(cfg: Any) -> str:
+    """The nagaya the job's steps run: [sched] nagaya, else the one on PATH."""
+    return str(cfg.sched.nagaya or shutil.which("nagaya") or "nagaya")
+
+
+def comment(spec: JobSpec) -> str:
+    """The job's comment: how `nagaya job show` finds the pinned digest and the image on any login node."""
+    return f"nagaya {spec.digest} {spec.ref}"
+
+
+def batch_script(spec: JobSpec, nagaya: str, prologue: tuple[str, ...] = ()) -> str:
+    """The job's batch script: its steps run `nagaya run NAME@DIGEST ...` through srun. Shared by sbatch
+    (the CLI) and slurmrestd (the portal, whose `prologue` lines run first, before any step starts)."""
+    run = [nagaya, "run"]
+    if spec.gpus:
+        run += ["--gpus", "all"]            # Slurm sets CUDA_VISIBLE_DEVICES/cgroups to the allocated GPUs
+    lines = ["#!/bin/sh"]
+    if spec.script:                         # the user's directives first: sbatch reads them; options win
+        lines += [x for x in spec.script.splitlines() if x.strip().startswith("#SBATCH")]
+    lines += [f"# nagaya: {spec.image} pinned to {spec.digest}", "set -e", *prologue]
+    if spec.compose:                        # the stack's supervisor runs on the batch host; it sruns the replicas
+        lines.append("exec " + shlex.join([nagaya, "compose", "up", "-f", spec.compose]))
+    elif spec.script:
+        first = spec.script.splitlines()[0] if spec.script.startswith("#!") else "#!/bin/sh"
+        interp = shlex.split(first[2:]) or ["/bin/sh"]
+        # The script runs once in the container on the batch host, read from a here-document so
+        # no copy of it needs a shared file system.
+        lines.append(shlex.join([*run, spec.ref, *interp, "/dev/stdin", *spec.command])
+                     + " <<'NAGAYA_SCRIPT_EOF'")
+        lines += [spec.script.rstrip("\n"), "NAGAYA_SCRIPT_EOF"]
+    else:
+        lines.append("exec srun " + shlex.join([*run, spec.ref, *spec.command]))
+    return "\n".join(lines) + "\n"
+
+
+def job_info(j: dict[str, Any]) -> JobInfo:
+    """A job as Slurm's JSON (squeue --json, slurmrestd v0.0.38) describes it."""
+    words = str(j.get("comment") or "").split()
+    digest, image = (words[1], words[2]) if len(words) >= 3 and words[0] == "nagaya" else ("", "")
+    state = _state(str(j.get("job_state", "")))
+    limit = j.get("time_limit")
+    return JobInfo(id=str(j.get("job_id")), user=str(j.get("user_name", "")), state=state,
+                   name=str(j.get("name", "")), image=image, digest=digest,
+                   command=[str(j["command"])] if j.get("command") else [], nodes=str(j.get("nodes", "")),
+                   exit_code=None if state in ACTIVE else j.get("exit_code"),
+                   submit_time=iso(j.get("submit_time")), start_time=iso(j.get("start_time")),
+                   end_time=iso(j.get("end_time")) if state not in ACTIVE else "",
+                   time_limit=limit * 60 if isinstance(limit, int) and 0 < limit < 2**31 else 0,
+                   cpus=int(j.get("cpus") or 1), reason="" if j.get("state_reason") in (None, "None")
+                   else str(j["state_reason"]), backend="slurm", log=str(j.get("standard_output") or ""))
+
+
 class SlurmScheduler:
     name = "slurm"
 
@@ -77,30 +129,10 @@ class SlurmScheduler:
 
     # -- submit -----------------------------------------------------------------------------------------------
     def batch_script(self, spec: JobSpec) -> str:
-        nagaya = self.cfg.sched.nagaya or shutil.which("nagaya") or "nagaya"
-        run = [nagaya, "run"]
-        if spec.gpus:
-            run += ["--gpus", "all"]        # Slurm sets CUDA_VISIBLE_DEVICES/cgroups to the allocated GPUs
-        lines = ["#!/bin/sh"]
-        if spec.script:                     # the user's directives first: sbatch reads them; options win
-            lines += [x for x in spec.script.splitlines() if x.strip().startswith("#SBATCH")]
-        lines += [f"# nagaya: {spec.image} pinned to {spec.digest}", "set -e"]
-        if spec.compose:                    # the stack's supervisor runs on the batch host; it sruns the replicas
-            lines.append("exec " + shlex.join([nagaya, "compose", "up", "-f", spec.compose]))
-        elif spec.script:
-            first = spec.script.splitlines()[0] if spec.script.startswith("#!") else "#!/bin/sh"
-            interp = shlex.split(first[2:]) or ["/bin/sh"]
-            # The script runs once in the container on the batch host, read from a here-document so
-            # no copy of it needs a shared file system.
-            lines.append(shlex.join([*run, spec.ref, *interp, "/dev/stdin", *spec.command])
-                         + " <<'NAGAYA_SCRIPT_EOF'")
-            lines += [spec.script.rstrip("\n"), "NAGAYA_SCRIPT_EOF"]
-        else:
-            lines.append("exec srun " + shlex.join([*run, spec.ref, *spec.command]))
-        return "\n".join(lines) + "\n"
+        return batch_script(spec, nagaya_exe(self.cfg))
 
     def submit(self, spec: JobSpec) -> str:
-        args = ["--parsable", f"--comment=nagaya {spec.digest} {spec.ref}", f"--chdir={spec.cwd}"]
+        args = ["--parsable", f"--comment={comment(spec)}", f"--chdir={spec.cwd}"]
         if spec.name:
             args.append(f"--job-name={spec.name}")
         if not spec.script or spec.nodes != 1:
@@ -165,21 +197,8 @@ class SlurmScheduler:
         r = self._run("squeue", "--json")
         if r.returncode != 0:
             raise NagayaError(f"squeue: {r.stderr.strip()}")
-        out: list[JobInfo] = []
-        for j in json.loads(r.stdout).get("jobs", []):
-            if not all_users and j.get("user_name") != self.me:
-                continue
-            comment = str(j.get("comment") or "").split()
-            state = _state(str(j.get("job_state", "")))
-            out.append(JobInfo(id=str(j.get("job_id")), user=str(j.get("user_name", "")), state=state,
-                               name=str(j.get("name", "")),
-                               image=comment[2] if len(comment) >= 3 and comment[0] == "nagaya" else "",
-                               digest=comment[1] if len(comment) >= 3 and comment[0] == "nagaya" else "",
-                               nodes=str(j.get("nodes", "")),
-                               exit_code=None if state in ACTIVE else j.get("exit_code"),
-                               submit_time=iso(j.get("submit_time")), start_time=iso(j.get("start_time")),
-                               end_time=iso(j.get("end_time")) if state not in ACTIVE else "",
-                               backend="slurm"))
+        jobs = json.loads(r.stdout).get("jobs", [])
+        out = [job_info(j) for j in jobs if all_users or j.get("user_name") == self.me]
         return sorted(out, key=lambda x: int(x.id))
 
     # -- control ------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ request, only `nagaya.sched` calls with typed arguments.
 
 Layout: SPOOL/requests/ID.json (written by the server, atomically), SPOOL/replies/ID.json (by the
 dispatcher). SPOOL is root:SERVICE 0750, both subdirectories 0770.
+
+The other gateway, for sites whose scheduler is Slurm, needs no root part at all: slurmrest.py submits
+through slurmrestd with a short-lived JWT per user (`[sched] portal_submit = "slurmrestd"`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from nagaya.errors import Conflict, NagayaError, NotFound, PermissionDenied, Usa
 
 OPS = ("submit", "list", "status", "cancel", "logs")
 UID_MIN = 1000
+NOBODY = (65534, 4294967294)             # the overflow ids (nobody, nfsnobody): above UID_MIN, yet no one's
 REPLY_TIMEOUT = 120.0
 OP_TIMEOUT = 110.0
 LOG_TAIL = 64 * 1024
@@ -102,16 +106,22 @@ class SpoolGateway:
 
 # ---- the dispatcher (root) -------------------------------------------------------------------------------
 
-def _check(req: dict[str, Any], service_account: str) -> tuple[pwd.struct_passwd, str, dict[str, Any]]:
-    op, user, args = req.get("op"), req.get("user"), req.get("args")
-    if op not in OPS or not isinstance(user, str) or not isinstance(args, dict):
-        raise PermissionDenied("malformed request")
+def target_user(user: str, service_account: str) -> pwd.struct_passwd:
+    """The account a job runs as: a real user, never root, a system account or the service account."""
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
         raise PermissionDenied(f"no such user {user}") from None
-    if pw.pw_uid < UID_MIN or user == service_account:
+    if pw.pw_uid < UID_MIN or pw.pw_uid in NOBODY or user == service_account:
         raise PermissionDenied(f"jobs are not run for {user}")
+    return pw
+
+
+def _check(req: dict[str, Any], service_account: str) -> tuple[pwd.struct_passwd, str, dict[str, Any]]:
+    op, user, args = req.get("op"), req.get("user"), req.get("args")
+    if op not in OPS or not isinstance(user, str) or not isinstance(args, dict):
+        raise PermissionDenied("malformed request")
+    pw = target_user(user, service_account)
     if op == "submit":
         spec = args.get("spec")
         if not isinstance(spec, dict) or set(spec) - set(_SPEC_FIELDS):

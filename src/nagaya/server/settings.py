@@ -32,6 +32,12 @@ class ServerSettings:
     expiry_warn_days: int = 14            # warn an account this long before it expires
     expiry_grace_days: int = 30           # after expiry, this long before its images are archived and removed
     archive_dir: str = ""                 # where expired users' images go (default: STATE_DIR/archive)
+    portal_submit: str = "dispatcher"     # dispatcher | slurmrestd (see [sched] in config.py)
+    slurmrestd_url: str = ""
+    slurmrestd_jwt_key: str = ""          # a secret: it lets the server act as any user in Slurm
+    job_nagaya: str = ""                  # the nagaya executable jobs run
+    job_partition: str = ""
+    portal_pull_hours: int = 24
 
     @property
     def url(self) -> str:

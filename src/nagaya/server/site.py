@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,6 +152,8 @@ def _chown_tree(path: Path, acct: _Account) -> None:
         return
     for root, dirs, files in os.walk(path):
         os.chown(root, acct.uid, acct.gid)
+        if root == str(path) and "job-logs" in dirs:
+            dirs.remove("job-logs")         # users' own job output (slurmrest.py): theirs, not the service's
         for n in dirs + files:
             os.lchown(os.path.join(root, n), acct.uid, acct.gid)
 
@@ -239,7 +242,8 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
         login_ttl_days=cfg.server.login_ttl_days, signing_key=str(files.key), signing_cert=str(files.cert),
         ca_cert=str(files.ca_cert), notify_secret=notify_secret, auth=cfg.server.auth,
         pam_service=cfg.server.pam_service, admin_users=list(cfg.server.admin_users),
-        admin_groups=list(cfg.server.admin_groups), ldap=cfg.ldap.to_dict())
+        admin_groups=list(cfg.server.admin_groups), ldap=cfg.ldap.to_dict(),
+        **_portal_jobs(cfg, acct))
     settings_path = state_dir / "server.json"
     settings.save(settings_path)
     reg_cfg = state_dir / "registry.yml"     # JSON is YAML: no YAML writer needed
@@ -254,7 +258,7 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
     _write_status(state_dir, st)
     st.pids["registry"] = _spawn("registry", [cfg.server.registry_bin, "serve", str(reg_cfg)], state_dir, acct)
     _write_status(state_dir, st)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and settings.portal_submit == "dispatcher":
         # The portal's job dispatcher: the only part that runs as root, and only to start each user's own
         # scheduler operations as that user (server/jobs.py). Without root the portal shows jobs as off.
         root = _Account("root", 0, 0, [], "/root")
@@ -269,6 +273,33 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
     st.running = True
     st.alive = {k: True for k in st.pids}
     return st
+
+
+def _portal_jobs(cfg: Config, acct: _Account) -> dict[str, Any]:
+    """How the portal submits jobs ([sched] portal_submit): the root dispatcher, or slurmrestd with Slurm's
+    JWT key, which must be the service account's to read and nobody else's (it can act as any user)."""
+    how = cfg.sched.portal_submit
+    if how not in ("dispatcher", "slurmrestd"):
+        raise SiteError(f"[sched] portal_submit must be dispatcher or slurmrestd, not {how!r}")
+    out: dict[str, Any] = {"portal_submit": how, "job_nagaya": cfg.sched.nagaya or shutil.which("nagaya") or "",
+                           "job_partition": cfg.sched.partition, "portal_pull_hours": cfg.sched.portal_pull_hours}
+    if how == "slurmrestd":
+        key = Path(cfg.sched.slurmrestd_jwt_key)
+        if not cfg.sched.slurmrestd_url or not cfg.sched.slurmrestd_jwt_key:
+            raise SiteError("portal_submit = slurmrestd needs [sched] slurmrestd_url and slurmrestd_jwt_key")
+        try:
+            st = key.stat()
+        except OSError as e:
+            raise SiteError(f"Slurm JWT key {key}: {e.strerror}") from None
+        if st.st_mode & 0o007:
+            raise SiteError(f"Slurm JWT key {key} is readable by every user: chmod o-rwx it")
+        readable = (st.st_uid == acct.uid and st.st_mode & 0o400) or \
+            ((st.st_gid == acct.gid or st.st_gid in acct.groups) and st.st_mode & 0o040)
+        if os.geteuid() == 0 and not readable:
+            raise SiteError(f"Slurm JWT key {key} is not readable by {acct.name} (chgrp {acct.name} and chmod "
+                            f"g+r it, or give {acct.name} a copy of its own, mode 0400)")
+        out.update(slurmrestd_url=cfg.sched.slurmrestd_url, slurmrestd_jwt_key=str(key.absolute()))
+    return out
 
 
 def _wait_ready(st: SiteStatus, state_dir: Path) -> None:

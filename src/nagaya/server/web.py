@@ -274,19 +274,27 @@ class JobService:
         limit = parse_time(time_limit)
         with self.site.db.session() as db:
             svc = SiteService(db)
-            if image not in self.images(svc, p):
+            reg = settings.registry
+            # The digest the tag points at now: what the job runs, whenever it starts.
+            digest = next((t.digest for repo in svc.repositories(p) for t in svc.tags(p, repo.name)
+                           if f"{reg}/{repo.name}:{t.tag}" == image), "")
+            if not digest:
                 raise NotFound(f"image {image} not found among yours")
             user = svc.user(p.name)
             assert user is not None
-            # A short-lived personal token so the job's pull runs with the user's own rights, nobody else's.
-            new = svc.issue_user_token(user, "portal-job", timedelta(minutes=15))
-        spec = {"image": image, "command": command, "nodes": nodes, "cpus": cpus, "mem": mem.strip()[:32],
-                "gpus": gpus.strip()[:32], "time_limit": limit, "name": name.strip()[:64]}
+            # A personal token so the job's pull runs with the user's own rights, nobody else's: used at once
+            # by the dispatcher, when the job starts by slurmrestd (which says how long it may wait).
+            hours = getattr(self.gateway, "pull_token_hours", 0)
+            new = svc.issue_user_token(user, "portal-job", timedelta(hours=hours) if hours else timedelta(minutes=15))
+        spec = {"image": image, "digest": digest, "command": command, "nodes": nodes, "cpus": cpus,
+                "mem": mem.strip()[:32], "gpus": gpus.strip()[:32], "time_limit": limit, "name": name.strip()[:64]}
         out = self.gw().call(p.name, "submit", {"spec": spec, "login": {
             "registry": settings.registry, "server": settings.url, "username": p.name, "secret": new.secret}})
         job_id = str(out["id"])
         with self.site.db.session() as db:
-            SiteService(db).audit("job.submit", p.name, details={"job": job_id, "image": image, "via": via})
+            SiteService(db).audit("job.submit", p.name, digest=digest, details={
+                "job": job_id, "image": image, "via": via, "backend": settings.portal_submit, "command": command,
+                "nodes": nodes, "cpus": cpus, "mem": spec["mem"], "gpus": spec["gpus"], "time_limit": limit})
         return job_id
 
     def cancel(self, user: str, job_id: str, via: str = "portal") -> None:
@@ -296,9 +304,17 @@ class JobService:
 
 
 def default_jobs(site: Site) -> JobService:
-    """The site's spool (STATE_DIR/jobs-spool), served by `python -m nagaya.server.jobs dispatch` as root."""
+    """slurmrestd with a JWT per user (server/slurmrest.py), or the site's spool (STATE_DIR/jobs-spool), served
+    by `python -m nagaya.server.jobs dispatch` as root."""
     key = site.settings.signing_key
-    return JobService(site, SpoolGateway(Path(key).parent.parent / "jobs-spool") if key else None)
+    if not key:
+        return JobService(site, None)
+    state_dir = Path(key).parent.parent
+    if site.settings.portal_submit == "slurmrestd":
+        from nagaya.server.slurmrest import from_settings
+
+        return JobService(site, from_settings(site.settings, state_dir))
+    return JobService(site, SpoolGateway(state_dir / "jobs-spool"))
 
 
 # ---- the router ---------------------------------------------------------------------------------------------
