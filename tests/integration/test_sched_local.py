@@ -137,8 +137,10 @@ def test_suspend_resume(alice: User) -> None:
     wait_for(lambda: alice.nagaya("logs", job).stdout.count("\n") > 2, what="output")
     assert alice.nagaya("job", "suspend", job).returncode == 0
     wait_state(alice, job, ("SUSPENDED",), 5)
+    # The app itself is stopped (ps state T), and its output no longer grows.
+    wait_for(lambda: (apps := [p for p in alice.processes() if "i=$((i+1))" in p])
+             and all(p.split()[1].startswith("T") for p in apps), 5, f"the app to stop {alice.processes()}")
     frozen = alice.nagaya("logs", job).stdout
-    wait_for(lambda: alice.nagaya("logs", job).stdout == frozen, 3, f"output to stop {alice.processes()}")
     assert alice.nagaya("logs", job).stdout == frozen, "the job kept running while suspended"
     assert alice.nagaya("job", "resume", job).returncode == 0
     wait_state(alice, job, ("RUNNING",), 5)
