@@ -2,7 +2,7 @@
 own (hostnames n1..n3, addresses 10.77.0.11..13 on a host bridge; tests/helpers/slurm.py): replicas spread
 over the nodes as srun steps, four clients reach the healthchecked http server by service name across nodes,
 and SIGINT to `compose up` or cancelling the job tears the stack down on every node. The same stack runs on
-the local backend in test_compose.py."""
+the local backend in test_compose.py. GPUs: replicas on one node get disjoint ones."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
+from tests.helpers.fake_gpu import fake_gpus
 from tests.helpers.slurm import SlurmCluster
 from tests.helpers.users import User
 from tests.integration.sched_helpers import ensure_users, import_images, wait_for, wait_state
@@ -186,6 +187,41 @@ def test_cancelling_the_job_tears_the_stack_down(user: User, cluster: SlurmClust
     assert wait_state(user, up.job, timeout=60)["state"] == "CANCELLED"
     wait_for(lambda: up.ps()["status"] in ("down", "failed"), 30, "the supervisor to record the teardown")
     _gone_everywhere(user, cluster, before)
+
+
+GPUS = """\
+services:
+  train:
+    image: bb
+    deploy: {replicas: 4}
+    x-nagaya: {gpus: 1, nodes: 2}
+    command: ["sh", "-c", "echo on $$(hostname) devs $$(ls /dev | grep nvidia | sort | tr '\\n' ' ') \
+nv=$$NVIDIA_VISIBLE_DEVICES cuda=$$CUDA_VISIBLE_DEVICES"]
+"""
+
+
+def test_replicas_on_a_node_get_disjoint_gpus(user: User, cluster: SlurmCluster) -> None:
+    # Nodes whose GPUs Slurm does not manage (no GRES): each node offers the device nodes it has, here two
+    # fake ones (the nodes share this host's /dev view); two replicas per node, one GPU each.
+    gpu_env = fake_gpus(Path("/tmp/nagaya-fake-gpu-compose-slurm"), 2)
+    d = user.mkdir(CWD[user.name] / "gpus")
+    (d / "compose.yml").write_text(GPUS)
+    user.chown_tree(d)
+    f = d / "compose.yml"
+    r = user.nagaya("submit", "--json", "--compose", str(f), "--nodes", "3", cwd=d, env=gpu_env)
+    assert r.returncode == 0, r.stderr
+    job = str(json.loads(r.stdout)["id"])
+    assert wait_state(user, job, timeout=90)["state"] == "COMPLETED", user.nagaya("logs", job).stdout
+    ps = user.nagaya("compose", "ps", "--json", "-f", str(f), env={"SLURM_JOB_ID": job}, cwd=d)
+    reps = json.loads(ps.stdout)["replicas"]
+    by_node: dict[str, list[list[int]]] = {}
+    for x in reps:
+        by_node.setdefault(x["node"], []).append(x["gpus"])
+    assert len(by_node) == 2 and all(sorted(g) == [[0], [1]] for g in by_node.values()), by_node
+    out = user.nagaya("compose", "logs", "-f", str(f), env={"SLURM_JOB_ID": job}, cwd=d).stdout
+    for x in reps:
+        g = x["gpus"][0]
+        assert f"{x['name']} | on {x['node']} devs nvidia{g} nvidiactl nv={g} cuda=0" in out, out
 
 
 def test_submit_compose_validates_first(user: User) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nagaya.compose.placement import _indices, gpu_pools, hosts_file, place, service_env
+from nagaya.compose.placement import _indices, gpu_pools, hosts_file, job_gpu_indices, place, service_env
 from nagaya.compose.spec import interpolate, load, parse
 from nagaya.errors import UsageError
 
@@ -106,3 +106,8 @@ def test_gpu_pool_honours_the_jobs_gpus(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("SLURM_JOB_GPUS", "2")
     assert gpu_pools("local", ["h"], str(tmp_path)) == {"h": [2]}
     assert _indices("0,2-4,7") == [0, 2, 3, 4, 7]
+
+    # Slurm 22.05's `scontrol -d show job` for `--gres=gpu:2 -N2` (with and without a GPU type).
+    detail = ("   JOB_GRES=gpu:4\n     Nodes=n[1-2] CPU_IDs=0 Mem=0 GRES=gpu:2(IDX:0-1)\n   TresPerNode=gres:gpu:2\n"
+              "     Nodes=n3 CPU_IDs=0-1 Mem=0 GRES=gpu:a100:2(IDX:1,3),mps:0\n")
+    assert job_gpu_indices(detail) == [("n[1-2]", [0, 1]), ("n3", [1, 3])]

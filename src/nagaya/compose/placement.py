@@ -102,10 +102,9 @@ def gpu_pools(backend: str, nodes: list[str], dev_dir: str) -> dict[str, list[in
                 return {n: [i for i in _indices(val) if i in present] for n in nodes}
         return {n: present for n in nodes}
     pools: dict[str, list[int]] = {}
-    detail = _scontrol("-d", "show", "job", os.environ["SLURM_JOB_ID"])
-    for m in re.finditer(r"^\s*Nodes=(\S+) .*?GRES=\S*?gpu(?::[^:(,\s]+)?:\d+\(IDX:([\d,-]+)\)", detail, re.M):
-        for n in _scontrol("show", "hostnames", m.group(1)).split():
-            pools[n] = _indices(m.group(2))
+    for nodelist, idx in job_gpu_indices(_scontrol("-d", "show", "job", os.environ["SLURM_JOB_ID"])):
+        for n in _scontrol("show", "hostnames", nodelist).split():
+            pools[n] = idx
     if pools:
         return {n: pools.get(n, []) for n in nodes}
     managed = [n for n, kv in _node_records(nodes).items() if "gpu" in kv.get("Gres", "")]
@@ -113,6 +112,12 @@ def gpu_pools(backend: str, nodes: list[str], dev_dir: str) -> dict[str, list[in
         raise UsageError(f"x-nagaya.gpus: this job has no GPUs on {', '.join(managed)} "
                          f"(submit with --gpus or --gres=gpu:N)")
     return {n: present for n in nodes}
+
+
+def job_gpu_indices(detail: str) -> list[tuple[str, list[int]]]:
+    """From `scontrol -d show job`: (node list, GPU indices) per `Nodes=n[1-2] ... GRES=gpu:2(IDX:0-1)` line."""
+    pat = r"^\s*Nodes=(\S+) .*?GRES=\S*?gpu(?::[^:(,\s]+)?:\d+\(IDX:([\d,-]+)\)"
+    return [(m.group(1), _indices(m.group(2))) for m in re.finditer(pat, detail, re.M)]
 
 
 def _listdir(d: str) -> list[str]:
