@@ -15,7 +15,15 @@ import pytest
 from tests.conftest import require
 from tests.helpers.slurm import SlurmCluster
 from tests.helpers.users import User
-from tests.integration.sched_helpers import digest_of, ensure_users, import_images, show, wait_for, wait_state
+from tests.integration.sched_helpers import (
+    digest_of,
+    ensure_users,
+    import_images,
+    live_processes,
+    show,
+    wait_for,
+    wait_state,
+)
 from tests.integration.sched_helpers import submit as _submit
 
 pytestmark = pytest.mark.integration
@@ -130,6 +138,16 @@ def test_cancel_lets_the_app_clean_up(alice: User) -> None:
     assert alice.nagaya("cancel", job).returncode == 0
     assert wait_state(alice, job, timeout=30)["state"] == "CANCELLED"
     wait_for(lambda: "cleaning up" in logs(alice, job), 10, "the app's TERM handler")
+    no_leftovers(alice, "cleaning up")
+
+
+def no_leftovers(u: User, marker: str) -> None:
+    """After a job's end: none of its processes (the supervisor, bwrap and the app carry the command in their
+    arguments; squashfuse dies with their pid namespace) and no mount of it in the host's namespace."""
+    wait_for(lambda: not [p for p in live_processes(u) if marker in p], 15,
+             f"the job's processes to go: {live_processes(u)}")
+    mounts = Path("/proc/mounts").read_text()
+    assert f"user_id={u.uid}," not in mounts and "nagaya" not in mounts, mounts
 
 
 def test_suspend_resume(alice: User, cluster: SlurmCluster) -> None:
@@ -167,6 +185,7 @@ def test_time_limit(alice: User, timeout_job: str) -> None:
     info = wait_state(alice, timeout_job, timeout=150)
     assert info["state"] == "TIMEOUT" and info["time_limit"] == 60, info
     wait_for(lambda: "time is up" in logs(alice, timeout_job), 10, "the app's TERM handler")
+    no_leftovers(alice, "time is up")
 
 
 def test_digest_pinning(alice: User) -> None:
