@@ -2,7 +2,7 @@
 own (hostnames n1..n3, addresses 10.77.0.11..13 on a host bridge; tests/helpers/slurm.py): replicas spread
 over the nodes as srun steps, four clients reach the healthchecked http server by service name across nodes,
 and SIGINT to `compose up` or cancelling the job tears the stack down on every node. The same stack runs on
-the local backend in test_compose.py. GPUs: replicas on one node get disjoint ones."""
+the local backend in test_compose.py. GPUs (Slurm GRES): replicas on one node get disjoint ones."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.helpers.fake_gpu import fake_gpus
 from tests.helpers.slurm import SlurmCluster
 from tests.helpers.users import User
 from tests.integration.sched_helpers import ensure_users, import_images, wait_for, wait_state
@@ -63,7 +62,7 @@ exec sleep 600
 def cluster(system: None) -> Iterator[SlurmCluster]:
     for exe in ("slurmctld", "slurmd", "munged", "sbatch", "srun", "ip", "nsenter"):
         require(shutil.which(exe) is not None, f"{exe} is not installed (bash deploy/install.sh)")
-    c = SlurmCluster(netns=True).start()
+    c = SlurmCluster(netns=True, gpus=2).start()       # two GPUs per node as GRES (fake devices)
     yield c
     c.stop()
     assert not c._stepds() - c.stepds_before, "job steps left behind"
@@ -201,14 +200,13 @@ nv=$$NVIDIA_VISIBLE_DEVICES cuda=$$CUDA_VISIBLE_DEVICES"]
 
 
 def test_replicas_on_a_node_get_disjoint_gpus(user: User, cluster: SlurmCluster) -> None:
-    # Nodes whose GPUs Slurm does not manage (no GRES): each node offers the device nodes it has, here two
-    # fake ones (the nodes share this host's /dev view); two replicas per node, one GPU each.
-    gpu_env = fake_gpus(Path("/tmp/nagaya-fake-gpu-compose-slurm"), 2)
+    # The job's GPUs per node come from Slurm (GRES IDX); two replicas per node, one GPU each.
+    gpu_env = {"NAGAYA_GPU_DEV_DIR": str(cluster.gpu_dev_dir)}
     d = user.mkdir(CWD[user.name] / "gpus")
     (d / "compose.yml").write_text(GPUS)
     user.chown_tree(d)
     f = d / "compose.yml"
-    r = user.nagaya("submit", "--json", "--compose", str(f), "--nodes", "3", cwd=d, env=gpu_env)
+    r = user.nagaya("submit", "--json", "--compose", str(f), "--nodes", "3", "--gpus", "6", cwd=d, env=gpu_env)
     assert r.returncode == 0, r.stderr
     job = str(json.loads(r.stdout)["id"])
     assert wait_state(user, job, timeout=90)["state"] == "COMPLETED", user.nagaya("logs", job).stdout
@@ -222,6 +220,12 @@ def test_replicas_on_a_node_get_disjoint_gpus(user: User, cluster: SlurmCluster)
     for x in reps:
         g = x["gpus"][0]
         assert f"{x['name']} | on {x['node']} devs nvidia{g} nvidiactl nv={g} cuda=0" in out, out
+    # A job without GPUs on nodes whose GPUs Slurm manages: the stack fails at once, saying why.
+    r = user.nagaya("submit", "--json", "--compose", str(f), "--nodes", "2", cwd=d, env=gpu_env)
+    job = str(json.loads(r.stdout)["id"])
+    assert wait_state(user, job, timeout=60)["state"] == "FAILED"
+    log = user.nagaya("logs", job).stdout + user.nagaya("logs", job).stderr
+    assert "x-nagaya.gpus: this job has no GPUs on n1, n2 (submit with --gpus or --gres=gpu:N)" in log, log
 
 
 def test_submit_compose_validates_first(user: User) -> None:

@@ -100,11 +100,11 @@ def test_gpu_pool_honours_the_jobs_gpus(monkeypatch: pytest.MonkeyPatch, tmp_pat
     (tmp_path / "nvidiactl").touch()
     monkeypatch.delenv("SLURM_JOB_GPUS", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert gpu_pools("local", ["h"], str(tmp_path)) == {"h": [0, 1, 2, 3]}
+    assert gpu_pools("local", ["h"], str(tmp_path), {}) == {"h": [0, 1, 2, 3]}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
-    assert gpu_pools("local", ["h"], str(tmp_path)) == {"h": [1, 3]}
+    assert gpu_pools("local", ["h"], str(tmp_path), {}) == {"h": [1, 3]}
     monkeypatch.setenv("SLURM_JOB_GPUS", "2")
-    assert gpu_pools("local", ["h"], str(tmp_path)) == {"h": [2]}
+    assert gpu_pools("local", ["h"], str(tmp_path), {}) == {"h": [2]}
     assert _indices("0,2-4,7") == [0, 2, 3, 4, 7]
 
     # Slurm 22.05's `scontrol -d show job` for `--gres=gpu:2 -N2` (with and without a GPU type).

@@ -87,11 +87,20 @@ def _indices(text: str) -> list[int]:
     return out
 
 
-def gpu_pools(backend: str, nodes: list[str], dev_dir: str) -> dict[str, list[int]]:
+def job_gpus() -> dict[str, list[int]]:
+    """The GPU indices Slurm gave this job on each of its nodes (GRES); empty: a job without GPUs."""
+    out: dict[str, list[int]] = {}
+    for nodelist, idx in job_gpu_indices(_scontrol("-d", "show", "job", os.environ["SLURM_JOB_ID"])):
+        for n in _scontrol("show", "hostnames", nodelist).split():
+            out[n] = idx
+    return out
+
+
+def gpu_pools(backend: str, nodes: list[str], dev_dir: str, gres: dict[str, list[int]]) -> dict[str, list[int]]:
     """The GPU indices each node offers the stack.
 
-    Slurm job with GPUs (GRES): the indices Slurm gave the job on each node (`scontrol -d show job`); the
-    steps see those devices and compose hands them out, disjoint, to the replicas. Nodes without GPU GRES
+    Slurm job with GPUs (GRES, from job_gpus()): the indices Slurm gave the job on each node; every step on a
+    node is given all of them and compose hands them out, disjoint, to the replicas. Nodes without GPU GRES
     configured (GPUs Slurm does not manage): the device nodes present, as on this node. Local: the job's
     SLURM_JOB_GPUS or CUDA_VISIBLE_DEVICES when set (already narrowed for us), else every /dev/nvidiaN."""
     present = sorted(int(m.group(1)) for n in _listdir(dev_dir) if (m := re.fullmatch(r"nvidia(\d+)", n)))
@@ -101,12 +110,8 @@ def gpu_pools(backend: str, nodes: list[str], dev_dir: str) -> dict[str, list[in
             if re.fullmatch(r"\d+(,\d+)*", val):
                 return {n: [i for i in _indices(val) if i in present] for n in nodes}
         return {n: present for n in nodes}
-    pools: dict[str, list[int]] = {}
-    for nodelist, idx in job_gpu_indices(_scontrol("-d", "show", "job", os.environ["SLURM_JOB_ID"])):
-        for n in _scontrol("show", "hostnames", nodelist).split():
-            pools[n] = idx
-    if pools:
-        return {n: pools.get(n, []) for n in nodes}
+    if gres:
+        return {n: gres.get(n, []) for n in nodes}
     managed = [n for n, kv in _node_records(nodes).items() if "gpu" in kv.get("Gres", "")]
     if managed:
         raise UsageError(f"x-nagaya.gpus: this job has no GPUs on {', '.join(managed)} "

@@ -28,6 +28,7 @@ from nagaya.compose.placement import (
     gpu_pools,
     hosts_file,
     in_slurm_job,
+    job_gpus,
     job_nodes,
     node_addrs,
     place,
@@ -38,6 +39,8 @@ from nagaya.errors import NagayaError, UsageError
 
 STOP_GRACE = 10.0               # seconds from TERM to KILL when the stack stops
 _PR_SET_PDEATHSIG = 1
+_JOB_GPU_VARS = ("SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_SOCKET", "SLURM_GPUS_PER_TASK",
+                 "SLURM_TRES_PER_TASK")
 
 
 def _pdeathsig() -> None:
@@ -115,13 +118,17 @@ class Stack:
         self.failed: tuple[str, int, str] | None = None
         self.status = "starting"
         self.replicas: dict[str, list[Running]] = {}
+        # srun reads the job's GPU request from these (sbatch --gpus 6 -> SLURM_GPUS=6) and would ask it of
+        # every one-node step besides its own --gres (see _on_node).
+        self.step_env = {k: v for k, v in os.environ.items() if k not in _JOB_GPU_VARS}
 
     # -- planning ---------------------------------------------------------------------------------------------
     def plan(self) -> None:
         self.nodes = job_nodes(self.backend)
+        self.gres = job_gpus() if self.backend == "slurm" else {}
         pools = None
         if any(s.x_nagaya.gpus for s in self.project.services.values()):
-            pools = gpu_pools(self.backend, self.nodes, self.cfg.gpu.dev_dir.rstrip("/") or "/dev")
+            pools = gpu_pools(self.backend, self.nodes, self.cfg.gpu.dev_dir.rstrip("/") or "/dev", self.gres)
         placed = place(self.project, self.nodes, pools)
         self.addrs = node_addrs(self.backend, sorted({r.node for r in placed} | set(self.nodes)))
         self.hosts = self.dir / "hosts"
@@ -160,12 +167,17 @@ class Stack:
                      "--env", "CUDA_VISIBLE_DEVICES=" + ",".join(str(i) for i in range(len(r.gpus)))]
         return opts
 
-    def _on_node(self, node: str, argv: list[str], label: str) -> list[str]:
+    def _on_node(self, node: str, argv: list[str], label: str, gpus: bool = False) -> list[str]:
         if self.backend != "slurm":
             return argv
-        # No --gpus here: a step gets the job's GPUs on its node, and placement shares them out by index.
         srun = [shutil.which("srun") or "srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap",
                 "--quiet", f"--job-name={label}", "--cpus-per-task=1", "--mem=0"]
+        if self.gres:
+            # A step would ask for the job's whole GPU request (e.g. gpu:6 over three nodes) on its one node,
+            # which Slurm refuses. A GPU replica's step gets every GPU the job has on its node (overlapping
+            # steps share them; placement decides which replica uses which); others none.
+            srun.append(f"--gres=gpu:{len(self.gres.get(node, []))}" if gpus and self.gres.get(node) else
+                        "--gres=none")
         return [*srun, *argv]
 
     def replica_argv(self, r: Replica) -> list[str]:
@@ -175,12 +187,12 @@ class Stack:
             argv += ["--entrypoint", "", self.images[r.service], *svc.entrypoint, *(svc.command or [])]
         else:
             argv += [self.images[r.service], *(svc.command or [])]
-        return self._on_node(r.node, argv, f"{self.project.name}_{r.name}")
+        return self._on_node(r.node, argv, f"{self.project.name}_{r.name}", bool(r.gpus))
 
     def check_argv(self, r: Replica, check: list[str]) -> list[str]:
         svc = self.project.services[r.service]
         argv = [self.nagaya, "exec", *self._run_opts(r.service, svc, r), self.images[r.service], *check]
-        return self._on_node(r.node, argv, f"{self.project.name}_{r.name}_health")
+        return self._on_node(r.node, argv, f"{self.project.name}_{r.name}_health", bool(r.gpus))
 
     # -- state ------------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -212,7 +224,7 @@ class Stack:
     # -- running ----------------------------------------------------------------------------------------------
     def _spawn(self, argv: list[str], out: IO[bytes] | int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_pdeathsig, cwd=str(self.base))
+                                start_new_session=True, preexec_fn=_pdeathsig, cwd=str(self.base), env=self.step_env)
 
     def _ready(self, name: str) -> bool:
         """May `name` start: every dependency in the state its condition asks for."""
@@ -335,7 +347,7 @@ class Stack:
                                              self.project.services[n].healthcheck is None or
                                              self.project.services[n].healthcheck.argv is None)
                                              for n, reps in self.replicas.items() for x in reps)
-                if all_up and self.status == "starting":
+                if all_up and self.status == "starting" and self.failed is None:
                     self.status, changed = "running", True
                     self.say("all services are up")
                 if changed or not announced:
