@@ -16,6 +16,7 @@ PKGS=(
   busybox-static debootstrap                      # tiny base images made locally (no public registry)
   skopeo umoci podman buildah                     # peers for tests and benchmarks, OCI tooling
   tmux hyperfine procps psmisc iproute2 util-linux
+  wrk                                             # bench/portal: the HTTP load generator (C: it leaves the CPU to the server)
   charliecloud-runtime
   docker-registry postgresql                      # the site registry; PostgreSQL for sites (and its tests)
   slapd ldap-utils                                # LDAP login back end tests (a private slapd)

@@ -130,6 +130,7 @@ class ServerConfig(Record):
     admin_groups: list[str] = Factory(lambda: ["nagaya-admins"])
     token_ttl: int = 300                        # registry bearer tokens, seconds
     login_ttl_days: int = 90                    # personal access tokens made by `nagaya login`
+    workers: int = 0                            # server processes; 0: one per CPU (at most 4)
 
 
 class LdapConfig(Record):

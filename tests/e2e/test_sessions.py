@@ -4,18 +4,20 @@ browser test cannot reach quickly (expiry, HTTPS cookie flags, cross-site posts)
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from nagaya.server.app import create_app
 from nagaya.server.authn import Identity
 from nagaya.server.pki import ensure_signing_files
 from nagaya.server.settings import ServerSettings
 from nagaya.server.web import LoginLimiter, Sessions
+from nagaya.store import Database
+from nagaya.store.models import PortalSession
 
 pytestmark = pytest.mark.e2e
 
@@ -98,33 +100,100 @@ def test_logout_needs_csrf_and_ends_the_session(app: object) -> None:
         assert c.get("/dashboard", follow_redirects=False).status_code == 303
 
 
-def test_sessions_expire() -> None:
-    idle = Sessions(idle=0.2, absolute=60)
-    a = idle.create("ann", frozenset(), False)
-    assert idle.get(a.sid) is a
-    time.sleep(0.3)
+class Clock:
+    """A clock the test moves: expiry and rate-limit windows without sleeping."""
+
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    d = Database(f"sqlite:///{tmp_path}/sessions.sqlite")
+    d.migrate()
+    yield d
+    d.dispose()
+
+
+def test_sessions_expire(db: Database) -> None:
+    clock = Clock()
+    idle = Sessions(db, idle=600, absolute=3600, clock=clock)
+    a = idle.create("ann", frozenset({"lab"}), False)
+    got = idle.get(a.sid)
+    assert got is not None and (got.user, got.groups, got.csrf) == ("ann", frozenset({"lab"}), a.csrf)
+    clock.t += 601
     assert idle.get(a.sid) is None                     # unused for longer than the idle timeout
-    absolute = Sessions(idle=60, absolute=0.4)
-    b = absolute.create("ann", frozenset(), False)
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline:
-        absolute.get(b.sid)                            # kept busy...
-        time.sleep(0.05)
-    assert absolute.get(b.sid) is None                 # ...still ends at the absolute limit
-    assert idle.get("") is None and idle.get("nonsense") is None
+    b = idle.create("ann", frozenset(), False)
+    for _ in range(7):                                 # kept busy (3500 s)...
+        clock.t += 500
+        assert idle.get(b.sid) is not None
+    clock.t += 500
+    assert idle.get(b.sid) is None                     # ...still ends at the absolute limit
+    assert idle.get("") is None and idle.get("nonsense") is None and idle.get("x" * 5000) is None
 
 
-def test_rate_limit_is_per_user_and_address() -> None:
-    lim = LoginLimiter(limit=3, window=60)
+def test_session_ids_are_stored_hashed_and_seen_is_written_sparingly(db: Database) -> None:
+    clock = Clock()
+    sessions = Sessions(db, idle=7200, absolute=43200, clock=clock)
+    s = sessions.create("ann", frozenset(), False)
+    with db.engine.connect() as c:
+        keys = list(c.scalars(select(PortalSession.id_hash)))
+    assert keys == [s.key] and s.sid not in keys       # a copy of the table opens no session
+
+    def seen() -> float:
+        with db.engine.connect() as c:
+            return float(c.scalar(select(PortalSession.seen)))
+    start = seen()
+    clock.t += Sessions.SEEN_RESOLUTION / 2
+    assert sessions.get(s.sid) is not None and seen() == start           # no write on every page view
+    clock.t += Sessions.SEEN_RESOLUTION
+    assert sessions.get(s.sid) is not None and seen() == clock.t         # at most a resolution behind
+
+
+def test_rate_limit_is_per_user_and_address(db: Database) -> None:
+    clock = Clock()
+    lim = LoginLimiter(db, limit=3, window=60, clock=clock)
     for _ in range(3):
         assert lim.blocked("ann", "10.0.0.1") == 0
         lim.failed("ann", "10.0.0.1")
-    assert lim.blocked("ann", "10.0.0.1") > 0
+        clock.t += 1
+    assert lim.blocked("ann", "10.0.0.1") == 60 - 3    # until the first failure leaves the window
     assert lim.blocked("ann", "10.0.0.2") == 0         # another address
     assert lim.blocked("ben", "10.0.0.1") == 0         # another user
     lim.succeeded("ann", "10.0.0.1")
     assert lim.blocked("ann", "10.0.0.1") == 0         # a good password clears the count
-    short = LoginLimiter(limit=1, window=0.2)
-    short.failed("ann", "10.0.0.1")
-    time.sleep(0.3)
-    assert short.blocked("ann", "10.0.0.1") == 0       # the window passed
+    lim.failed("ben", "10.0.0.1")
+    short = LoginLimiter(db, limit=1, window=0.2, clock=clock)
+    assert short.blocked("ben", "10.0.0.1") > 0
+    clock.t += 0.3
+    assert short.blocked("ben", "10.0.0.1") == 0       # the window passed
+
+
+def test_server_processes_share_sessions_and_rate_limits(tmp_path: Path) -> None:
+    """Two apps on one database are two server processes (`server.workers`): a login, its messages, a logout
+    and failed passwords count in both at once, whichever process the browser's request reaches."""
+    files = ensure_signing_files(tmp_path / "certs")
+    settings = ServerSettings(database=f"sqlite:///{tmp_path}/db.sqlite", signing_key=str(files.key),
+                              signing_cert=str(files.cert), ca_cert=str(files.ca_cert), registry="127.0.0.1:9")
+    one, two = create_app(settings, FakeAuth()), create_app(settings, FakeAuth())
+    one.state.site.db.migrate()
+    try:
+        with TestClient(one) as a, TestClient(two) as b:
+            assert login(a, "ann", "pw-ann") == 303
+            b.cookies.set("nagaya_session", a.cookies["nagaya_session"])
+            assert "Hello, ann" in b.get("/dashboard").text                  # logged in on both
+            r = b.post("/projects", data={"name": "shared-p", "csrf": csrf_of(a)}, follow_redirects=False)
+            assert r.status_code == 303                                      # same session, same CSRF token
+            assert "Project shared-p created" in a.get(r.headers["location"]).text   # the message follows
+            assert "Project shared-p created" not in b.get(r.headers["location"]).text   # ...once
+            assert b.post("/logout", data={"csrf": csrf_of(a)}, follow_redirects=False).status_code == 303
+            assert a.get("/dashboard", follow_redirects=False).status_code == 303    # ended in both at once
+            for c in (a, b, a, b, a):                                        # MAX_FAILURES, spread over both
+                assert login(c, "ben", "wrong") == 401
+            assert login(a, "ben", "pw-ben") == 429 and login(b, "ben", "pw-ben") == 429
+    finally:
+        one.state.site.db.dispose()
+        two.state.site.db.dispose()

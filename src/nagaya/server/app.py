@@ -19,10 +19,13 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from starlette.types import ASGIApp, Message, Receive, Send
+from starlette.types import Scope as AsgiScope
 
 from nagaya import __version__
 from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, UsageError
 from nagaya.server.authn import Authenticator, make_authenticator
+from nagaya.server.offload import offload
 from nagaya.server.settings import ServerSettings
 from nagaya.server.tokens import Scope, TokenIssuer
 from nagaya.store import Database, Principal, authorize, credentials, lifecycle
@@ -91,6 +94,32 @@ def _json(obj: Any) -> Any:
     if isinstance(d, dict):
         return {k: (v.isoformat() + "Z" if isinstance(v, datetime) else v) for k, v in d.items()}
     return d
+
+
+class NotesMiddleware:
+    """Sends the request's note (NOTES) as the X-Nagaya-Warning header. Plain ASGI: starlette's
+    BaseHTTPMiddleware costs a task group and a streamed response on every request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        notes: dict[str, str] = {}
+        reset = NOTES.set(notes)
+
+        async def send_with_note(message: Message) -> None:
+            if message["type"] == "http.response.start" and notes.get("warning"):
+                note = notes["warning"].encode("latin-1", "replace")
+                message = {**message, "headers": [*message.get("headers", []), (b"x-nagaya-warning", note)]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_note)
+        finally:
+            NOTES.reset(reset)
 
 
 class Site:
@@ -174,14 +203,7 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
                   description="nagaya site server: registry token service, projects, roles and tokens")
     app.state.site = site
 
-    @app.middleware("http")
-    async def _notes(request: Request, call_next: Any) -> Any:
-        notes: dict[str, str] = {}
-        NOTES.set(notes)
-        response = await call_next(request)
-        if notes.get("warning"):
-            response.headers["X-Nagaya-Warning"] = notes["warning"]
-        return response
+    app.add_middleware(NotesMiddleware)
 
     @app.exception_handler(NagayaError)
     async def _nagaya_error(_request: Request, exc: NagayaError) -> JSONResponse:
@@ -199,6 +221,7 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
     # ---- registry token service ---------------------------------------------------------------------
 
     @app.get("/token", tags=["registry"], summary="Docker registry token (distribution token auth spec)")
+    @offload
     def token(request: Request, service: str = "", scope: list[str] = Query(default_factory=list),
               account: str = "") -> dict[str, Any]:
         if service and service != settings.service:
@@ -521,3 +544,13 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
 
     install_portal(app, site)
     return app
+
+
+SETTINGS_ENV = "NAGAYA_SERVER_SETTINGS"
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's app factory for each server process (`python -m nagaya.server` sets SETTINGS_ENV)."""
+    import os
+
+    return create_app(ServerSettings.load(Path(os.environ[SETTINGS_ENV])))

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+MAX_AUTO_WORKERS = 4          # beyond this the database, not Python, is what a portal waits for
+
 
 @dataclass
 class ServerSettings:
@@ -32,12 +34,21 @@ class ServerSettings:
     expiry_warn_days: int = 14            # warn an account this long before it expires
     expiry_grace_days: int = 30           # after expiry, this long before its images are archived and removed
     archive_dir: str = ""                 # where expired users' images go (default: STATE_DIR/archive)
+    workers: int = 0                      # server processes; 0: one per CPU, at most MAX_AUTO_WORKERS
     portal_submit: str = "dispatcher"     # dispatcher | slurmrestd (see [sched] in config.py)
     slurmrestd_url: str = ""
     slurmrestd_jwt_key: str = ""          # a secret: it lets the server act as any user in Slurm
     job_nagaya: str = ""                  # the nagaya executable jobs run
     job_partition: str = ""
     portal_pull_hours: int = 24
+
+    @property
+    def process_count(self) -> int:
+        """Server processes: the token service is CPU-bound Python, so one process per core (several
+        processes are safe: sessions, login rate limits and everything else shared live in the database)."""
+        if self.workers > 0:
+            return self.workers
+        return max(1, min(os.cpu_count() or 1, MAX_AUTO_WORKERS))
 
     @property
     def url(self) -> str:

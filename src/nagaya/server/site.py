@@ -244,6 +244,7 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
         pam_service=cfg.server.pam_service, admin_users=list(cfg.server.admin_users),
         admin_groups=list(cfg.server.admin_groups), ldap=cfg.ldap.to_dict(),
         **_portal_jobs(cfg, acct))
+    settings.workers = cfg.server.workers        # server processes (uvicorn workers); 0: one per CPU
     settings_path = state_dir / "server.json"
     settings.save(settings_path)
     reg_cfg = state_dir / "registry.yml"     # JSON is YAML: no YAML writer needed

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import hashlib
 import hmac
 import io
@@ -19,7 +18,6 @@ import logging
 import re
 import secrets
 import shlex
-import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -36,12 +34,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
+from sqlalchemy import bindparam, delete, insert, or_, select, update
 
 from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, UsageError
 from nagaya.server.jobs import JobGateway, JobsUnavailable, SpoolGateway
-from nagaya.store import Principal, authorize
+from nagaya.server.offload import offload
+from nagaya.store import Database, Principal, authorize
 from nagaya.store import service as svcmod
-from nagaya.store.models import utcnow
+from nagaya.store.models import LoginFailure, PortalSession, utcnow
 from nagaya.store.service import MANIFEST_TYPES, SiteService
 
 if TYPE_CHECKING:
@@ -72,93 +72,113 @@ class WebSession:
     created: float
     seen: float
     flash: list[tuple[str, str]] = field(default_factory=list)
-    principal: Principal | None = None        # cached for PRINCIPAL_TTL: one query less on every page
-    principal_at: float = 0.0
-    expires_at: datetime | None = None
+    key: str = ""                             # what the database knows the session by: sha256 of the id
+    flash_saved: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _session_key(sid: str) -> str:
+    return hashlib.sha256(sid.encode()).hexdigest()
 
 
 class Sessions:
-    """Server-side sessions in memory: logout really ends a session, and a stolen cookie dies with the
-    server. One server process per site (uvicorn, one worker), so memory is the right store."""
+    """Server-side sessions in the database: logout really ends a session, and every server process (see
+    `server.workers`) sees a login and a logout at once. The table keeps a hash of each id, never the id.
 
-    def __init__(self, idle: float = IDLE_TIMEOUT, absolute: float = ABSOLUTE_TIMEOUT) -> None:
-        self.idle, self.absolute = idle, absolute
-        self._by_id: dict[str, WebSession] = {}
-        self._lock = threading.Lock()
+    `seen` is written at most every SEEN_RESOLUTION seconds (not on every page view: a write per view would
+    serialize page views on the database's write lock), so the idle timeout may end a session up to that
+    much early. The principal of a session is cached per process for PRINCIPAL_TTL (`principals`)."""
+
+    SEEN_RESOLUTION = 60.0
+
+    def __init__(self, db: Database, idle: float = IDLE_TIMEOUT, absolute: float = ABSOLUTE_TIMEOUT,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db, self.idle, self.absolute, self.clock = db, idle, absolute, clock
+        self.resolution = min(self.SEEN_RESOLUTION, idle / 4)
+        self.principals: dict[str, tuple[Principal, float, datetime | None]] = {}
+        t = PortalSession
+        self._get = select(t.user, t.groups, t.is_admin, t.csrf, t.created, t.seen, t.flash) \
+            .where(t.id_hash == bindparam("key"))
 
     def create(self, user: str, groups: frozenset[str], is_admin: bool) -> WebSession:
-        now = time.time()
+        now = self.clock()
         s = WebSession(secrets.token_urlsafe(32), user, groups, is_admin, secrets.token_urlsafe(32), now, now)
-        with self._lock:
-            self._prune(now)
-            self._by_id[s.sid] = s
+        s.key = _session_key(s.sid)
+        with self.db.engine.begin() as c:
+            c.execute(delete(PortalSession).where(or_(PortalSession.seen < now - self.idle,
+                                                      PortalSession.created < now - self.absolute)))
+            c.execute(insert(PortalSession).values(id_hash=s.key, user=user, groups=sorted(groups),
+                                                   is_admin=is_admin, csrf=s.csrf, created=now, seen=now, flash=[]))
         return s
 
     def get(self, sid: str | None) -> WebSession | None:
-        if not sid:
+        if not sid or len(sid) > 128:
             return None
-        now = time.time()
-        with self._lock:
-            s = self._by_id.get(sid)
-            if s is None:
+        key = _session_key(sid)
+        now = self.clock()
+        with self.db.engine.begin() as c:
+            row = c.execute(self._get, {"key": key}).first()
+            if row is None:
                 return None
-            if now - s.seen > self.idle or now - s.created > self.absolute:
-                del self._by_id[sid]
+            if now - row.seen > self.idle or now - row.created > self.absolute:
+                c.execute(delete(PortalSession).where(PortalSession.id_hash == key))
+                self.principals.pop(key, None)
                 return None
-            s.seen = now
-            return s
+            seen = row.seen
+            if now - seen >= self.resolution:
+                seen = now
+                c.execute(update(PortalSession).where(PortalSession.id_hash == key).values(seen=now))
+        flash = [(str(k), str(m)) for k, m in row.flash or []]
+        return WebSession(sid, row.user, frozenset(row.groups or []), bool(row.is_admin), row.csrf, row.created,
+                          seen, flash, key, list(flash))
+
+    def save_flash(self, s: WebSession) -> None:
+        """Keep the session's messages for its next page (called after a handler changed them)."""
+        if s.flash == s.flash_saved:
+            return
+        with self.db.engine.begin() as c:
+            c.execute(update(PortalSession).where(PortalSession.id_hash == s.key)
+                      .values(flash=[list(x) for x in s.flash]))
+        s.flash_saved = list(s.flash)
 
     def drop(self, sid: str | None) -> None:
-        with self._lock:
-            self._by_id.pop(sid or "", None)
-
-    def _prune(self, now: float) -> None:
-        if len(self._by_id) % 64 == 0:
-            for k in [k for k, s in self._by_id.items() if now - s.seen > self.idle or now - s.created > self.absolute]:
-                del self._by_id[k]
+        key = _session_key(sid or "")
+        self.principals.pop(key, None)
+        with self.db.engine.begin() as c:
+            c.execute(delete(PortalSession).where(PortalSession.id_hash == key))
 
 
 class LoginLimiter:
-    """Failed logins per (user, client address): a password guesser gets MAX_FAILURES tries per window."""
+    """Failed logins per (user, client address): a password guesser gets MAX_FAILURES tries per window,
+    counted in the database so that every server process refuses alike."""
 
-    def __init__(self, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW) -> None:
-        self.limit, self.window = limit, window
-        self._fails: dict[tuple[str, str], list[float]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, db: Database, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db, self.limit, self.window, self.clock = db, limit, window, clock
+
+    def _who(self, user: str, ip: str) -> Any:
+        return (LoginFailure.username == user[:128]) & (LoginFailure.address == ip[:64])
 
     def blocked(self, user: str, ip: str) -> float:
         """Seconds until the next try is allowed (0: allowed)."""
-        now = time.time()
-        with self._lock:
-            recent = [t for t in self._fails.get((user, ip), []) if now - t < self.window]
-            self._fails[(user, ip)] = recent
-            return self.window - (now - recent[0]) if len(recent) >= self.limit else 0.0
+        now = self.clock()
+        with self.db.engine.connect() as c:
+            times = list(c.scalars(select(LoginFailure.time).where(self._who(user, ip),
+                                                                   LoginFailure.time > now - self.window)
+                                   .order_by(LoginFailure.time)))
+        if len(times) < self.limit:
+            return 0.0
+        # allowed again when fewer than `limit` failures remain inside the window
+        return max(0.0, self.window - (now - times[len(times) - self.limit]))
 
     def failed(self, user: str, ip: str) -> None:
-        with self._lock:
-            self._fails.setdefault((user, ip), []).append(time.time())
+        now = self.clock()
+        with self.db.engine.begin() as c:
+            c.execute(delete(LoginFailure).where(LoginFailure.time < now - self.window))
+            c.execute(insert(LoginFailure).values(username=user[:128], address=ip[:64], time=now))
 
     def succeeded(self, user: str, ip: str) -> None:
-        with self._lock:
-            self._fails.pop((user, ip), None)
-
-
-_PAGES: anyio.CapacityLimiter | None = None
-PAGE_THREADS = 4
-
-
-def offload(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """Run a quick page handler (database + template) in a small thread pool of its own, in arrival order.
-    Forty threads contending for the GIL (FastAPI's default for sync handlers) turn a burst of page views into
-    a long latency tail; four keep every core busy and the queue fair. Handlers that wait on something slow
-    (PAM, the registry, the job spool) stay on the default pool."""
-    @functools.wraps(fn)
-    async def run(*args: Any, **kwargs: Any) -> Any:
-        global _PAGES
-        if _PAGES is None:
-            _PAGES = anyio.CapacityLimiter(PAGE_THREADS)
-        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=_PAGES)
-    return run
+        with self.db.engine.begin() as c:
+            c.execute(delete(LoginFailure).where(self._who(user, ip)))
 
 
 class LoginRequired(Exception):
@@ -184,7 +204,11 @@ class PortalRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             try:
-                return await handler(request)
+                response = await handler(request)
+                s: WebSession | None = getattr(request.state, "web_session", None)
+                if s is not None and s.flash != s.flash_saved:       # a message for the next page, or one shown
+                    await anyio.to_thread.run_sync(request.app.state.portal_sessions.save_flash, s)
+                return response
             except LoginRequired:
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 if request.headers.get("hx-request"):
@@ -235,6 +259,7 @@ def _fmt_time(t: datetime | str | None) -> str:
 
 def make_templates() -> Jinja2Templates:
     t = Jinja2Templates(directory=str(HERE / "templates"))
+    t.env.auto_reload = False       # templates change with the package, not under a running server: no stat per page
     t.env.filters["size"] = _fmt_size
     t.env.filters["when"] = _fmt_time
     t.env.filters["short"] = lambda d: (d or "").split(":")[-1][:12]
@@ -247,11 +272,25 @@ def make_templates() -> Jinja2Templates:
 class JobService:
     """The portal's job operations over a gateway (jobs.py), always on behalf of one logged-in user."""
 
+    SEEN_UP_TTL = 2.0               # the dashboard asks on every view; the dispatcher's pid file changes rarely
+
     def __init__(self, site: Site, gateway: JobGateway | None) -> None:
         self.site, self.gateway = site, gateway
+        self._seen_up = -self.SEEN_UP_TTL
 
-    def available(self) -> bool:
-        return self.gateway is not None and (not isinstance(self.gateway, SpoolGateway) or self.gateway.available())
+    def available(self, recent: bool = False) -> bool:
+        """Whether jobs can run; `recent` accepts a positive answer up to SEEN_UP_TTL old (the dashboard's
+        tile), operations always look afresh. A negative answer is never reused: a dispatcher just started
+        shows at once."""
+        if self.gateway is None or not isinstance(self.gateway, SpoolGateway):
+            return self.gateway is not None
+        now = time.monotonic()
+        if recent and now - self._seen_up < self.SEEN_UP_TTL:
+            return True
+        ok = self.gateway.available()
+        if ok:
+            self._seen_up = now
+        return ok
 
     def gw(self) -> JobGateway:
         if self.gateway is None or not self.available():
@@ -319,10 +358,9 @@ def default_jobs(site: Site) -> JobService:
 
 # ---- the router ---------------------------------------------------------------------------------------------
 
-def portal_router(site: Site, jobs: JobService) -> APIRouter:
+def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter:
     settings = site.settings
-    sessions = Sessions()
-    limiter = LoginLimiter()
+    limiter = LoginLimiter(site.db)
     r = APIRouter(route_class=PortalRoute, include_in_schema=False)
 
     def sess_of(request: Request) -> WebSession:
@@ -343,9 +381,9 @@ def portal_router(site: Site, jobs: JobService) -> APIRouter:
 
     def principal(svc: SiteService, s: WebSession) -> Principal:
         now = time.time()
-        if s.principal is not None and now - s.principal_at < PRINCIPAL_TTL and \
-                (s.expires_at is None or s.expires_at > utcnow()):
-            return s.principal
+        cached = sessions.principals.get(s.key)
+        if cached is not None and now - cached[1] < PRINCIPAL_TTL and (cached[2] is None or cached[2] > utcnow()):
+            return cached[0]
         user = svc.user(s.user)
         if user is None:
             raise LoginRequired()
@@ -355,7 +393,9 @@ def portal_router(site: Site, jobs: JobService) -> APIRouter:
             sessions.drop(s.sid)
             raise LoginRequired() from None
         p = p if p.is_admin == s.is_admin else dataclasses.replace(p, is_admin=s.is_admin)
-        s.principal, s.principal_at, s.expires_at = p, now, user.expires_at
+        if len(sessions.principals) > 10000:
+            sessions.principals.clear()                # a cache, not a registry of sessions
+        sessions.principals[s.key] = (p, now, user.expires_at)
         return p
 
     def page(request: Request, name: str, s: WebSession | None, nav: str, status: int = 200,
@@ -420,6 +460,7 @@ def portal_router(site: Site, jobs: JobService) -> APIRouter:
             return login_page(request, msg, 401, username, next)
         limiter.succeeded(username, ip)
         s = sessions.create(p.name, p.groups, p.is_admin)
+        request.state.web_session = s                  # its first messages are saved with it (PortalRoute)
         from nagaya.server.app import NOTES  # an account about to expire: say so on the first page
 
         if (warning := (NOTES.get() or {}).get("warning")):
@@ -452,7 +493,7 @@ def portal_router(site: Site, jobs: JobService) -> APIRouter:
             info = svcmod.summary(svc, principal(svc, s))
         return page(request, "dashboard.html", s, "dashboard", projects=info.projects, repos=info.repositories[:8],
                     n_repos=len(info.repositories), n_tokens=info.active_tokens,
-                    jobs_on=jobs.available())
+                    jobs_on=jobs.available(recent=True))
 
     # ---- images ------------------------------------------------------------------------------------------
 
@@ -873,7 +914,8 @@ def install_portal(app: Any, site: Site) -> None:
     app.state.templates = make_templates()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     jobs = default_jobs(site)
-    app.include_router(portal_router(site, jobs))
+    app.state.portal_sessions = sessions = Sessions(site.db)
+    app.include_router(portal_router(site, jobs, sessions))
     app.include_router(jobs_api_router(site, jobs))
 
 

@@ -7,11 +7,13 @@ not exist (nothing), so grants never reveal whether something exists.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from nagaya.store.models import Group, Membership, Project
@@ -95,7 +97,17 @@ def member_role(session: Session, principal: Principal, project: Project) -> str
     return next((r for r in ROLES if r in roles), None)
 
 
-def allowed_actions(principal: Principal, project: Project, role: str | None) -> frozenset[str]:
+class ProjectFacts(Protocol):
+    """What the rules read of a project: a `Project`, or a row of its columns."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+
+def allowed_actions(principal: Principal, project: ProjectFacts, role: str | None) -> frozenset[str]:
     """The rules, as a pure function of who, which project and which role."""
     if principal.kind == "robot":
         base = SCOPE_ACTIONS.get(principal.scope or "", frozenset()) if principal.project == project.name \
@@ -114,13 +126,35 @@ def project_actions(session: Session, principal: Principal, project: Project) ->
     return allowed_actions(principal, project, member_role(session, principal, project))
 
 
+@functools.cache
+def _statements() -> dict[str, Any]:
+    """authorize's two queries, built once over plain columns: it runs on every registry token request, and
+    building, cache-keying and ORM-loading a statement cost more than running it."""
+    p, m, g = Project.__table__, Membership.__table__, Group.__table__
+    return {
+        "project": select(p.c.id, p.c.name, p.c.kind).where(p.c.name == bindparam("name")),
+        # member_role's rule, as one statement
+        "roles": select(m.c.role).where(m.c.project_id == bindparam("pid"), or_(
+            m.c.user_id == bindparam("uid"),
+            m.c.group_id.in_(select(g.c.id).where(g.c.name.in_(bindparam("groups", expanding=True)))))),
+    }
+
+
 def authorize(session: Session, principal: Principal, repository: str, requested: Iterable[str]) -> set[str]:
     """The actions (pull/push/delete/list) on `repository` granted to `principal`: requested ∩ allowed."""
     want = expand(requested)
     parts = split_repository(repository)
     if not want or parts is None:
         return set()
-    project = session.scalar(select(Project).where(Project.name == parts[0]))
+    session.flush()                            # what the caller changed in this session counts (no-op if none)
+    q = _statements()
+    conn = session.connection()
+    project = conn.execute(q["project"], {"name": parts[0]}).first()
     if project is None:
         return set()
-    return set(want & project_actions(session, principal, project))
+    role = None
+    if principal.kind == "user":
+        roles = set(conn.execute(q["roles"], {"pid": project.id, "uid": principal.user_id,
+                                              "groups": sorted(principal.groups)}).scalars())
+        role = next((r for r in ROLES if r in roles), None)
+    return set(want & allowed_actions(principal, project, role))

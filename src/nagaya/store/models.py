@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, CheckConstraint, Float, ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from nagaya.store import clock
@@ -169,3 +169,31 @@ class AuditEvent(Base):
     source: Mapped[str] = mapped_column(String(64), default="")
     event_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # the registry's id: retries dedupe
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class PortalSession(Base):
+    """A portal login. In the database, not in a server process's memory: every server process sees a login
+    and a logout at once. The key is the sha256 of the cookie's id, so a copy of the table opens nothing."""
+
+    __tablename__ = "portal_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64))
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created: Mapped[float] = mapped_column(Float)      # epoch seconds: idle and absolute expiry are plain arithmetic
+    seen: Mapped[float] = mapped_column(Float, index=True)
+    flash: Mapped[list[Any]] = mapped_column(JSON, default=list)     # messages for the next page
+
+
+class LoginFailure(Base):
+    """A failed portal password login, for the per user+address rate limit (shared by all server processes)."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_failures_who", "username", "address", "time"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(128))
+    address: Mapped[str] = mapped_column(String(64))
+    time: Mapped[float] = mapped_column(Float)

@@ -4,13 +4,14 @@ works on the database directly. Every check goes through `authz`."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import bindparam, delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,6 +42,9 @@ from nagaya.store.models import (
 
 ROBOT_RE = re.compile(r"^robot\$([a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)\+([a-z0-9][a-z0-9._-]{0,63})$")
 TOKEN_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# `last_used` is written at most this often per token: a write per registry request would serialize every
+# token request on the database's write lock, for a figure people read in minutes and days.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
 MANIFEST_TYPES = frozenset({
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -110,6 +114,19 @@ class RepositoryInfo:
     updated_at: datetime | None
 
 
+def _touch(tok: RobotToken | UserToken, now: datetime) -> None:
+    if tok.last_used is None or now - tok.last_used >= LAST_USED_RESOLUTION:
+        tok.last_used = now
+
+
+@functools.cache
+def _robot_lookup() -> Any:
+    rt, p = RobotToken.__table__, Project.__table__
+    return (select(rt.c.id, rt.c.secret_hash, rt.c.scope, rt.c.expires_at, rt.c.revoked_at, rt.c.last_used)
+            .select_from(rt.join(p, rt.c.project_id == p.c.id))
+            .where(p.c.name == bindparam("project"), rt.c.name == bindparam("name")))
+
+
 def _state(expires_at: datetime | None, revoked_at: datetime | None, now: datetime) -> str:
     if revoked_at is not None:
         return "revoked"
@@ -173,7 +190,7 @@ class SiteService:
         now = utcnow()
         if tok is None or tok.user.name != username or _state(tok.expires_at, tok.revoked_at, now) != "active":
             return None
-        tok.last_used = now
+        _touch(tok, now)
         return tok.user
 
     def revoke_user_tokens(self, user: User, secret: str | None = None) -> int:
@@ -191,13 +208,16 @@ class SiteService:
         m = ROBOT_RE.match(username)
         if not m or not secret.startswith(credentials.ROBOT_PREFIX):
             return None
-        tok = self.s.scalar(select(RobotToken).join(Project).where(Project.name == m.group(1),
-                                                                   RobotToken.name == m.group(2)))
+        # Plain columns and a prebuilt statement: this runs on every registry request a robot makes.
+        conn = self.s.connection()
+        tok = conn.execute(_robot_lookup(), {"project": m.group(1), "name": m.group(2)}).first()
         now = utcnow()
         if tok is None or not credentials.matches(secret, tok.secret_hash) or \
                 _state(tok.expires_at, tok.revoked_at, now) != "active":
             return None
-        tok.last_used = now
+        if tok.last_used is None or now - tok.last_used >= LAST_USED_RESOLUTION:
+            conn.execute(RobotToken.__table__.update().where(RobotToken.__table__.c.id == tok.id)
+                         .values(last_used=now))
         return Principal(kind="robot", name=username, project=m.group(1), scope=tok.scope)
 
     # ---- projects ------------------------------------------------------------------------------------
@@ -573,35 +593,53 @@ class Summary:
     active_tokens: int
 
 
+@functools.cache
+def _summary_statements() -> dict[str, Any]:
+    """The dashboard's statements, built once, over plain columns: on SQLite, building a statement, keying it
+    for the compiled cache and loading ORM objects cost several times what running the query does."""
+    from sqlalchemy import func
+
+    m, g, p, u = Membership.__table__, Group.__table__, Project.__table__, User.__table__
+    r, t, rt = Repository.__table__, Tag.__table__, RobotToken.__table__
+    pids = bindparam("pids", expanding=True)
+    return {
+        # the membership rule of `authz.member_role`, for every project at once
+        "roles": select(m.c.project_id, m.c.role).where(or_(
+            m.c.user_id == bindparam("uid"),
+            m.c.group_id.in_(select(g.c.id).where(g.c.name.in_(bindparam("groups", expanding=True)))))),
+        "projects": select(p.c.id, p.c.name, p.c.kind, p.c.created_at, u.c.name.label("owner"))
+        .select_from(p.outerjoin(u, p.c.owner_id == u.c.id)).order_by(p.c.name),
+        "repositories": select(r.c.name, r.c.project_id, func.count(t.c.id), func.max(t.c.pushed_at))
+        .select_from(r.join(t, t.c.repository_id == r.c.id)).where(r.c.project_id.in_(pids))
+        .group_by(r.c.id, r.c.name, r.c.project_id).order_by(func.max(t.c.pushed_at).desc()),
+        "tokens": select(func.count(rt.c.id)).where(
+            rt.c.project_id.in_(bindparam("pids", expanding=True)), rt.c.revoked_at.is_(None),
+            or_(rt.c.expires_at.is_(None), rt.c.expires_at > bindparam("now"))),
+    }
+
+
 def summary(svc: SiteService, principal: Principal, recent: int = 8) -> Summary:
     """The portal's dashboard in four queries, whatever the number of projects: every role at once (the
     membership rule of `authz.member_role`, for all projects), then `authz.allowed_actions` — the same pure
     rule the token service applies — per project."""
-    from sqlalchemy import func
-
     from nagaya.store.authz import allowed_actions
 
+    q = _summary_statements()
+    db = svc.s.connection()
     roles: dict[int, str] = {}
     if principal.kind == "user":
-        conds = []
-        if principal.user_id is not None:
-            conds.append(Membership.user_id == principal.user_id)
-        if principal.groups:
-            conds.append(Membership.group_id.in_(select(Group.id).where(Group.name.in_(sorted(principal.groups)))))
-        if conds:
-            for pid, role in svc.s.execute(select(Membership.project_id, Membership.role).where(or_(*conds))):
-                if pid not in roles or ROLES.index(role) < ROLES.index(roles[pid]):
-                    roles[pid] = role
+        for pid, role in db.execute(q["roles"], {"uid": principal.user_id, "groups": sorted(principal.groups)}):
+            if pid not in roles or ROLES.index(role) < ROLES.index(roles[pid]):
+                roles[pid] = role
     projects: list[ProjectInfo] = []
     listable: dict[int, str] = {}
     manage: list[int] = []
-    q = select(Project, User.name).outerjoin(User, Project.owner_id == User.id).order_by(Project.name)
-    for p, owner in svc.s.execute(q):
+    for p in db.execute(q["projects"]):
         role = roles.get(p.id)
         actions = allowed_actions(principal, p, role)
         if not (role or actions):
             continue
-        projects.append(ProjectInfo(name=p.name, kind=p.kind, owner=owner or "", role=role or "",
+        projects.append(ProjectInfo(name=p.name, kind=p.kind, owner=p.owner or "", role=role or "",
                                     actions=sorted(actions), created_at=p.created_at))
         if "list" in actions:
             listable[p.id] = p.name
@@ -609,18 +647,11 @@ def summary(svc: SiteService, principal: Principal, recent: int = 8) -> Summary:
             manage.append(p.id)
     repos: list[RepositoryInfo] = []
     if listable:
-        q2 = (select(Repository.name, Repository.project_id, func.count(Tag.id), func.max(Tag.pushed_at))
-              .join(Tag, Tag.repository_id == Repository.id).where(Repository.project_id.in_(list(listable)))
-              .group_by(Repository.id, Repository.name, Repository.project_id)
-              .order_by(func.max(Tag.pushed_at).desc()))
         repos = [RepositoryInfo(name=n, project=listable[pid], tags=int(c), updated_at=t)
-                 for n, pid, c, t in svc.s.execute(q2)]
+                 for n, pid, c, t in db.execute(q["repositories"], {"pids": list(listable)})]
     tokens = 0
     if manage:
-        now = utcnow()
-        tokens = int(svc.s.scalar(select(func.count(RobotToken.id)).where(
-            RobotToken.project_id.in_(manage), RobotToken.revoked_at.is_(None),
-            or_(RobotToken.expires_at.is_(None), RobotToken.expires_at > now))) or 0)
+        tokens = int(db.execute(q["tokens"], {"pids": manage, "now": utcnow()}).scalar() or 0)
     return Summary(projects=projects, repositories=repos, active_tokens=tokens)
 
 

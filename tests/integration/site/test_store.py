@@ -42,7 +42,7 @@ def test_migrations_match_models_and_are_idempotent(db: Database) -> None:
     db.migrate()                                      # a second upgrade is a no-op
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    assert db.current_revision() == ScriptDirectory.from_config(cfg).get_current_head() == "0003"
+    assert db.current_revision() == ScriptDirectory.from_config(cfg).get_current_head() == "0004"
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
