@@ -79,3 +79,5 @@ def test_job_info_from_slurm_json() -> None:
         ("7", "alice", "COMPLETED", "sha256:ab", "r:5000/p/bb@sha256:ab")
     assert (info.time_limit, info.cpus, info.reason, info.exit_code, info.log) == (300, 2, "", 0, "/logs/slurm-%j.out")
     assert job_info({**j, "job_state": "RUNNING"}).exit_code is None
+    assert job_info({**j, "job_state": "FAILED", "exit_code": 768}).exit_code == 3         # a raw wait status
+    assert job_info({**j, "job_state": "CANCELLED", "exit_code": 15}).exit_code == 128 + 15

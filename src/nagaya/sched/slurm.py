@@ -54,6 +54,13 @@ def _exit_code(text: str) -> int | None:
     return 128 + sig if sig else code
 
 
+def _wait_status(raw: object) -> int | None:
+    """Slurm's JSON gives the job's raw wait status: 768 is `exit 3`, a low byte the signal."""
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+        return None
+    return 128 + (raw & 0x7F) if raw & 0x7F else (raw >> 8) & 0xFF
+
+
 def _ts(text: str) -> str:
     return "" if text in ("", "None", "Unknown", "N/A") else text
 
@@ -102,7 +109,7 @@ def job_info(j: dict[str, Any]) -> JobInfo:
     return JobInfo(id=str(j.get("job_id")), user=str(j.get("user_name", "")), state=state,
                    name=str(j.get("name", "")), image=image, digest=digest,
                    command=[str(j["command"])] if j.get("command") else [], nodes=str(j.get("nodes", "")),
-                   exit_code=None if state in ACTIVE else j.get("exit_code"),
+                   exit_code=None if state in ACTIVE else _wait_status(j.get("exit_code")),
                    submit_time=iso(j.get("submit_time")), start_time=iso(j.get("start_time")),
                    end_time=iso(j.get("end_time")) if state not in ACTIVE else "",
                    time_limit=limit * 60 if isinstance(limit, int) and 0 < limit < 2**31 else 0,

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 JWT_PLUGIN = Path("/usr/lib/x86_64-linux-gnu/slurm-wlm/auth_jwt.so")
 RESTD_USER = "nobody"           # slurmrestd refuses root and SlurmUser; it needs no rights of its own
+RESTD_SOCKET: list[Path] = []
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +56,18 @@ def cluster(jwt_key: Path) -> Iterator[SlurmCluster]:
 
 @pytest.fixture(scope="module")
 def restd(cluster: SlurmCluster) -> Iterator[str]:
+    """slurmrestd on a loopback port (what the site uses) and on a unix socket (RESTD_SOCKET, for the gateway
+    test)."""
     port = _free_port()
     log = open(cluster.dir / "slurmrestd.log", "wb")
+    sock_dir = cluster.dir / "restd"
+    sock_dir.mkdir()
+    shutil.chown(sock_dir, RESTD_USER)
+    RESTD_SOCKET.append(sock_dir / "slurmrestd.sock")
     env = {"PATH": "/usr/bin:/bin", "SLURM_CONF": str(cluster.conf), "SLURM_JWT": "daemon"}
     p = subprocess.Popen(["setpriv", f"--reuid={RESTD_USER}", "--regid=nogroup", "--clear-groups", "--",
-                          "/usr/sbin/slurmrestd", "-a", "rest_auth/jwt", "-s", "openapi/v0.0.38", f"127.0.0.1:{port}"],
+                          "/usr/sbin/slurmrestd", "-a", "rest_auth/jwt", "-s", "openapi/v0.0.38", f"127.0.0.1:{port}",
+                          f"unix:{RESTD_SOCKET[-1]}"],
                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -139,7 +147,8 @@ def test_submit_log_cancel_as_the_user(rest_site: Site, rest_users: tuple[SiteUs
     image = f"{rest_site.registry}/nys-rest1/bb:1"
     tok1, tok2 = api_login(rest_site, one), api_login(rest_site, two)
     r = rest_site.api("POST", "/api/jobs", auth=tok1, json={
-        "image": image, "command": ["/bin/busybox", "sh", "-c", "id -u; echo hello from rest"], "name": "rest-id"})
+        "image": image, "command": ["/bin/busybox", "sh", "-c", "id -u; echo hello from rest; echo to stderr >&2"],
+        "name": "rest-id"})
     assert r.status_code == 201, r.text
     job = r.json()["id"]
     info = wait_job(rest_site, tok1, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
@@ -148,7 +157,7 @@ def test_submit_log_cancel_as_the_user(rest_site: Site, rest_users: tuple[SiteUs
     # it ran as nys-rest1's uid, in Slurm's records, in the container and on disk
     assert info["user"] == one.name and info["name"] == "rest-id"
     assert info["digest"].startswith("sha256:") and info["image"].endswith(f"bb@{info['digest']}")
-    assert str(one.u.uid) in log.split() and "hello from rest" in log
+    assert str(one.u.uid) in log.split() and "hello from rest" in log and "to stderr" in log
     out = rest_site.state_dir / "job-logs" / one.name / f"slurm-{job}.out"
     assert out.stat().st_uid == one.u.uid
     # the user reads their own log; the other user cannot even look into the directory
@@ -157,6 +166,13 @@ def test_submit_log_cancel_as_the_user(rest_site: Site, rest_users: tuple[SiteUs
     # the CLI's slurm backend reads the same record (comment: the pinned digest and the image)
     r = one.nagaya("job", "show", job, "--json", env={**cluster.env, "NAGAYA_SCHED_BACKEND": "slurm"})
     assert r.returncode == 0 and json.loads(r.stdout)["digest"] == info["digest"], r.stderr
+
+    # a failing job: its exit code, as the CLI reports it
+    r = rest_site.api("POST", "/api/jobs", auth=tok1, json={"image": image, "command": ["/bin/busybox", "sh", "-c",
+                                                                                        "exit 3"]})
+    assert r.status_code == 201, r.text
+    failed = wait_job(rest_site, tok1, r.json()["id"], {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    assert (failed["state"], failed["exit_code"]) == ("FAILED", 3)
 
     # a long job, cancelled through the API
     r = rest_site.api("POST", "/api/jobs", auth=tok1, json={
@@ -182,3 +198,23 @@ def test_submit_log_cancel_as_the_user(rest_site: Site, rest_users: tuple[SiteUs
                           (one.name,)).fetchall()
     jobs = {json.loads(d)["job"]: digest for digest, d in rows}
     assert jobs[job] == jobs[long_job] == info["digest"]
+
+
+def test_gateway_over_a_unix_socket(restd: str, jwt_key: Path, rest_users: tuple[SiteUser, SiteUser],
+                                    tmp_path: Path) -> None:
+    """The same gateway with `slurmrestd_url = "unix:PATH"`: tokens, the owner filter and Slurm's errors."""
+    from nagaya.errors import NotFound, PermissionDenied
+    from nagaya.server.slurmrest import SlurmRestGateway
+
+    one, two = rest_users
+    gw = SlurmRestGateway(f"unix:{RESTD_SOCKET[-1]}", jwt_key, tmp_path, service_account="nagaya")
+    mine = gw.call(one.name, "list", {})
+    assert mine and {j["user"] for j in mine} == {one.name}       # the jobs of the test above, only theirs
+    assert gw.call(two.name, "list", {}) == []
+    with pytest.raises(NotFound):
+        gw.call(two.name, "status", {"job_id": mine[0]["id"]})
+    with pytest.raises(NotFound):
+        gw.call(one.name, "status", {"job_id": "999999"})
+    for who in ("root", "nagaya", "nobody"):
+        with pytest.raises(PermissionDenied):
+            gw.call(who, "list", {})
