@@ -263,6 +263,8 @@ def test_replicas_get_disjoint_gpus(alice: User, workdir: Path) -> None:
     assert r.returncode == 0, r.stderr
     st = _ps(alice, d)
     assert sorted(x["gpus"] for x in st["replicas"]) == [[0], [1]]
+    table = alice.nagaya("compose", "ps", cwd=d).stdout
+    assert "GPUS" in table and "train-1" in table
     out = alice.nagaya("compose", "logs", cwd=d).stdout
     for x in st["replicas"]:
         g = x["gpus"][0]

@@ -100,7 +100,7 @@ def down(file: Path = FILE_OPT) -> None:
 
 @app.command()
 def ps(file: Path = FILE_OPT, json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """List the stack's replicas: node, state, health, exit code."""
+    """List the stack's replicas: node, state, health (starting/healthy/unhealthy), exit code, GPUs."""
     from nagaya.compose.stack import read_state, supervisor_alive
 
     try:
@@ -117,11 +117,12 @@ def ps(file: Path = FILE_OPT, json_out: bool = typer.Option(False, "--json", hel
         print_json(st)
         return
     t = Table(box=None, header_style="bold", title=f"{st.get('project', '')} ({st['status']})")
-    for col in ("NAME", "SERVICE", "NODE", "STATE", "HEALTH", "EXIT", "PORTS"):
+    for col in ("NAME", "SERVICE", "NODE", "STATE", "HEALTH", "EXIT", "PORTS", "GPUS"):
         t.add_column(col)
     for r in st["replicas"]:
         t.add_row(r["name"], r["service"], r["node"], r["state"], r["health"],
-                  "" if r["exit_code"] is None else str(r["exit_code"]), ",".join(map(str, r["ports"])))
+                  "" if r["exit_code"] is None else str(r["exit_code"]), ",".join(map(str, r["ports"])),
+                  ",".join(map(str, r.get("gpus") or [])))
     console.print(t)
 
 
