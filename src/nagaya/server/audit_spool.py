@@ -5,8 +5,8 @@ lean) appends its record to `SITE_DIR/USER.jsonl`. The spool dir is sticky and w
 can create and append to files of their own only: a record is attributed to the **owner of its file**,
 never to the `user` it claims. Ingestion is idempotent: each record has an id, and the trail's unique
 event id (actor + record id) drops copies already there (a second run, or the copy `pull`/`submit` sent
-at once). Offsets per file (inode + bytes read) spare re-reading; a file replaced or truncated is read
-again from its start, and its known records are dropped as copies.
+at once). Offsets per file (inode, first bytes, bytes read) spare re-reading; a file replaced or truncated
+is read again from its start, and its known records are dropped as copies.
 
 Reading happens as root, before maintenance drops to the service account (the files are 0600)."""
 
@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 OFFSETS = "audit-spool.json"
 MAX_READ = 64 << 20            # per file and run; the rest waits for the next run
+HEAD = 256                     # bytes: the first record's time and id make them unique to the file
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SpoolFile:
     owner: str
     inode: int
     offset: int                  # where this run's reading ended (a line boundary)
+    head: str                    # a hash of the file's first bytes: tells a new file that reuses an inode
     records: list[dict[str, Any]] = field(default_factory=list)
     malformed: int = 0
 
@@ -41,6 +43,13 @@ class SpoolFile:
 class Spool:
     files: list[SpoolFile]
     errors: list[str]
+
+
+def _head(fd: int, upto: int) -> str:
+    """A hash of the file's first bytes (at most HEAD, none past what was read)."""
+    import hashlib
+
+    return hashlib.sha256(os.pread(fd, min(HEAD, upto), 0)).hexdigest()[:16]
 
 
 def read(site_dir: str, state_dir: Path) -> Spool:
@@ -73,16 +82,19 @@ def read(site_dir: str, state_dir: Path) -> Spool:
                 errors.append(f"{path}: owner uid {st.st_uid} has no account; not ingested")
                 continue
             seen = offsets.get(path) or {}
-            start = seen.get("offset", 0) if seen.get("inode") == st.st_ino and seen.get("offset", 0) <= st.st_size \
-                else 0
+            # the same file as last time (inode numbers get reused: the bytes read then must match), not shorter
+            start = int(seen.get("offset", 0))
+            same = seen.get("inode") == st.st_ino and start <= st.st_size and seen.get("head") == _head(fd, start)
+            start = start if same else 0
             os.lseek(fd, start, os.SEEK_SET)
             data = b""
             while len(data) < MAX_READ and (chunk := os.read(fd, min(1 << 20, MAX_READ - len(data)))):
                 data += chunk
+            end = data.rfind(b"\n") + 1         # a line still being written waits for the next run
+            head = _head(fd, start + end)
         finally:
             os.close(fd)
-        end = data.rfind(b"\n") + 1             # a line still being written waits for the next run
-        f = SpoolFile(path, owner, st.st_ino, start + end)
+        f = SpoolFile(path, owner, st.st_ino, start + end, head)
         for line in data[:end].splitlines():
             if not line.strip():
                 continue
@@ -133,7 +145,7 @@ def ingest(site: Any, spool: Spool, state_dir: Path, now: datetime, dry_run: boo
                     raise
         for k, v in counts.items():
             report[k] += v
-        offsets[f.path] = {"inode": f.inode, "offset": f.offset}
+        offsets[f.path] = {"inode": f.inode, "offset": f.offset, "head": f.head}
     if not dry_run:
         tmp = state_dir / (OFFSETS + ".tmp")
         tmp.write_text(json.dumps(offsets, indent=1) + "\n")

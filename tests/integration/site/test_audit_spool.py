@@ -142,5 +142,10 @@ def test_maintain_gcs_shared_caches_but_never_an_image_in_use(site: Site, people
         assert list((shared / "images").glob("*.sqfs")) == []
         # without a cap configured, nothing is touched
         assert maintain(site, {"NAGAYA_IMAGE_SHARED_CACHE_DIRS": str(shared)})["cache_gc"][0]["skipped"]
+        # a user's own cache: `nagaya cache gc` applies the configured cap when given no --max-size
+        own = {**user_env, "NAGAYA_IMAGE_SHARED_CACHE_DIRS": ""}
+        ok(alice.nagaya("image", "import", str(archive_with(base_dir, "own-cache")), "--name", "own:1", env=own))
+        r = ok(alice.nagaya("cache", "gc", "--json", env={**own, "NAGAYA_IMAGE_CACHE_MAX_SIZE": "1K"}))
+        assert [i["tags"] for i in json.loads(r.stdout)["removed_images"]] == [["own:1"]]
     finally:
         shutil.rmtree(shared, ignore_errors=True)
