@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -113,6 +114,22 @@ def api_login(site: Site, u: SiteUser) -> tuple[str, str]:
     return u.name, r.json()["token"]
 
 
+def portal_login(site: Site, u: SiteUser) -> httpx.Client:
+    """A portal session as a browser gets it: the login form's CSRF token, then the password."""
+    c = httpx.Client(base_url=site.server, timeout=60, follow_redirects=False)
+    r = c.post("/login", data={"username": u.name, "password": u.password, "csrf": csrf_of(c, "/login")})
+    assert r.status_code == 303, r.text
+    return c
+
+
+def csrf_of(c: httpx.Client, url: str) -> str:
+    r = c.get(url)
+    assert r.status_code == 200, (url, r.status_code)
+    m = re.search(r'name="csrf" value="([^"]+)"', r.text)
+    assert m, f"no CSRF token on {url}"
+    return m.group(1)
+
+
 def wait_indexed(site: Site, creds: tuple[str, str], repository: str) -> None:
     deadline = time.monotonic() + 30
     while not any(x["name"] == repository for x in site.api("GET", "/api/repositories", auth=creds).json()):
@@ -174,22 +191,35 @@ def test_submit_log_cancel_as_the_user(rest_site: Site, rest_users: tuple[SiteUs
     failed = wait_job(rest_site, tok1, r.json()["id"], {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     assert (failed["state"], failed["exit_code"]) == ("FAILED", 3)
 
-    # a long job, cancelled through the API
-    r = rest_site.api("POST", "/api/jobs", auth=tok1, json={
-        "image": image, "command": ["/bin/busybox", "sh", "-c", "echo started; exec /bin/busybox sleep 300"],
-        "name": "rest-long", "time_limit": "10"})
-    assert r.status_code == 201, r.text
-    long_job = r.json()["id"]
+    # a long job, submitted and cancelled through the portal's pages
+    web1, web2 = portal_login(rest_site, one), portal_login(rest_site, two)
+    r = web1.post("/jobs", data={"image": image, "command": "/bin/busybox sh -c 'echo started; exec sleep 300'",
+                                 "nodes": "1", "cpus": "1", "time_limit": "10", "name": "rest-long",
+                                 "csrf": csrf_of(web1, "/jobs")})
+    assert r.status_code == 303 and r.headers["location"].startswith("/jobs/"), r.text
+    long_job = r.headers["location"].rsplit("/", 1)[1]
     wait_job(rest_site, tok1, long_job, {"RUNNING"})
+    deadline = time.monotonic() + 60                    # the live log: what the job printed so far
+    while "started" not in web1.get(f"/jobs/{long_job}/log").text:
+        assert time.monotonic() < deadline, "the portal showed no log"
+        time.sleep(0.2)
+    assert "rest-long" in web1.get("/jobs").text and "rest-long" not in web2.get("/jobs").text
     assert long_job in {j["id"] for j in rest_site.api("GET", "/api/jobs", auth=tok1).json()}
     # the other user: no sight of it, no cancel, no log, not in their list, and not the image either
     for method, url in (("GET", f"/api/jobs/{long_job}"), ("GET", f"/api/jobs/{long_job}/log"),
                         ("DELETE", f"/api/jobs/{long_job}"), ("GET", f"/api/jobs/{job}/log")):
         assert rest_site.api(method, url, auth=tok2).status_code in (403, 404), url
+    csrf2 = csrf_of(web2, "/jobs")
+    for method, url in (("GET", f"/jobs/{long_job}"), ("GET", f"/jobs/{long_job}/log"),
+                        ("POST", f"/jobs/{long_job}/cancel")):
+        r = web2.request(method, url, data={"csrf": csrf2} if method == "POST" else None)
+        assert r.status_code in (403, 404), (url, r.status_code)
     assert rest_site.api("GET", "/api/jobs", auth=tok2).json() == []
     r = rest_site.api("POST", "/api/jobs", auth=tok2, json={"image": image, "command": ["true"]})
     assert r.status_code == 404
-    assert rest_site.api("DELETE", f"/api/jobs/{long_job}", auth=tok1).status_code == 200
+    assert wait_job(rest_site, tok1, long_job, {"RUNNING"})["state"] == "RUNNING"      # untouched by them
+    r = web1.post(f"/jobs/{long_job}/cancel", data={"csrf": csrf_of(web1, f"/jobs/{long_job}")})
+    assert r.status_code == 303, r.text
     assert wait_job(rest_site, tok1, long_job, {"CANCELLED", "COMPLETED", "FAILED"})["state"] == "CANCELLED"
     assert rest_site.api("DELETE", f"/api/jobs/{long_job}", auth=tok1).status_code == 409    # already over
     # the audit trail has both submissions with their pinned digest
