@@ -21,7 +21,7 @@ from nagaya.errors import ImageNotFound, NagayaError, NotFound, UsageError
 
 
 def find_record(cfg: Any, job: str | None, run: str | None, backend: str | None) -> dict[str, Any]:
-    """The newest record of the job (a submit) or run (by id or an unambiguous id prefix)."""
+    """The newest record of the job (a submit; --backend narrows) or run (by id or an unambiguous prefix)."""
     records = audit.read(cfg.audit_file)
     if run:
         if len(run) < 4:
@@ -35,9 +35,7 @@ def find_record(cfg: Any, job: str | None, run: str | None, backend: str | None)
         hits = [r for r in records if r.get("action") == "submit" and isinstance(r.get("details"), dict)
                 and str(r["details"].get("job")) == job
                 and (backend is None or r["details"].get("backend") == backend)]
-        if len({r["details"].get("backend") for r in hits}) > 1:
-            raise UsageError(f"job {job} was submitted to more than one backend: give --backend")
-        what = f"job {job}"
+        what = f"job {job}"            # ids come round again (a new cluster, another backend): the newest
     if not hits:
         raise NotFound(f"no record of {what} in {cfg.audit_file} (nagaya reproduce --list shows what there is)")
     rec = hits[-1]
@@ -194,7 +192,7 @@ def _is_script(p: Path) -> bool:
 
 def reproduce(job: str = typer.Argument(None, help="the job id (as `nagaya submit` printed it)"),
               run: str = typer.Option(None, "--run", help="a `nagaya run` record id (or a prefix) instead of a job"),
-              backend: str = typer.Option(None, "--backend", help="the job's backend when ids collide: local | slurm"),
+              backend: str = typer.Option(None, "--backend", help="only jobs of this backend (local | slurm)"),
               here: bool = typer.Option(False, "--here", help="run in the current directory, not the original"),
               list_: bool = typer.Option(False, "--list", help="list the runs and jobs on record, newest last"),
               dry_run: bool = typer.Option(False, "--dry-run", help="say what would run and where the image "
@@ -218,7 +216,8 @@ def reproduce(job: str = typer.Argument(None, help="the job id (as `nagaya submi
         digest = str(rec["digest"])
         cwd = _workdir(rec, here)
         name, source = ensure_image(cfg, str(rec.get("image") or digest), digest, dry_run)
-        plan: dict[str, Any] = {"reproduces": {"job": job} if job else {"run": rec.get("id")},
+        plan: dict[str, Any] = {"reproduces": {"job": job, "submitted": rec.get("time")} if job
+                                else {"run": rec.get("id")},
                                 "image": rec.get("image"), "digest": digest, "ref": name, "image_source": source,
                                 "cwd": cwd, "dry_run": dry_run}
         if run:
