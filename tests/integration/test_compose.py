@@ -278,3 +278,10 @@ def test_replicas_get_disjoint_gpus(alice: User, workdir: Path) -> None:
                                 "nodes"), r.stderr
     r = alice.nagaya("compose", "up", cwd=d, env={**gpu_env, "CUDA_VISIBLE_DEVICES": "1"})
     assert r.returncode == 2 and "cannot place train-2" in r.stderr and ": 0 of 1)" in r.stderr  # the job's GPUs
+    # Inside an allocation (SLURM_JOB_GPUS), `nagaya run --gpus` counts within it: the replica placed on
+    # host GPU 1 gets it as the allocation's GPU 0.
+    (d / "compose.yml").write_text(GPUS.format(n=1))
+    r = alice.nagaya("compose", "up", cwd=d, env={**gpu_env, "SLURM_JOB_GPUS": "1"}, timeout=90)
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in alice.nagaya("compose", "logs", cwd=d).stdout.splitlines() if "| devs" in x]
+    assert lines[-1] == "train-1 | devs nvidia1 nvidiactl nv=1 cuda=0", lines     # the logs span both runs

@@ -163,7 +163,14 @@ class Stack:
         if r.gpus:
             # This replica's own GPUs (placement never gives one to two replicas). Only their device nodes
             # exist in the container, so CUDA numbers them from 0, as under Slurm's ConstrainDevices.
-            opts += ["--gpus", ",".join(map(str, r.gpus)),
+            # `nagaya run --gpus` counts within the scheduler's allocation when it sees one (the step's
+            # SLURM_STEP_GPUS: all of the job's GPUs on the node; locally whatever SLURM_*_GPUS we run in).
+            from nagaya.runtime.gpu import allocation
+
+            alloc = sorted(self.gres[r.node]) if self.gres.get(r.node) else \
+                None if self.backend == "slurm" else allocation()
+            idx = r.gpus if alloc is None else [alloc.index(g) for g in r.gpus]
+            opts += ["--gpus", ",".join(map(str, idx)),
                      "--env", "CUDA_VISIBLE_DEVICES=" + ",".join(str(i) for i in range(len(r.gpus)))]
         return opts
 
