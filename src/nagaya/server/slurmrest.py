@@ -31,6 +31,7 @@ import pwd
 import shlex
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -211,14 +212,20 @@ class SlurmRestGateway:
         if not d.exists() and not d.is_symlink():
             self.log_root.mkdir(exist_ok=True)
             self.log_root.chmod(0o711)              # the server's umask would leave users outside
-            d.mkdir(mode=0o700)
+            # Made complete under a temporary name, then renamed: a server process next door may be doing
+            # the same for this user's first job, and neither must see a directory without its ACLs.
+            tmp = Path(tempfile.mkdtemp(prefix=f".{pw.pw_name}.", dir=self.log_root))
             r = subprocess.run(["setfacl", "-m", f"u:{pw.pw_uid}:rwx", "-m",
-                                f"d:u::rw,d:g::-,d:o::-,d:u:{os.getuid()}:r,d:m::r", str(d)],
+                                f"d:u::rw,d:g::-,d:o::-,d:u:{os.getuid()}:r,d:m::r", str(tmp)],
                                capture_output=True, text=True)
             if r.returncode != 0:
-                d.rmdir()
+                tmp.rmdir()
                 raise NagayaError(f"cannot give {pw.pw_name} their job log directory {d}: "
                                   f"{r.stderr.strip() or 'setfacl failed'} (does the file system support ACLs?)")
+            try:
+                os.rename(tmp, d)
+            except OSError:                         # theirs won, and already holds a log
+                tmp.rmdir()
         st = d.lstat()
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
             raise NagayaError(f"{d} is not the portal's job log directory")

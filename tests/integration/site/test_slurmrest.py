@@ -248,3 +248,24 @@ def test_gateway_over_a_unix_socket(restd: str, jwt_key: Path, rest_users: tuple
     for who in ("root", "nagaya", "nobody"):
         with pytest.raises(PermissionDenied):
             gw.call(who, "list", {})
+
+
+def test_site_up_refuses_a_key_everyone_can_read(site_system: None, base_dir: Path, jwt_key: Path) -> None:
+    """Bad configuration is one clear line and a non-zero exit, before any daemon starts."""
+    open_key = jwt_key.with_name("open.key")
+    open_key.write_bytes(os.urandom(32))
+    open_key.chmod(0o644)
+    private = jwt_key.with_name("root-only.key")
+    private.write_bytes(os.urandom(32))
+    private.chmod(0o600)                                    # root's: the service account cannot read it
+    base = {"NAGAYA_SCHED_PORTAL_SUBMIT": "slurmrestd", "NAGAYA_SCHED_SLURMRESTD_URL": "http://127.0.0.1:9"}
+    cases = {"readable by every user": {**base, "NAGAYA_SCHED_SLURMRESTD_JWT_KEY": str(open_key)},
+             "not readable by nagaya": {**base, "NAGAYA_SCHED_SLURMRESTD_JWT_KEY": str(private)},
+             "needs [sched] slurmrestd_url": {"NAGAYA_SCHED_PORTAL_SUBMIT": "slurmrestd"},
+             "must be dispatcher or slurmrestd": {"NAGAYA_SCHED_PORTAL_SUBMIT": "sbatch"}}
+    for i, (msg, env) in enumerate(cases.items()):
+        state = base_dir / f"bad-rest-{i}"
+        r = subprocess.run(["/usr/local/bin/nagaya", "site", "up", "--state-dir", str(state)],
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (msg, r.stderr)
+        assert not daemons(state)
