@@ -99,6 +99,10 @@ def test_runs_reach_the_audit_trail_once(site: Site, people: dict[str, SiteUser]
     again = maintain(site, env)["audit_spool"]
     assert again["ingested"] == 0 and again["duplicates"] >= 5, again
     assert len(trail(admin, "--user", alice.name, "--image", ref, "--action", "cli.run")) == 2
+    # the human report says the same
+    r = run_root([NAGAYA, "admin", "maintain", "--state-dir", str(site.state_dir), "--no-gc", "--dry-run"],
+                 env={**os.environ, **env}, timeout=300)
+    assert r.returncode == 0 and "audit spool: 0 record(s) to ingest" in r.stdout, r.stderr + r.stdout
     # only what was appended since is read next time
     ok(alice.nagaya("run", ref, "/bin/busybox", "true", env=env))
     again = maintain(site, env)["audit_spool"]
