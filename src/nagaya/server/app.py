@@ -9,11 +9,13 @@ import contextvars
 import hmac
 import json
 import logging
+import time
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import httpx
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
@@ -24,12 +26,12 @@ from starlette.types import Scope as AsgiScope
 
 from nagaya import __version__
 from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, UsageError
-from nagaya.server.authn import Authenticator, make_authenticator
-from nagaya.server.offload import offload
+from nagaya.server.authn import Authenticator, Identity, make_authenticator
+from nagaya.server.offload import quick
 from nagaya.server.settings import ServerSettings
 from nagaya.server.tokens import Scope, TokenIssuer
-from nagaya.store import Database, Principal, authorize, credentials, lifecycle
-from nagaya.store.models import Project, Repository, Tag, UserToken, utcnow
+from nagaya.store import Database, Principal, authorize, lifecycle
+from nagaya.store.models import Project, Repository, Tag, utcnow
 from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, SiteService
 
 log = logging.getLogger("nagaya.server")
@@ -37,6 +39,7 @@ log = logging.getLogger("nagaya.server")
 # A dict, not a value: handlers run in a copied context (thread pool) and mutate the one the middleware made.
 NOTES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("nagaya_notes", default=None)
 INTERNAL = "$nagaya"          # the server's own registry reads (manifest sizes): not user activity
+IDENTITY_TTL = 30.0           # seconds a token request's group lookup is reused (as the portal's principal)
 _STATUS = {AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400}
 
 
@@ -129,6 +132,7 @@ class Site:
         self.settings = settings
         self.db = Database(settings.database)
         self.authn = authenticator or make_authenticator(settings.auth, settings.pam_service, settings.ldap)
+        self._identities: dict[str, tuple[float, Identity | None]] = {}
         self.issuer = TokenIssuer(Path(settings.signing_key), Path(settings.signing_cert), Path(settings.ca_cert),
                                   settings.issuer, settings.service, settings.token_ttl)
 
@@ -157,13 +161,10 @@ class Site:
                 raise AuthError("invalid, expired or revoked robot token")
             return p
         if secret.startswith("nyp_"):
-            user = svc.verify_user_token(username, secret) if username else None
-            if user is None and not username:                  # Bearer: the token names its user
-                tok = svc.s.scalar(select(UserToken).where(UserToken.secret_hash == credentials.hash_secret(secret)))
-                user = svc.verify_user_token(tok.user.name, secret) if tok else None
+            user = svc.verify_user_token(username or None, secret)     # Bearer: the token names its user
             if user is None:
                 raise AuthError("invalid, expired or revoked access token; run `nagaya login` again")
-            ident = self.authn.user(user.name)
+            ident = self.identity(user.name)
             groups = ident.groups if ident else frozenset()
             user.is_admin = self.is_admin(user.name, groups)
             p = svc.principal(user, groups)
@@ -172,6 +173,20 @@ class Site:
         if not allow_password:
             raise AuthError("use a personal access token (nagaya login) or a robot token")
         return self.password_login(svc, username, secret)
+
+    def identity(self, name: str) -> Identity | None:
+        """The user's Unix/LDAP identity (groups) for a token request, remembered for IDENTITY_TTL seconds
+        per process: NSS reads /etc/group on every call and LDAP asks its server, once per registry request
+        otherwise. A portal session keeps the groups of its login for longer than that."""
+        now = time.monotonic()
+        hit = self._identities.get(name)
+        if hit is not None and now - hit[0] < IDENTITY_TTL:
+            return hit[1]
+        ident = self.authn.user(name)
+        if len(self._identities) > 10000:
+            self._identities.clear()
+        self._identities[name] = (now, ident)
+        return ident
 
     def note_expiry(self, user: Any) -> None:
         notes = NOTES.get()
@@ -221,12 +236,18 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
     # ---- registry token service ---------------------------------------------------------------------
 
     @app.get("/token", tags=["registry"], summary="Docker registry token (distribution token auth spec)")
-    @offload
-    def token(request: Request, service: str = "", scope: list[str] = Query(default_factory=list),
-              account: str = "") -> dict[str, Any]:
+    async def token(request: Request, service: str = "", scope: list[str] = Query(default_factory=list),
+                    account: str = "") -> dict[str, Any]:
         if service and service != settings.service:
             raise UsageError(f"unknown service {service!r}")
         creds = _basic(request)
+        if creds is not None and not ROBOT_RE.match(creds[0]) and not creds[1].startswith("nyp_"):
+            # A password: PAM or LDAP may take seconds (failure delays). The default pool, so that a few
+            # wrong passwords never hold up the token requests of the small pool.
+            return await anyio.to_thread.run_sync(issue_token, creds, scope)
+        return await quick(issue_token, creds, scope)
+
+    def issue_token(creds: tuple[str, str] | None, scope: list[str]) -> dict[str, Any]:
         with session() as s:
             svc = SiteService(s)
             principal = site.principal(svc, creds)

@@ -13,6 +13,14 @@ THREADS = 4
 _limiter: anyio.CapacityLimiter | None = None
 
 
+async def quick(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` in the small pool (see `offload`)."""
+    global _limiter
+    if _limiter is None:                # created inside the event loop that uses it
+        _limiter = anyio.CapacityLimiter(THREADS)
+    return await anyio.to_thread.run_sync(fn, *args, limiter=_limiter)
+
+
 def offload(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
     """Run a quick handler (database + template or signature) in a pool of THREADS threads, in arrival
     order. Forty threads contending for the GIL (FastAPI's default for sync handlers) turn a burst of
@@ -21,8 +29,5 @@ def offload(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
     default pool."""
     @functools.wraps(fn)
     async def run(*args: Any, **kwargs: Any) -> Any:
-        global _limiter
-        if _limiter is None:            # created inside the event loop that uses it
-            _limiter = anyio.CapacityLimiter(THREADS)
-        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=_limiter)
+        return await quick(functools.partial(fn, *args, **kwargs))
     return run

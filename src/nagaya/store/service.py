@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from nagaya.errors import AuthError, Conflict, NotFound, PermissionDenied, UsageError
 from nagaya.store import credentials
@@ -183,12 +183,15 @@ class SiteService:
                              expires_at=expires))
         return NewSecret(username=user.name, secret=secret, expires_at=expires)
 
-    def verify_user_token(self, username: str, secret: str) -> User | None:
+    def verify_user_token(self, username: str | None, secret: str) -> User | None:
+        """The token's user if `secret` is an active personal access token (of `username`, if one is given)."""
         if not secret.startswith(credentials.USER_PREFIX):
             return None
-        tok = self.s.scalar(select(UserToken).where(UserToken.secret_hash == credentials.hash_secret(secret)))
+        tok = self.s.scalar(select(UserToken).options(joinedload(UserToken.user))      # one query, not two
+                            .where(UserToken.secret_hash == credentials.hash_secret(secret)))
         now = utcnow()
-        if tok is None or tok.user.name != username or _state(tok.expires_at, tok.revoked_at, now) != "active":
+        if tok is None or (username is not None and tok.user.name != username) or \
+                _state(tok.expires_at, tok.revoked_at, now) != "active":
             return None
         _touch(tok, now)
         return tok.user

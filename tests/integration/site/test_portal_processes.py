@@ -155,3 +155,4 @@ def test_last_used_is_recorded_without_a_write_per_request(two_process_site: Sit
     assert first is not None                            # the first use is recorded at once...
     assert _token_status(site, used["username"], used["secret"], ann.name) == {200}
     assert last_used() == first                         # ...then at most once a minute, not on every request
+
