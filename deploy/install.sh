@@ -21,6 +21,7 @@ PKGS=(
   docker-registry postgresql                      # the site registry; PostgreSQL for sites (and its tests)
   slapd ldap-utils                                # LDAP login back end tests (a private slapd)
   slurmctld slurmd slurm-client munge             # the slurm scheduler backend and its tests (a private cluster)
+  slurmdbd mariadb-server                         # Slurm accounting in the tests: `job show` after slurmctld forgets a job
   slurmrestd slurm-wlm-jwt-plugin acl             # the portal submits as each user through slurmrestd + JWT
   chromium                                        # portal end-to-end tests (Playwright drives Debian's build)
 )

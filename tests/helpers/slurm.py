@@ -47,11 +47,11 @@ ReturnToService=2
 KillWait=2
 OverTimeLimit=0
 InactiveLimit=0
-MinJobAge=600
+MinJobAge={min_job_age}
 MessageTimeout=10
 SlurmdTimeout=60
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+{accounting}
 JobCompType=jobcomp/none
 PropagateResourceLimitsExcept=ALL
 {nodes}
@@ -70,7 +70,9 @@ def _free_port() -> int:
 
 class SlurmCluster:
     def __init__(self, nodes: int = 3, cpus: int = 2, extra_conf: str = "", netns: bool = False,
-                 gpus: int = 0) -> None:
+                 gpus: int = 0, accounting: bool = False, min_job_age: int = 600) -> None:
+        self.accounting = accounting        # slurmdbd on a private MariaDB: sacct works, as on real clusters
+        self.min_job_age = min_job_age      # seconds slurmctld remembers a finished job (then: sacct only)
         self.gpus = gpus                    # per node: GRES gpu backed by fake /dev/nvidiaN nodes (gpu_dev_dir)
         self.n = nodes
         self.netns = netns
@@ -193,11 +195,20 @@ class SlurmCluster:
         nodes = "\n".join(f"NodeName={n} NodeHostname={n if self.netns else socket.gethostname()} "
                           f"NodeAddr={self.addr(n)} Port={_free_port()} CPUs={self.cpus} RealMemory=1000 "
                           f"State=UNKNOWN{gres_attr}" for n in self.nodes)
+        acct = "AccountingStorageType=accounting_storage/none"
+        if self.accounting:
+            dbd_port = _free_port()
+            acct = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
+                    f"AccountingStoragePort={dbd_port}\nAccountingStoreFlags=job_comment\n"
+                    f"AccountingStoragePass={d}/munge/munge.socket")     # slurmdbd's munge: ours, not the default
         self.conf.write_text(CONF.format(host=socket.gethostname(), ctld_addr=f"{SUBNET}.1" if self.netns else
                                          "127.0.0.1", ctld_port=_free_port(), dir=d, nodes=nodes, n=self.n,
-                                         extra=gres + self.extra_conf))
+                                         extra=gres + self.extra_conf, accounting=acct,
+                                         min_job_age=self.min_job_age))
         self.conf.chmod(0o644)
         env = {**os.environ, **self.env}
+        if self.accounting:
+            self._start_accounting(dbd_port, env)
         self._daemon(["slurmctld", "-i"], d / "slurmctld.pid", env)
         for n in self.nodes:
             (d / "spool" / n).mkdir()
@@ -210,6 +221,57 @@ class SlurmCluster:
                 return self
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Slurm did not come up: {r.stdout} {r.stderr}\n{self.logs()}")
+            time.sleep(0.2)
+
+    def _start_accounting(self, dbd_port: int, env: dict[str, str]) -> None:
+        """A private MariaDB (as the mysql user, loopback and a socket in our dir), then slurmdbd on it, and the
+        cluster registered, before slurmctld starts."""
+        d = self.dir
+        db, run = d / "mysql" / "data", d / "mysql" / "run"
+        run.mkdir(parents=True)
+        db.mkdir()
+        for p in (d / "mysql", db, run):
+            shutil.chown(p, "mysql", "mysql")
+        as_mysql = ["setpriv", "--reuid=mysql", "--regid=mysql", "--init-groups"]
+        r = subprocess.run([*as_mysql, "mariadb-install-db", "--no-defaults", f"--datadir={db}", "--skip-test-db",
+                            "--auth-root-authentication-method=socket"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"mariadb-install-db: {r.stderr}")
+        my_port, sock = _free_port(), run / "sock"
+        p = subprocess.Popen([*as_mysql, "mariadbd", "--no-defaults", f"--datadir={db}", f"--socket={sock}",
+                              f"--port={my_port}", "--bind-address=127.0.0.1", f"--pid-file={run}/mariadbd.pid",
+                              f"--log-error={run}/mariadbd.log", "--skip-name-resolve", "--skip-log-bin",
+                              "--innodb-buffer-pool-size=16M"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.pids.append(p.pid)             # setpriv execs: this is mariadbd itself
+        password = os.urandom(12).hex()
+        deadline = time.monotonic() + 30
+        while True:
+            r = subprocess.run(["mariadb", f"--socket={sock}", "-u", "root", "-e",
+                                f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+                                "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"],
+                               capture_output=True, text=True, timeout=30)
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline or p.poll() is not None:
+                raise RuntimeError(f"MariaDB did not come up: {r.stderr}")
+            time.sleep(0.1)
+        conf = d / "slurmdbd.conf"         # next to slurm.conf: slurmdbd finds it through SLURM_CONF
+        conf.write_text(f"AuthType=auth/munge\nAuthInfo=socket={d}/munge/munge.socket\nDbdHost=localhost\n"
+                        f"DbdAddr=127.0.0.1\nDbdPort={dbd_port}\nSlurmUser=root\n"
+                        f"StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\nStoragePort={my_port}\n"
+                        f"StorageUser=slurm\nStoragePass={password}\nStorageLoc=slurm_acct_db\n"
+                        f"PidFile={d}/slurmdbd.pid\nLogFile={d}/slurmdbd.log\nDebugLevel=info\n")
+        conf.chmod(0o600)
+        self._daemon(["slurmdbd"], d / "slurmdbd.pid", env)
+        deadline = time.monotonic() + 30
+        while True:
+            r = subprocess.run(["sacctmgr", "-i", "add", "cluster", "nagaya"], env=env, capture_output=True,
+                               text=True, timeout=30)
+            if r.returncode == 0 or "already exists" in r.stdout + r.stderr:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sacctmgr add cluster: {r.stdout} {r.stderr}\n{self.logs()}")
             time.sleep(0.2)
 
     def _daemon(self, argv: list[str], pidfile: Path, env: dict[str, str] | None = None) -> None:

@@ -163,12 +163,41 @@ class SlurmScheduler:
         if not job_id.isdigit():
             raise UsageError(f"invalid job id {job_id!r}")
         r = self._run("scontrol", "show", "job", "-o", job_id)
-        if r.returncode != 0 or not r.stdout.strip():
-            raise NotFound(f"job {job_id} not found")
-        d = parse_scontrol(r.stdout.splitlines()[0])
+        if r.returncode == 0 and r.stdout.strip():
+            d = parse_scontrol(r.stdout.splitlines()[0])
+        else:
+            d = self._accounting(job_id)    # slurmctld forgets finished jobs after MinJobAge
         # Another user's job is reported exactly like a missing one: its existence is not ours to know.
         if d.get("UserId", "").split("(")[0] != self.me and os.geteuid() != 0:
             raise NotFound(f"job {job_id} not found")
+        return d
+
+    # sacct's fields under the names `scontrol show job` uses, so _info reads both alike.
+    _SACCT = (("JobId", "JobID"), ("UserId", "User"), ("JobState", "State"), ("ExitCode", "ExitCode"),
+              ("NodeList", "NodeList"), ("SubmitTime", "Submit"), ("StartTime", "Start"), ("EndTime", "End"),
+              ("TimeLimit", "Timelimit"), ("JobName", "JobName"), ("Comment", "Comment"), ("NumCPUs", "NCPUS"),
+              ("WorkDir", "WorkDir"))
+
+    def _accounting(self, job_id: str) -> dict[str, str]:
+        """A job slurmctld no longer holds, from the accounting database (sacct), where the site has one.
+        The job comment (nagaya's digest) is there when the site sets AccountingStoreFlags=job_comment."""
+        try:
+            r = self._run("sacct", "-X", "-P", "-n", "-j", job_id,
+                          "--format=" + ",".join(f for _, f in self._SACCT))
+        except UsageError:                  # no sacct on this host
+            raise NotFound(f"job {job_id} not found") from None
+        rows = [x.split("|") for x in r.stdout.splitlines() if x.split("|")[0] == job_id] if r.returncode == 0 else []
+        if not rows or len(rows[0]) < len(self._SACCT):
+            raise NotFound(f"job {job_id} not found (Slurm keeps finished jobs for MinJobAge only, and "
+                           "sacct has no record of it)")
+        # Comment is the only free-text field; fields after it are fixed-form, so rejoin any '|' inside it.
+        row = rows[0]
+        extra = len(row) - len(self._SACCT)
+        c = [k for k, _ in self._SACCT].index("Comment")
+        row = [*row[:c], "|".join(row[c:c + extra + 1]), *row[c + extra + 1:]]
+        d = {k: v for (k, _), v in zip(self._SACCT, row, strict=True)}
+        # nagaya's jobs write slurm-ID.out in their directory (sbatch's default; 22.05's sacct lacks StdOut).
+        d["StdOut"] = os.path.join(d["WorkDir"], f"slurm-{job_id}.out") if d.get("WorkDir") else ""
         return d
 
     def _info(self, d: dict[str, str]) -> JobInfo:
