@@ -39,10 +39,11 @@ def node_caches() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def blob_gets(site: Site, digest: str) -> int:
-    """How many times the registry served this blob (its access log, one line per request)."""
+def blob_gets(site: Site, repo: str, digest: str) -> int:
+    """How many times the registry served this blob of this repository (its access log, a line per request;
+    other tests' repositories share the layer)."""
     log = (site.state_dir / "logs" / "registry.log").read_text(errors="replace")
-    return len(re.findall(rf'"GET /v2/[^ "]*/blobs/{re.escape(digest)} HTTP', log))
+    return len(re.findall(rf'"GET /v2/{re.escape(repo)}/blobs/{re.escape(digest)} HTTP', log))
 
 
 def test_registry_image_is_staged_once_per_node(site: Site, cluster: SlurmCluster, image_archive: Path,
@@ -75,12 +76,13 @@ def test_registry_image_is_staged_once_per_node(site: Site, cluster: SlurmCluste
         manifest = json.loads(who.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
                                        f"--creds={':'.join(who.creds(site.registry))}", f"docker://{ref}"]).stdout)
         layer = manifest["layers"][0]["digest"]
-        assert blob_gets(site, layer) == 4, "the layer must be fetched once by the submit host and once per node"
+        # once by the submit host, then once per node
+        assert blob_gets(site, "nys-stage/bb", layer) == 4
         # A second job on the same nodes downloads nothing: it runs from each node's cache.
         second = submit(who.u, "--nodes", "3", "--ntasks", "6", "--image", ref, "--", "/bin/busybox", "true",
                         cwd=work)
         assert wait_state(who.u, second, timeout=120)["state"] == "COMPLETED"
-        assert blob_gets(site, layer) == 4
+        assert blob_gets(site, "nys-stage/bb", layer) == 4
     finally:
         shutil.rmtree(work, ignore_errors=True)
         conf.unlink(missing_ok=True)
