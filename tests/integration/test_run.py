@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.fake_gpu import fake_gpus
 from tests.helpers.users import User
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("session_images")]
@@ -226,22 +227,7 @@ def test_interactive_shell_under_tmux(alice: User, backend: str, workdir: Path) 
 
 
 def test_gpu_passthrough_with_fake_devices(alice: User, backend: str, workdir: Path) -> None:
-    fake = Path("/tmp/nagaya-fake-gpu")
-    subprocess.run(["rm", "-rf", str(fake)], check=True)
-    (fake / "dev").mkdir(parents=True)
-    for i in (0, 1):
-        os.mknod(fake / "dev" / f"nvidia{i}", 0o666 | 0o020000, os.makedev(195, i))
-    os.mknod(fake / "dev" / "nvidiactl", 0o666 | 0o020000, os.makedev(195, 255))
-    (fake / "lib").mkdir()
-    (fake / "lib" / "libcuda.so.550.54").write_text("fake cuda driver\n")
-    os.symlink("libcuda.so.550.54", fake / "lib" / "libcuda.so.1")
-    (fake / "lib" / "libnvidia-ml.so.1").write_text("fake nvml\n")
-    (fake / "bin").mkdir()
-    (fake / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI fake'\n")
-    (fake / "bin" / "nvidia-smi").chmod(0o755)
-    fake.chmod(0o755)
-    env = {"NAGAYA_GPU_DEV_DIR": str(fake / "dev"), "NAGAYA_GPU_LIB_DIRS": str(fake / "lib"),
-           "NAGAYA_GPU_BIN_DIRS": str(fake / "bin")}
+    env = fake_gpus(Path("/tmp/nagaya-fake-gpu"), 2)
     script = "ls /dev | grep nvidia | sort | tr '\\n' ' '; echo; cat /.nagaya/gpu/lib/libcuda.so.1; nvidia-smi; " \
              "echo $LD_LIBRARY_PATH $NVIDIA_VISIBLE_DEVICES"
     r = run(alice, backend, "--gpus", "all", "bb", "sh", "-c", script, env=env)

@@ -207,7 +207,8 @@ def test_digest_pinning(alice: User) -> None:
 def test_gpus_requested_are_the_gpus_the_container_sees(alice: User, cluster: SlurmCluster) -> None:
     """Two 1-GPU jobs on one node each see one different device, renumbered from 0 for CUDA; a 2-GPU job
     sees both. Without a device cgroup every /dev/nvidiaN is reachable on the node: nagaya is the boundary."""
-    d = alice.mkdir(alice.home / "sched-gpus")
+    d = Path(tempfile.mkdtemp(prefix="sched-gpus-", dir=alice.home))   # no slurm-ID.out of an earlier cluster
+    os.chown(d, alice.uid, alice.gid)
     release = d / "release"
     script = d / "gpu.sh"
     # n3: the time-limit job holds a CPU of n1, and both jobs need one CPU each on the same node
@@ -222,7 +223,9 @@ def test_gpus_requested_are_the_gpus_the_container_sees(alice: User, cluster: Sl
         wait_for(lambda j=j: "cuda" in logs(alice, j), 30, f"job {j} to report its GPUs")
     seen = []
     for j in jobs:
-        lines = dict(x.split(" ", 1) for x in logs(alice, j).splitlines() if x.startswith(("devices", "visible")))
+        out = logs(alice, j)
+        lines = dict(x.split(" ", 1) for x in out.splitlines() if x.startswith(("devices ", "visible ")))
+        assert set(lines) == {"devices", "visible"}, out
         devices = lines["devices"].split()
         assert len(devices) == 2 and "nvidiactl" in devices, lines
         gpu = next(x for x in devices if x != "nvidiactl")
@@ -232,6 +235,7 @@ def test_gpus_requested_are_the_gpus_the_container_sees(alice: User, cluster: Sl
     os.close(os.open(release, os.O_CREAT | os.O_WRONLY, 0o644))
     for j in jobs:
         assert wait_state(alice, j, timeout=30)["state"] == "COMPLETED"
+    shutil.rmtree(d, ignore_errors=True)
     both = submit(alice, "--gpus", "2", "--image", "bb", "--", "sh", "-c",
                   "echo $(ls /dev | grep -c 'nvidia[0-9]') $CUDA_VISIBLE_DEVICES", env=env)
     assert wait_state(alice, both, timeout=30)["state"] == "COMPLETED"

@@ -82,6 +82,17 @@ def ensure_user(name: str, password: str, groups: tuple[str, ...] = ()) -> SiteU
     return SiteUser(u, password)
 
 
+def module_people(site: Site, prefix: str, names: tuple[str, ...]) -> dict[str, SiteUser]:
+    """Users of one test module only (`nys-PREFIX-NAME`, "admin" in nagaya-admins), logged in to the site:
+    other modules' fixtures reset the shared test users' logins."""
+    ensure_group("nagaya-admins")
+    users = {k: ensure_user(f"nys-{prefix}-{k}", f"pw-{prefix}-{k}-{os.getpid()}",
+                            ("nagaya-admins",) if k == "admin" else ()) for k in names}
+    for u in users.values():
+        u.login(site.server)
+    return users
+
+
 def ensure_group(name: str) -> None:
     if run_root(["getent", "group", name]).returncode != 0:
         subprocess.run(["groupadd", name], check=True)

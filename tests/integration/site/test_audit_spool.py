@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.site.conftest import NAGAYA, Site, SiteUser, ensure_group, ensure_user, push, run_root
+from tests.integration.site.conftest import NAGAYA, Site, SiteUser, module_people, push, run_root
 from tests.integration.site.test_lifecycle import archive_with, indexed, ok
 
 pytestmark = pytest.mark.integration
@@ -25,12 +25,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def people(site: Site, site_system: None) -> dict[str, SiteUser]:
-    ensure_group("nagaya-admins")
-    spec = {"alice": (), "bob": (), "admin": ("nagaya-admins",)}
-    users = {k: ensure_user(f"nys-sp-{k}", f"pw-sp-{k}-{os.getpid()}", g) for k, g in spec.items()}
-    for u in users.values():
-        u.login(site.server)
-    return users
+    return module_people(site, "sp", ("alice", "bob", "admin"))
 
 
 @pytest.fixture

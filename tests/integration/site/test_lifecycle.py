@@ -23,8 +23,8 @@ from tests.integration.site.conftest import (
     NAGAYA,
     Site,
     SiteUser,
-    ensure_group,
     ensure_user,
+    module_people,
     push,
     run_root,
     skopeo,
@@ -35,13 +35,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def lc(site: Site, site_system: None) -> dict[str, SiteUser]:
-    """Users of this module only: other sessions' fixtures reset the shared test users' logins."""
-    ensure_group("nagaya-admins")
-    spec = {"owner": (), "dev": (), "admin": ("nagaya-admins",)}
-    users = {k: ensure_user(f"nys-lc-{k}", f"pw-lc-{k}-{os.getpid()}", g) for k, g in spec.items()}
-    for u in users.values():
-        u.login(site.server)
-    return users
+    return module_people(site, "lc", ("owner", "dev", "admin"))
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.integration.sched_helpers import TERMINAL, stop_runner, submit, wait_for, wait_state
-from tests.integration.site.conftest import Site, SiteUser, ensure_group, ensure_user, push, skopeo
+from tests.integration.site.conftest import Site, SiteUser, ensure_user, module_people, push, skopeo
 from tests.integration.site.test_lifecycle import archive_with, fresh_env, indexed, maintain, ok
 
 pytestmark = pytest.mark.integration
@@ -22,11 +22,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def people(site: Site, site_system: None) -> dict[str, SiteUser]:
-    ensure_group("nagaya-admins")
-    spec = {"user": (), "other": (), "admin": ("nagaya-admins",)}
-    users = {k: ensure_user(f"nys-rp-{k}", f"pw-rp-{k}-{os.getpid()}", g) for k, g in spec.items()}
-    for u in users.values():
-        u.login(site.server)
+    users = module_people(site, "rp", ("user", "other", "admin"))
     yield users
     for u in users.values():
         stop_runner(u.u)
