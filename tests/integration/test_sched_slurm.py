@@ -121,7 +121,7 @@ def test_multi_node_job(alice: User) -> None:
 
 
 def test_script_form(alice: User) -> None:
-    d = alice.mkdir(alice.home / "sched-slurm")
+    d = CWD[alice.name]                 # this module's fresh directory: no slurm-ID.out of an earlier cluster
     script = d / "job.sh"
     script.write_text("#!/bin/sh\n#NAGAYA --image bb\n#SBATCH --job-name=scripted\n"
                       "echo \"args: $*\"; cat /app/data.txt\n")
