@@ -52,6 +52,10 @@ class AuthError(NagayaError):
     exit_code = 5
 
 
+class TooManyAttempts(AuthError):
+    """Too many failed passwords for this user from this address: try again later (HTTP 429)."""
+
+
 class PermissionDenied(NagayaError):
     exit_code = 6
 

@@ -25,9 +25,18 @@ from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as AsgiScope
 
 from nagaya import __version__
-from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, UsageError
+from nagaya.errors import (
+    AuthError,
+    Conflict,
+    NagayaError,
+    NotFound,
+    PermissionDenied,
+    TooManyAttempts,
+    UsageError,
+)
 from nagaya.server.authn import Authenticator, Identity, make_authenticator
 from nagaya.server.offload import quick
+from nagaya.server.ratelimit import LoginLimiter
 from nagaya.server.settings import ServerSettings
 from nagaya.server.tokens import Scope, TokenIssuer
 from nagaya.store import Database, Principal, authorize, lifecycle
@@ -40,7 +49,7 @@ log = logging.getLogger("nagaya.server")
 NOTES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("nagaya_notes", default=None)
 INTERNAL = "$nagaya"          # the server's own registry reads (manifest sizes): not user activity
 IDENTITY_TTL = 30.0           # seconds a token request's group lookup is reused (as the portal's principal)
-_STATUS = {AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400}
+_STATUS = {TooManyAttempts: 429, AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400}
 
 
 class LoginRequest(BaseModel):
@@ -132,6 +141,7 @@ class Site:
         self.settings = settings
         self.db = Database(settings.database)
         self.authn = authenticator or make_authenticator(settings.auth, settings.pam_service, settings.ldap)
+        self.limiter = LoginLimiter(self.db)
         self._identities: dict[str, tuple[float, Identity | None]] = {}
         self.issuer = TokenIssuer(Path(settings.signing_key), Path(settings.signing_cert), Path(settings.ca_cert),
                                   settings.issuer, settings.service, settings.token_ttl)
@@ -140,16 +150,26 @@ class Site:
         s = self.settings
         return name in s.admin_users or bool(groups & set(s.admin_groups))
 
-    def password_login(self, svc: SiteService, username: str, password: str) -> Principal:
+    def password_login(self, svc: SiteService, username: str, password: str, ip: str = "",
+                       via: str = "api") -> Principal:
+        """Every route that takes a password comes here, so guessing is limited on all of them alike."""
+        wait = self.limiter.blocked(username, ip)
+        if wait:
+            raise TooManyAttempts(f"too many failed attempts; try again in {int(wait // 60) + 1} minutes")
         ident = self.authn.authenticate(username, password)
         if ident is None:
+            self.limiter.failed(username, ip)
+            svc.audit("login.fail", username[:128], source=ip[:64], details={"via": via})
+            svc.s.commit()                  # kept although the request fails
             raise AuthError("invalid username or password")
+        self.limiter.succeeded(username, ip)
         user = svc.login(ident.name, ident.uid, self.is_admin(ident.name, ident.groups))
         svc.audit("login", ident.name, details={"method": self.settings.auth})
         self.note_expiry(user)
         return svc.principal(user, ident.groups)
 
-    def principal(self, svc: SiteService, creds: tuple[str, str] | None, allow_password: bool = True) -> Principal:
+    def principal(self, svc: SiteService, creds: tuple[str, str] | None, allow_password: bool = True,
+                  ip: str = "") -> Principal:
         """Credentials -> principal: a robot token, a personal access token, or (where allowed) a password.
         No credentials: anonymous. Wrong credentials: AuthError (never a silent downgrade to anonymous)."""
         if creds is None:
@@ -172,7 +192,7 @@ class Site:
             return p
         if not allow_password:
             raise AuthError("use a personal access token (nagaya login) or a robot token")
-        return self.password_login(svc, username, secret)
+        return self.password_login(svc, username, secret, ip, "token")
 
     def identity(self, name: str) -> Identity | None:
         """The user's Unix/LDAP identity (groups) for a token request, remembered for IDENTITY_TTL seconds
@@ -227,7 +247,8 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
         body: dict[str, Any] = {"detail": exc.message}
         if _request.url.path == "/token":
             # registry clients (skopeo, docker) print the distribution error format, not `detail`
-            body["errors"] = [{"code": "DENIED" if status == 403 else "UNAUTHORIZED", "message": exc.message}]
+            code = {403: "DENIED", 429: "TOOMANYREQUESTS"}.get(status, "UNAUTHORIZED")
+            body["errors"] = [{"code": code, "message": exc.message}]
         return JSONResponse(body, status_code=status, headers=headers)
 
     def session() -> Any:
@@ -244,13 +265,14 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
         if creds is not None and not ROBOT_RE.match(creds[0]) and not creds[1].startswith("nyp_"):
             # A password: PAM or LDAP may take seconds (failure delays). The default pool, so that a few
             # wrong passwords never hold up the token requests of the small pool.
-            return await anyio.to_thread.run_sync(issue_token, creds, scope)
+            ip = request.client.host if request.client else ""
+            return await anyio.to_thread.run_sync(issue_token, creds, scope, ip)
         return await quick(issue_token, creds, scope)
 
-    def issue_token(creds: tuple[str, str] | None, scope: list[str]) -> dict[str, Any]:
+    def issue_token(creds: tuple[str, str] | None, scope: list[str], ip: str = "") -> dict[str, Any]:
         with session() as s:
             svc = SiteService(s)
-            principal = site.principal(svc, creds)
+            principal = site.principal(svc, creds, ip=ip)
             access = []
             for text in scope:
                 for part in text.split(" "):                 # some clients join several scopes with spaces
@@ -289,7 +311,7 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             raise AuthError("login needs HTTP Basic credentials (username and password)")
         with session() as s:
             svc = SiteService(s)
-            principal = site.password_login(svc, *creds)
+            principal = site.password_login(svc, *creds, ip=request.client.host if request.client else "")
             user = svc.user(principal.name)
             assert user is not None
             days = body.expires_days or settings.login_ttl_days

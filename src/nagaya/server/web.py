@@ -36,12 +36,12 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 
-from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, UsageError
+from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, TooManyAttempts, UsageError
 from nagaya.server.jobs import JobGateway, JobsUnavailable, SpoolGateway
 from nagaya.server.offload import offload
 from nagaya.store import Database, Principal, authorize
 from nagaya.store import service as svcmod
-from nagaya.store.models import LoginFailure, PortalSession, utcnow
+from nagaya.store.models import PortalSession, utcnow
 from nagaya.store.service import MANIFEST_TYPES, SiteService
 
 if TYPE_CHECKING:
@@ -53,10 +53,8 @@ COOKIE = "nagaya_session"
 LOGIN_COOKIE = "nagaya_login"
 IDLE_TIMEOUT = 2 * 3600            # seconds without a request before a session ends
 ABSOLUTE_TIMEOUT = 12 * 3600       # a working day, then log in again
-MAX_FAILURES = 5                   # per user+IP within FAILURE_WINDOW, then 429 until the window passes
-FAILURE_WINDOW = 600
 PRINCIPAL_TTL = 30.0               # an admin's account expiry reaches open sessions within this many seconds
-_STATUS = {AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400,
+_STATUS = {TooManyAttempts: 429, AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400,
            JobsUnavailable: 503}
 
 
@@ -145,40 +143,6 @@ class Sessions:
         self.principals.pop(key, None)
         with self.db.engine.begin() as c:
             c.execute(delete(PortalSession).where(PortalSession.id_hash == key))
-
-
-class LoginLimiter:
-    """Failed logins per (user, client address): a password guesser gets MAX_FAILURES tries per window,
-    counted in the database so that every server process refuses alike."""
-
-    def __init__(self, db: Database, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.db, self.limit, self.window, self.clock = db, limit, window, clock
-
-    def _who(self, user: str, ip: str) -> Any:
-        return (LoginFailure.username == user[:128]) & (LoginFailure.address == ip[:64])
-
-    def blocked(self, user: str, ip: str) -> float:
-        """Seconds until the next try is allowed (0: allowed)."""
-        now = self.clock()
-        with self.db.engine.connect() as c:
-            times = list(c.scalars(select(LoginFailure.time).where(self._who(user, ip),
-                                                                   LoginFailure.time > now - self.window)
-                                   .order_by(LoginFailure.time)))
-        if len(times) < self.limit:
-            return 0.0
-        # allowed again when fewer than `limit` failures remain inside the window
-        return max(0.0, self.window - (now - times[len(times) - self.limit]))
-
-    def failed(self, user: str, ip: str) -> None:
-        now = self.clock()
-        with self.db.engine.begin() as c:
-            c.execute(delete(LoginFailure).where(LoginFailure.time < now - self.window))
-            c.execute(insert(LoginFailure).values(username=user[:128], address=ip[:64], time=now))
-
-    def succeeded(self, user: str, ip: str) -> None:
-        with self.db.engine.begin() as c:
-            c.execute(delete(LoginFailure).where(self._who(user, ip)))
 
 
 class LoginRequired(Exception):
@@ -360,7 +324,6 @@ def default_jobs(site: Site) -> JobService:
 
 def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter:
     settings = site.settings
-    limiter = LoginLimiter(site.db)
     r = APIRouter(route_class=PortalRoute, include_in_schema=False)
 
     def sess_of(request: Request) -> WebSession:
@@ -444,21 +407,15 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         if not cookie or not hmac.compare_digest(cookie.encode(), csrf.encode()):
             return login_page(request, "Your login form expired. Please try again.", 400, username, next)
         username = username.strip()
-        ip = _client(request)
-        wait = limiter.blocked(username, ip)
-        if wait:
-            return login_page(request, f"Too many failed attempts. Try again in {int(wait // 60) + 1} minutes.",
-                              429, username, next)
-        try:
+        try:            # counts failures and refuses guessers (Site.password_login), as /token and the API do
             with site.db.session() as db:
-                p = site.password_login(SiteService(db), username, password)
+                p = site.password_login(SiteService(db), username, password, _client(request), "portal")
+        except TooManyAttempts as e:
+            return login_page(request, f"Too many failed attempts. Try {e.message.split('; ')[1]}.", 429,
+                              username, next)
         except AuthError as e:
-            limiter.failed(username, ip)
-            with site.db.session() as db:
-                SiteService(db).audit("login.fail", username[:128], source=ip[:64], details={"via": "portal"})
             msg = e.message if "expired" in e.message else "Wrong username or password."
             return login_page(request, msg, 401, username, next)
-        limiter.succeeded(username, ip)
         s = sessions.create(p.name, p.groups, p.is_admin)
         request.state.web_session = s                  # its first messages are saved with it (PortalRoute)
         from nagaya.server.app import NOTES  # an account about to expire: say so on the first page

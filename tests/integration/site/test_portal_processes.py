@@ -97,6 +97,23 @@ def test_login_rate_limit_counts_across_processes(two_process_site: Site) -> Non
     assert _login(site, bob.name, bob.password).status_code == 429
 
 
+def test_password_guessing_is_limited_on_every_route(two_process_site: Site) -> None:
+    """The registry's /token and POST /api/login take passwords too: their failures count with the portal's."""
+    site = two_process_site
+    carol = ensure_user("nyw-carol", f"pw-carol-{os.getpid()}")
+    dave = ensure_user("nyw-dave", f"pw-dave-{os.getpid()}")
+    scope = f"repository:{carol.name}/app:pull"
+    for _ in range(3):
+        assert site.token(scope, (carol.name, "wrong")).status_code == 401
+    for _ in range(2):
+        assert site.api("POST", "/api/login", auth=(carol.name, "wrong")).status_code == 401
+    r = site.token(scope, (carol.name, carol.password))        # even the right password, for now
+    assert r.status_code == 429 and r.json()["errors"][0]["code"] == "TOOMANYREQUESTS", r.text
+    assert site.api("POST", "/api/login", auth=(carol.name, carol.password)).status_code == 429
+    assert _login(site, carol.name, carol.password).status_code == 429
+    assert site.api("POST", "/api/login", auth=(dave.name, dave.password)).status_code == 200   # others unaffected
+
+
 def _robot(site: Site, auth: tuple[str, str], name: str, **body: object) -> dict[str, str]:
     r = site.api("POST", f"/api/projects/{auth[0]}/tokens", auth=auth, json={"name": name, "scope": "push", **body})
     assert r.status_code == 201, r.text
