@@ -131,6 +131,8 @@ class ServerConfig(Record):
     token_ttl: int = 300                        # registry bearer tokens, seconds
     login_ttl_days: int = 90                    # personal access tokens made by `nagaya login`
     workers: int = 0                            # server processes; 0: one per CPU (at most 4)
+    job_log_days: int = 30                      # `admin maintain` removes portal job logs older than this; 0 keeps
+    expired_token_days: int = 30                # ... and personal access tokens expired/revoked this long ago
 
 
 class LdapConfig(Record):

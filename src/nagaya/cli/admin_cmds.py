@@ -221,6 +221,12 @@ def maintain(state_dir: Path = typer.Option(None, "--state-dir", help="the site'
             console.print(f"cache {c['cache']}: {len(c['removed_images'])} image(s) {verb.split()[-1]}, "
                           f"{human_size(c['size_before'])} -> {human_size(c['size_after'])}, "
                           f"{len(c['kept_in_use'])} kept in use", highlight=False)
+    logs = report.get("job_logs") or {}
+    if logs.get("removed") or logs.get("skipped"):
+        what = logs.get("skipped") or f"{len(logs['removed'])} old file(s) {verb.split()[-1]}"
+        console.print(f"job logs: {what}", highlight=False)
+    if report.get("tokens_pruned"):
+        console.print(f"access tokens expired long ago: {report['tokens_pruned']} {verb.split()[-1]}", highlight=False)
     for h in report.get("handover", []):
         what = f"handed over to {h['to']}" if h["to"] else "flagged: no other owner"
         console.print(f"project {h['project']} of expired {h['from']}: {what}", highlight=False)

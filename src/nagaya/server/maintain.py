@@ -18,14 +18,16 @@ import os
 import pwd
 import re
 import signal
+import stat
 import subprocess
 import tarfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import delete, func, select
 
 from nagaya.config import Config
 from nagaya.errors import NagayaError, SiteError
@@ -33,6 +35,7 @@ from nagaya.server import audit_spool
 from nagaya.server import site as site_mod
 from nagaya.server.settings import ServerSettings
 from nagaya.store import lifecycle
+from nagaya.store.models import UserToken
 from nagaya.store.service import SiteService, forget_manifest
 
 LOCK = "maintain.lock"
@@ -76,6 +79,7 @@ def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetim
         # Root's part: users' spool files are theirs (0600), shared node caches belong to the site admin.
         spool = audit_spool.read(cfg.audit.site_dir, state_dir) if cfg.audit.site_dir else None
         caches = gc_shared_caches(cfg, dry_run) if cache_gc else []
+        logs = prune_job_logs(state_dir / "job-logs", cfg.server.job_log_days, now, dry_run)
         become_service_account(cfg)
         from nagaya.server.app import Site
 
@@ -89,11 +93,50 @@ def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetim
             report["retention"] = apply_retention(site, dry_run)
             report["gc"] = garbage_collect(cfg, state_dir, dry_run) if gc else None
             report["cache_gc"] = caches
+            report["job_logs"] = logs
+            with site.db.session() as s:
+                report["tokens_pruned"] = prune_tokens(SiteService(s), cfg.server.expired_token_days, now, dry_run)
             return report
         finally:
             site.db.dispose()
     finally:
         os.close(fd)
+
+
+def prune_job_logs(root: Path, days: int, now: datetime, dry_run: bool) -> dict[str, Any]:
+    """Portal job logs (slurmrestd mode: ROOT/USER/slurm-ID.out, written by the users) older than `days`.
+    Root's step: the service account may only read those directories."""
+    out: dict[str, Any] = {"removed": [], "skipped": None}
+    if days <= 0 or not root.is_dir():
+        return out
+    if os.geteuid() != 0:
+        out["skipped"] = "job logs are pruned only when maintain runs as root"
+        return out
+    cutoff = now.replace(tzinfo=UTC).timestamp() - days * 86400
+    for user_dir in sorted(root.iterdir()):
+        if user_dir.is_symlink() or not user_dir.is_dir():
+            continue
+        for f in sorted(user_dir.iterdir()):
+            st = f.lstat()                  # never follow: the user owns these names
+            if (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)) and st.st_mtime < cutoff:
+                out["removed"].append(str(f))
+                if not dry_run:
+                    f.unlink(missing_ok=True)
+    return out
+
+
+def prune_tokens(svc: SiteService, days: int, now: datetime, dry_run: bool) -> int:
+    """Personal access tokens that expired or were revoked more than `days` ago (e.g. the portal's
+    per-job pull tokens): they can never work again and only crowd the users' token lists."""
+    if days <= 0:
+        return 0
+    cutoff = now - timedelta(days=days)
+    dead = (UserToken.expires_at < cutoff) | (UserToken.revoked_at < cutoff)
+    n = svc.s.scalar(select(func.count()).select_from(UserToken).where(dead)) or 0
+    if n and not dry_run:
+        svc.s.execute(delete(UserToken).where(dead))
+        svc.audit("token.pruned", ACTOR, details={"count": n, "older_than_days": days})
+    return int(n)
 
 
 def archive_root(settings: ServerSettings, state_dir: Path) -> Path:
