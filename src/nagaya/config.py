@@ -339,14 +339,23 @@ def _parse_plain(text: str) -> dict[str, Any] | None:
     return doc
 
 
+CONFIG_MAX = 1 << 20           # bytes: far more than any configuration needs
+
+
 def _read_toml(path: str | Path) -> dict[str, Any] | None:
+    # A regular file only, opened non-blocking and size-capped: a FIFO, or a link to /dev/zero, placed as a
+    # config must neither hang nor exhaust the process (the portal's dispatcher runs this as the user). A
+    # link is resolved first (dotfile managers link configs): it leads nowhere the reader could not go.
+    from nagaya import safefs
+
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, NotADirectoryError):
+        raw = safefs.read_at(None, os.path.realpath(path), max_size=CONFIG_MAX)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         return None
-    except PermissionError:
-        return None
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    except safefs.UnsafePath as e:
+        raise UsageError(f"{path}: {e.message} (a configuration must be a plain file)") from None
     try:
         plain = _parse_plain(raw.decode())
     except UnicodeDecodeError:

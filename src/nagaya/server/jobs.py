@@ -26,7 +26,9 @@ import base64
 import json
 import os
 import pwd
+import re
 import secrets
+import selectors
 import signal
 import subprocess
 import sys
@@ -36,14 +38,21 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from nagaya import safefs
 from nagaya.errors import Conflict, NagayaError, NotFound, PermissionDenied, UsageError
 
 OPS = ("submit", "list", "status", "cancel", "logs")
 UID_MIN = 1000
 NOBODY = (65534, 4294967294)             # the overflow ids (nobody, nfsnobody): above UID_MIN, yet no one's
-REPLY_TIMEOUT = 120.0
-OP_TIMEOUT = 110.0
+# Seconds, not minutes: a server thread waits this long at most, whatever the user's files or processes do.
+OP_TIMEOUT = 15.0                        # the user's operation, then its whole process group is killed
+REPLY_TIMEOUT = OP_TIMEOUT + 5.0         # the server's wait for a reply (the dispatcher may queue it briefly)
+USER_OPS = 4                             # one user's operations in flight: per server process, and in the dispatcher
+MAX_OPS = 32                             # all users' operations in flight in the dispatcher
+REQUEST_MAX = 64 * 1024                  # bytes of a request file (a job spec, a login token)
+OUTPUT_MAX = 8 << 20                     # bytes the dispatcher reads of an operation's output
 LOG_TAIL = 64 * 1024
+_RID = re.compile(r"^[0-9a-f]{32}$")
 _SPEC_FIELDS = {"image": str, "ref": str, "digest": str, "command": list, "nodes": int, "ntasks": int, "cpus": int,
                 "mem": str, "gpus": str, "time_limit": int, "name": str}
 
@@ -52,10 +61,65 @@ class JobsUnavailable(NagayaError):
     """No job service on this site (no dispatcher running, or no scheduler backend)."""
 
 
+class JobsBusy(NagayaError):
+    """Too many of this user's job operations in flight (HTTP 429): answered at once, never queued."""
+
+
+BUSY = "too many of your job operations are in flight; wait for them to finish and try again"
+_KINDS: dict[str, type[NagayaError]] = {"NotFound": NotFound, "PermissionDenied": PermissionDenied,
+                                        "Conflict": Conflict, "JobsBusy": JobsBusy,
+                                        "JobsUnavailable": JobsUnavailable}
+
+
 class JobGateway(Protocol):
     """What the portal needs of a scheduler, always on behalf of one named user."""
 
     def call(self, user: str, op: str, args: dict[str, Any]) -> Any: ...
+
+
+class PerUser:
+    """Counts each user's operations in flight and refuses one more than `limit` at once (thread-safe)."""
+
+    def __init__(self, limit: int = USER_OPS, total: int | None = None) -> None:
+        self.limit, self.total = limit, total
+        self._n: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, user: str) -> bool:
+        with self._lock:
+            n = self._n.get(user, 0)
+            if n >= self.limit or (self.total is not None and sum(self._n.values()) >= self.total):
+                return False
+            self._n[user] = n + 1
+            return True
+
+    def release(self, user: str) -> None:
+        with self._lock:
+            n = self._n.get(user, 0) - 1
+            if n > 0:
+                self._n[user] = n
+            else:
+                self._n.pop(user, None)
+
+
+class BoundedGateway:
+    """Any gateway with a per-user cap: a user's (USER_OPS + 1)th operation in flight is refused at once
+    with JobsBusy, so one user's slow or hostile operations hold at most USER_OPS threads of the job pool."""
+
+    def __init__(self, inner: JobGateway, per_user: int = USER_OPS) -> None:
+        self.inner = inner
+        self.flight = PerUser(per_user)
+
+    def __getattr__(self, name: str) -> Any:          # available(), pull_token_hours, ... of the inner one
+        return getattr(self.inner, name)
+
+    def call(self, user: str, op: str, args: dict[str, Any]) -> Any:
+        if not self.flight.acquire(user):
+            raise JobsBusy(BUSY)
+        try:
+            return self.inner.call(user, op, args)
+        finally:
+            self.flight.release(user)
 
 
 class SpoolGateway:
@@ -90,7 +154,8 @@ class SpoolGateway:
         delay = 0.01
         while not reply.exists():
             if time.monotonic() > deadline:
-                raise JobsUnavailable("the job service did not answer in time")
+                (req / f"{rid}.json").unlink(missing_ok=True)      # not started yet: never start it
+                raise JobsUnavailable("the job service did not answer in time; try again later")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.2)
         try:
@@ -98,13 +163,19 @@ class SpoolGateway:
         finally:
             reply.unlink(missing_ok=True)
         if "error" in data:
-            kinds = {"NotFound": NotFound, "PermissionDenied": PermissionDenied, "Conflict": Conflict}
-            kind = kinds.get(data.get("kind", ""), UsageError)
+            kind = _KINDS.get(data.get("kind", ""), UsageError)
             raise kind(str(data["error"]))
         return data.get("result")
 
 
 # ---- the dispatcher (root) -------------------------------------------------------------------------------
+#
+# The spool's directories are writable by the service account, so everything the dispatcher does in them
+# goes through safefs, relative to directory fds it opened once: requests are read O_NOFOLLOW|O_NONBLOCK,
+# only regular single-link files of the service account's, size-capped, then unlinked (unlinkat); replies
+# are fresh O_EXCL temp files renamed into place. A link or FIFO planted by the service account is refused
+# or replaced, never followed. Operations are capped per user and in total, and killed (their whole
+# process group) after OP_TIMEOUT.
 
 def target_user(user: str, service_account: str) -> pwd.struct_passwd:
     """The account a job runs as: a real user, never root, a system account or the service account."""
@@ -134,81 +205,209 @@ def _check(req: dict[str, Any], service_account: str) -> tuple[pwd.struct_passwd
     return pw, op, args
 
 
-def _run_as(pw: pwd.struct_passwd, op: str, args: dict[str, Any]) -> dict[str, Any]:
+def _collect(p: subprocess.Popen[bytes], timeout: float) -> tuple[bytes, bytes] | None:
+    """The process's output, at most OUTPUT_MAX bytes; None when it ran past `timeout` or wrote too much
+    (then its process group is killed). Never waits for a grandchild that keeps the pipes open."""
+    assert p.stdout is not None and p.stderr is not None
+    out: dict[int, bytearray] = {p.stdout.fileno(): bytearray(), p.stderr.fileno(): bytearray()}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for f in (p.stdout, p.stderr):
+            sel.register(f, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0 or sum(map(len, out.values())) > OUTPUT_MAX:
+                return None
+            for key, _ in sel.select(min(left, 1.0)):
+                chunk = os.read(key.fd, 65536)
+                if chunk:
+                    out[key.fd] += chunk
+                else:
+                    sel.unregister(key.fileobj)
+    try:
+        p.wait(max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return None
+    return bytes(out[p.stdout.fileno()]), bytes(out[p.stderr.fileno()])
+
+
+def _run_as(pw: pwd.struct_passwd, op: str, args: dict[str, Any], timeout: float = OP_TIMEOUT) -> dict[str, Any]:
     env = {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name, "LANG": "C.UTF-8",
            "PATH": "/usr/local/bin:/usr/bin:/bin"}
     argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--",
             sys.executable, "-I", "-m", "nagaya.server.jobs", "op"]
+    # Its own process group (a new session), so that a timeout kills everything the operation started.
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         cwd="/", start_new_session=True, close_fds=True)
     try:
-        r = subprocess.run(argv, input=json.dumps({"op": op, "args": args}), capture_output=True, text=True,
-                           env=env, cwd=pw.pw_dir if os.path.isdir(pw.pw_dir) else "/", timeout=OP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return {"error": "the scheduler did not answer in time"}
+        assert p.stdin is not None
+        try:
+            p.stdin.write(json.dumps({"op": op, "args": args}).encode())
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+        got = _collect(p, timeout)
+    finally:
+        _kill_group(p)              # also after a normal exit: nothing the operation started outlives it
+        for f in (p.stdout, p.stderr):
+            if f is not None:
+                f.close()
+    if got is None:
+        return {"error": "the scheduler did not answer in time (or answered too much); try again later"}
+    stdout, stderr = (x.decode(errors="replace") for x in got)
     try:
-        out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+        out: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+        if not isinstance(out, dict):
+            raise ValueError
         return out
     except (ValueError, IndexError):
-        return {"error": (r.stderr.strip().splitlines() or ["the job operation failed"])[-1][:500]}
+        return {"error": (stderr.strip().splitlines() or ["the job operation failed"])[-1][:500]}
 
 
-def _handle(path: Path, replies: Path, service_account: str, gid: int) -> None:
+def _kill_group(p: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the operation's process group (it may have left children), then reap the leader."""
     try:
-        req = json.loads(path.read_text())
-        rid = str(req.get("id", ""))
-        if not rid.isalnum():
-            return
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _stamp(out: dict[str, Any], pw: pwd.struct_passwd, op: str) -> dict[str, Any]:
+    """A job's owner is the account its operation ran as, never what the user's own jobs database says."""
+    res = out.get("result")
+    items = res if op == "list" and isinstance(res, list) else [res] if op == "status" else []
+    for j in items:
+        if isinstance(j, dict):
+            j["user"] = pw.pw_name
+    if op == "list" and not isinstance(res, list) and "error" not in out:
+        return {"error": "the job operation answered nonsense"}
+    return out
+
+
+class Dispatcher:
+    """The root dispatcher over one spool: reads requests through directory fds, caps work, writes replies."""
+
+    def __init__(self, spool: Path, service_account: str = "nagaya") -> None:
+        import grp
+
+        self.service_account = service_account
+        self.svc_uid = pwd.getpwnam(service_account).pw_uid
+        self.gid = grp.getgrnam(service_account).gr_gid
+        self.flight = PerUser(USER_OPS, MAX_OPS)
+        self.refused: set[str] = set()
+        # STATE_DIR belongs to the service account: open it (and everything above) without following links,
+        # then create or open jobs-spool in it, refusing one that the service account made or swapped in.
+        sfd = safefs.open_dir(spool.parent, (self.svc_uid,))
         try:
-            pw, op, args = _check(req, service_account)
-            out = _run_as(pw, op, args)
+            self.spool = safefs.mkdir_at(sfd, spool.name, 0o750, 0, self.gid, owners=(0,))
+        finally:
+            os.close(sfd)
+        self.requests = safefs.mkdir_at(self.spool, "requests", 0o770, 0, self.gid, owners=(0,))
+        self.replies = safefs.mkdir_at(self.spool, "replies", 0o770, 0, self.gid, owners=(0,))
+
+    def reply(self, rid: str, out: dict[str, Any]) -> None:
+        try:
+            safefs.write_at(self.replies, f"{rid}.json", json.dumps(out).encode(), 0o640, 0, self.gid)
+        except (OSError, safefs.UnsafePath) as e:
+            sys.stderr.write(f"nagaya jobs dispatcher: reply {rid}: {e}\n")
+
+    def take(self, name: str) -> dict[str, Any] | None:
+        """Read and remove one request; None for anything that is not a well-formed, fresh request file
+        of the service account's (removed all the same: unlinkat removes a planted link, not its target)."""
+        try:
+            if not (name.endswith(".json") and _RID.match(name[:-5])):
+                return None
+            fd = safefs.open_at(self.requests, name, owners=(self.svc_uid,))
+            try:
+                st = os.fstat(fd)
+                if time.time() - st.st_mtime > REPLY_TIMEOUT:
+                    return None                          # its server gave up waiting long ago
+                if st.st_size > REQUEST_MAX:
+                    raise safefs.UnsafePath(f"{name} is larger than {REQUEST_MAX} bytes")
+                raw = os.read(fd, REQUEST_MAX + 1)
+            finally:
+                os.close(fd)
+            req = json.loads(raw)
+            if not isinstance(req, dict) or req.get("id") != name[:-5]:
+                return None
+            return req
+        except (OSError, ValueError, safefs.UnsafePath) as e:
+            sys.stderr.write(f"nagaya jobs dispatcher: {name[:80]!r} refused: {e}\n")
+            return None
+        finally:
+            try:
+                safefs.remove_at(self.requests, name)
+            except OSError:
+                try:
+                    os.rmdir(name, dir_fd=self.requests)
+                except OSError:
+                    if len(self.refused) > 10000:
+                        self.refused.clear()
+                    self.refused.add(name)                   # cannot be removed (a full directory): skipped
+
+    def handle(self, req: dict[str, Any]) -> None:
+        rid = str(req["id"])
+        try:
+            pw, op, args = _check(req, self.service_account)
         except NagayaError as e:
-            out = {"error": e.message, "kind": type(e).__name__}
-        tmp = replies / f".{rid}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
-        os.fchown(fd, 0, gid)
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp, replies / f"{rid}.json")
-    except (OSError, ValueError) as e:
-        sys.stderr.write(f"nagaya jobs dispatcher: {path.name}: {e}\n")
-    finally:
-        path.unlink(missing_ok=True)
+            self.reply(rid, {"error": e.message, "kind": type(e).__name__})
+            return
+        if not self.flight.acquire(pw.pw_name):
+            self.reply(rid, {"error": BUSY, "kind": "JobsBusy"})
+            return
+
+        def work() -> None:
+            try:
+                self.reply(rid, _stamp(_run_as(pw, op, args), pw, op))
+            except Exception as e:                       # a reply always, so the server never waits in vain
+                self.reply(rid, {"error": f"the job operation failed: {e}"})
+            finally:
+                self.flight.release(pw.pw_name)
+        threading.Thread(target=work, daemon=True).start()
+
+    def prune_replies(self) -> None:
+        """Replies nobody collected (their server gave up): removed after a while, links included."""
+        now = time.time()
+        for name in os.listdir(self.replies):
+            try:
+                if now - safefs.lstat_at(self.replies, name).st_mtime > 10 * REPLY_TIMEOUT:
+                    safefs.remove_at(self.replies, name)
+            except OSError:
+                continue
+
+    def serve(self) -> None:
+        safefs.write_at(self.spool, "dispatcher.pid", f"{os.getpid()}\n".encode(), 0o644)
+        last_prune = 0.0
+        try:
+            while True:
+                for name in sorted(os.listdir(self.requests)):
+                    if name.startswith(".") or name in self.refused:
+                        continue                          # the server's temp files, renamed when complete
+                    req = self.take(name)
+                    if req is not None:
+                        self.handle(req)
+                if time.monotonic() - last_prune > 60:
+                    self.prune_replies()
+                    last_prune = time.monotonic()
+                time.sleep(0.05)
+        finally:
+            safefs.remove_at(self.spool, "dispatcher.pid")
 
 
 def dispatch(spool: Path, service_account: str = "nagaya") -> None:
     """Serve requests until killed. Run as root; creates the spool with the modes above."""
-    import grp
-
     if os.geteuid() != 0:
         raise SystemExit("nagaya jobs dispatcher: run as root (it starts job operations as each user)")
-    gid = grp.getgrnam(service_account).gr_gid
-    spool.mkdir(parents=True, exist_ok=True)
-    os.chown(spool, 0, gid)
-    spool.chmod(0o750)
-    reqs, replies = spool / "requests", spool / "replies"
-    for d in (reqs, replies):
-        d.mkdir(exist_ok=True)
-        os.chown(d, 0, gid)
-        d.chmod(0o770)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))       # so the pid file goes with us
-    (spool / "dispatcher.pid").write_text(f"{os.getpid()}\n")
-    (spool / "dispatcher.pid").chmod(0o644)
-    busy: set[str] = set()
     try:
-        while True:
-            for p in sorted(reqs.glob("*.json")):
-                if p.name in busy:
-                    continue
-                busy.add(p.name)
-
-                def work(p: Path = p) -> None:
-                    try:
-                        _handle(p, replies, service_account, gid)
-                    finally:
-                        busy.discard(p.name)
-                threading.Thread(target=work, daemon=True).start()
-            time.sleep(0.05)
-    finally:
-        (spool / "dispatcher.pid").unlink(missing_ok=True)
+        d = Dispatcher(spool, service_account)
+    except (OSError, NagayaError) as e:
+        raise SystemExit(f"nagaya jobs dispatcher: {spool}: {e}") from None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))       # so the pid file goes with us
+    d.serve()
 
 
 # ---- the user's side (runs as the user, started by the dispatcher) -----------------------------------------

@@ -1,4 +1,5 @@
-"""A small thread pool of its own for the quick, hot handlers (token service, portal pages)."""
+"""Thread pools of their own: a small one for the quick, hot handlers (token service, portal pages), and one
+for handlers that wait on job operations, so that neither waits behind the other or the default pool."""
 
 from __future__ import annotations
 
@@ -30,4 +31,22 @@ def offload(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
     @functools.wraps(fn)
     async def run(*args: Any, **kwargs: Any) -> Any:
         return await quick(functools.partial(fn, *args, **kwargs))
+    return run
+
+
+JOB_THREADS = 16                  # job operations in flight per server process, all users together
+_job_limiter: anyio.CapacityLimiter | None = None
+
+
+def job_pool(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """Run a handler that waits on a job operation (the dispatcher, slurmrestd) in a pool of its own,
+    JOB_THREADS threads: however long such operations take, the default pool (logins, password /token)
+    and the quick pool (pages, tokens) stay free. One user holds at most jobs.USER_OPS of these threads
+    (jobs.BoundedGateway); a request beyond that is answered 429 at once."""
+    @functools.wraps(fn)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        global _job_limiter
+        if _job_limiter is None:
+            _job_limiter = anyio.CapacityLimiter(JOB_THREADS)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=_job_limiter)
     return run

@@ -113,7 +113,7 @@ class SlurmRestGateway:
     def _request(self, user: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
         headers = {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": mint(user, check_key(self.jwt_key))}
         try:
-            with httpx.Client(transport=self.transport, base_url=self.base, timeout=30) as c:
+            with httpx.Client(transport=self.transport, base_url=self.base, timeout=10) as c:
                 r = c.request(method, API + path, headers=headers, json=body)
         except httpx.HTTPError as e:
             raise JobsUnavailable(f"slurmrestd at {self.url} did not answer: {e}") from None
@@ -217,7 +217,7 @@ class SlurmRestGateway:
             tmp = Path(tempfile.mkdtemp(prefix=f".{pw.pw_name}.", dir=self.log_root))
             r = subprocess.run(["setfacl", "-m", f"u:{pw.pw_uid}:rwx", "-m",
                                 f"d:u::rw,d:g::-,d:o::-,d:u:{os.getuid()}:r,d:m::r", str(tmp)],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, timeout=10)
             if r.returncode != 0:
                 tmp.rmdir()
                 raise NagayaError(f"cannot give {pw.pw_name} their job log directory {d}: "

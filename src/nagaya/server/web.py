@@ -37,8 +37,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 
 from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, TooManyAttempts, UsageError
-from nagaya.server.jobs import JobGateway, JobsUnavailable, SpoolGateway
-from nagaya.server.offload import offload
+from nagaya.server.jobs import REPLY_TIMEOUT, BoundedGateway, JobGateway, JobsBusy, JobsUnavailable, SpoolGateway
+from nagaya.server.offload import job_pool, offload
 from nagaya.store import Database, Principal, authorize
 from nagaya.store import service as svcmod
 from nagaya.store.models import PortalSession, utcnow
@@ -54,8 +54,8 @@ LOGIN_COOKIE = "nagaya_login"
 IDLE_TIMEOUT = 2 * 3600            # seconds without a request before a session ends
 ABSOLUTE_TIMEOUT = 12 * 3600       # a working day, then log in again
 PRINCIPAL_TTL = 30.0               # an admin's account expiry reaches open sessions within this many seconds
-_STATUS = {TooManyAttempts: 429, AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400,
-           JobsUnavailable: 503}
+_STATUS = {TooManyAttempts: 429, JobsBusy: 429, AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409,
+           UsageError: 400, JobsUnavailable: 503}
 
 
 # ---- sessions, CSRF, rate limits --------------------------------------------------------------------------
@@ -246,8 +246,9 @@ class JobService:
         """Whether jobs can run; `recent` accepts a positive answer up to SEEN_UP_TTL old (the dashboard's
         tile), operations always look afresh. A negative answer is never reused: a dispatcher just started
         shows at once."""
-        if self.gateway is None or not isinstance(self.gateway, SpoolGateway):
-            return self.gateway is not None
+        inner = self.gateway.inner if isinstance(self.gateway, BoundedGateway) else self.gateway
+        if inner is None or not isinstance(inner, SpoolGateway):
+            return inner is not None
         now = time.monotonic()
         if recent and now - self._seen_up < self.SEEN_UP_TTL:
             return True
@@ -261,6 +262,15 @@ class JobService:
             raise JobsUnavailable("Jobs are not enabled on this site yet: the job service is not running. "
                                   "Ask your admins to start it.")
         return self.gateway
+
+    def call(self, user: str, op: str, args: dict[str, Any]) -> Any:
+        """One operation as `user`. The jobs' owner shown is that user, whom the server asked for, never
+        what the user's own scheduler state claims."""
+        out = self.gw().call(user, op, args)
+        for j in (out if op == "list" and isinstance(out, list) else [out] if op == "status" else []):
+            if isinstance(j, dict):
+                j["user"] = user
+        return out
 
     def images(self, svc: SiteService, p: Principal) -> list[str]:
         """What a job may run: every tag the user may list (their own, their groups', the site's)."""
@@ -316,8 +326,8 @@ def default_jobs(site: Site) -> JobService:
     if site.settings.portal_submit == "slurmrestd":
         from nagaya.server.slurmrest import from_settings
 
-        return JobService(site, from_settings(site.settings, state_dir))
-    return JobService(site, SpoolGateway(state_dir / "jobs-spool"))
+        return JobService(site, BoundedGateway(from_settings(site.settings, state_dir)))
+    return JobService(site, BoundedGateway(SpoolGateway(state_dir / "jobs-spool")))
 
 
 # ---- the router ---------------------------------------------------------------------------------------------
@@ -719,9 +729,8 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
 
     # ---- jobs --------------------------------------------------------------------------------------------
 
-    _gw = jobs.gw
-
     @r.get("/jobs", response_class=HTMLResponse)
+    @job_pool
     def jobs_page(request: Request) -> Response:
         s = sess_of(request)
         with site.db.session() as db:
@@ -729,7 +738,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
             choices = jobs.images(svc, principal(svc, s))
         error, items = "", []
         try:
-            items = _gw().call(s.user, "list", {})
+            items = jobs.call(s.user, "list", {})
         except JobsUnavailable as e:
             error = e.message
         except NagayaError as e:
@@ -737,6 +746,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         return page(request, "jobs.html", s, "jobs", images=choices, jobs=items, error=error)
 
     @r.post("/jobs")
+    @job_pool
     def submit_job(request: Request, image: str = Form(...), command: str = Form(""), nodes: int = Form(1),
                    cpus: int = Form(1), mem: str = Form(""), gpus: str = Form(""), time_limit: str = Form(""),
                    name: str = Form(""), csrf: str = Form("")) -> Response:
@@ -752,22 +762,24 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         return back(f"/jobs/{quote(job_id)}", s, "ok", f"Job {job_id} submitted.")
 
     @r.get("/jobs/{job_id}", response_class=HTMLResponse)
+    @job_pool
     def job(request: Request, job_id: str) -> Response:
         s = sess_of(request)
-        info = _gw().call(s.user, "status", {"job_id": job_id})
+        info = jobs.call(s.user, "status", {"job_id": job_id})
         return page(request, "job.html", s, "jobs", job=info)
 
     @r.get("/jobs/{job_id}/log", response_class=HTMLResponse)
+    @job_pool
     def job_log(request: Request, job_id: str) -> Response:
         s = sess_of(request)
-        gw = _gw()
-        info = gw.call(s.user, "status", {"job_id": job_id})
-        logs = gw.call(s.user, "logs", {"job_id": job_id})
+        info = jobs.call(s.user, "status", {"job_id": job_id})
+        logs = jobs.call(s.user, "logs", {"job_id": job_id})
         out = page(request, "job_log.html", s, "jobs", job=info, log=logs.get("log", ""),
                    truncated=logs.get("truncated"), done=info.get("state") not in ("PENDING", "RUNNING", "SUSPENDED"))
         return out
 
     @r.post("/jobs/{job_id}/cancel")
+    @job_pool
     def cancel_job(request: Request, job_id: str, csrf: str = Form("")) -> Response:
         s = sess_of(request)
         need_csrf(request, s, csrf)
@@ -792,22 +804,32 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         return page(request, "admin_users.html", s, "admin", users=users, usage=usage)
 
     @r.get("/admin/jobs", response_class=HTMLResponse)
+    @job_pool
     def admin_jobs(request: Request) -> Response:
-        s, _p, _ = admin(request)
+        s, p, _ = admin(request)
         # Each user's jobs live with that user's scheduler; listing all of them means asking as each user
-        # who used the portal's job service (the local executor has no site-wide view).
-        error, items = "", []
+        # who used the portal's job service (the local executor has no site-wide view). A few at a time,
+        # within one deadline: a user whose operations hang or flood is named, not waited for.
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        error, items, missing = "", [], []
         try:
-            gw = _gw()
+            jobs.gw()
             with site.db.session() as db:
                 # only the users who ever submitted through the portal or the API: one query each
-                names = sorted({e.actor for e in svcmod.search_audit(SiteService(db), _p, action="job.submit",
+                names = sorted({e.actor for e in svcmod.search_audit(SiteService(db), p, action="job.submit",
                                                                      limit=100000)})
-            for n in names:
-                try:
-                    items.extend(gw.call(n, "list", {}))
-                except NagayaError:
-                    continue
+            pool = ThreadPoolExecutor(4)
+            futures = {pool.submit(jobs.call, n, "list", {}): n for n in names}
+            done, _late = wait(futures, timeout=REPLY_TIMEOUT + 1)
+            pool.shutdown(wait=False, cancel_futures=True)
+            for f, n in sorted(futures.items(), key=lambda x: x[1]):
+                if f in done and f.exception() is None:
+                    items.extend(f.result())
+                else:
+                    missing.append(n)
+            if missing:
+                error = f"No answer for the jobs of: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}"
         except JobsUnavailable as e:
             error = e.message
         return page(request, "admin_jobs.html", s, "admin", jobs=items, error=error)
@@ -888,7 +910,7 @@ class JobSubmit(BaseModel):
 
 
 class JobsApiRoute(APIRoute):
-    """No job service is a 503 (try later), not a server error."""
+    """No job service is a 503 (try later), not a server error; too many of the user's operations a 429."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -898,6 +920,8 @@ class JobsApiRoute(APIRoute):
                 return await handler(request)
             except JobsUnavailable as e:
                 return JSONResponse({"detail": e.message}, status_code=503)
+            except JobsBusy as e:
+                return JSONResponse({"detail": e.message}, status_code=429, headers={"Retry-After": "5"})
         return route
 
 
@@ -916,24 +940,29 @@ def jobs_api_router(site: Site, jobs: JobService) -> APIRouter:
         return p
 
     @r.get("", summary="Your jobs")
+    @job_pool
     def list_jobs(request: Request) -> Any:
-        return _json(jobs.gw().call(user(request).name, "list", {}))
+        return _json(jobs.call(user(request).name, "list", {}))
 
     @r.post("", status_code=201, summary="Submit a job as yourself")
+    @job_pool
     def submit(request: Request, body: JobSubmit) -> dict[str, Any]:
         p = user(request)
         return {"id": jobs.submit(p, body.image, body.command, body.nodes, body.cpus, body.mem, body.gpus,
                                   body.time_limit, body.name, via="api")}
 
     @r.get("/{job_id}", summary="One of your jobs")
+    @job_pool
     def status(request: Request, job_id: str) -> Any:
-        return jobs.gw().call(user(request).name, "status", {"job_id": job_id})
+        return jobs.call(user(request).name, "status", {"job_id": job_id})
 
     @r.get("/{job_id}/log", summary="The end of a job's output (64 KiB)")
+    @job_pool
     def log(request: Request, job_id: str) -> Any:
-        return jobs.gw().call(user(request).name, "logs", {"job_id": job_id})
+        return jobs.call(user(request).name, "logs", {"job_id": job_id})
 
     @r.delete("/{job_id}", summary="Cancel one of your jobs")
+    @job_pool
     def cancel(request: Request, job_id: str) -> dict[str, Any]:
         jobs.cancel(user(request).name, job_id, via="api")
         return {"cancelled": job_id}
