@@ -70,21 +70,25 @@ def audit(user: str = typer.Option("", "--user", help="only this actor"),
         print_json(rows)
         return
     if csv_out:
+        from nagaya.encode import csv_row
+
         w = csv.writer(sys.stdout)
         w.writerow(AUDIT_COLUMNS)
-        for r in rows:
-            w.writerow([r["time"], r["action"], r["actor"], r["repository"], r["tag"], r["digest"], r["source"],
-                        _compact(r["details"])])
+        for r in rows:               # actors include failed logins' user names: anyone's text, never a formula
+            w.writerow(csv_row([r["time"], r["action"], r["actor"], r["repository"], r["tag"], r["digest"],
+                                r["source"], _compact(r["details"])]))
         return
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(box=None, header_style="bold")
     for c in ("TIME", "ACTION", "ACTOR", "IMAGE", "DIGEST"):
         t.add_column(c)
     for r in rows:
         img = r["repository"] + (f":{r['tag']}" if r["tag"] else "")
-        t.add_row(r["time"][:19], r["action"], r["actor"], img or str(r["details"].get("project", "")),
-                  r["digest"][:19])
+        # Text, not str: rich would read `[...]` in a user's text as markup
+        t.add_row(*(Text(x) for x in (r["time"][:19], r["action"], r["actor"],
+                                      img or str(r["details"].get("project", "")), r["digest"][:19])))
     console.print(t)
 
 

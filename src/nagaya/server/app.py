@@ -194,6 +194,15 @@ class Site:
             raise AuthError("use a personal access token (nagaya login) or a robot token")
         return self.password_login(svc, username, secret, ip, "token")
 
+    def name_reserved(self, name: str) -> bool:
+        """Whether `name` is, or may become, an account's personal project: any account the login backend
+        knows. Fails closed: a backend that cannot answer (LDAP down) reserves the name."""
+        try:
+            return self.authn.user(name) is not None
+        except Exception as e:                  # any back-end failure: refuse, never guess
+            log.warning("cannot look up %s (%s): the name stays reserved", name, e)
+            return True
+
     def identity(self, name: str) -> Identity | None:
         """The user's Unix/LDAP identity (groups) for a token request, remembered for IDENTITY_TTL seconds
         per process: NSS reads /etc/group on every call and LDAP asks its server, once per registry request
@@ -316,7 +325,8 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             assert user is not None
             days = body.expires_days or settings.login_ttl_days
             new = svc.issue_user_token(user, body.token_name, timedelta(days=days))
-            personal = s.scalar(select(Project.name).where(Project.name == user.name))
+            personal = s.scalar(select(Project.name).where(Project.name == user.name, Project.kind == "personal",
+                                                           Project.owner_id == user.id))
             warning = (NOTES.get() or {}).get("warning")
             return {"username": user.name, "token": new.secret, "warning": warning,
                     "expires_at": _json({"t": new.expires_at})["t"],
@@ -350,7 +360,8 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
     def create_project(request: Request, body: ProjectCreate) -> dict[str, Any]:
         with session() as s:
             svc = SiteService(s)
-            return _json(svc.create_project(site.principal(svc, _basic(request)), body.name, body.kind))
+            return _json(svc.create_project(site.principal(svc, _basic(request)), body.name, body.kind,
+                                            site.name_reserved))
 
     @app.get("/api/projects/{name}", tags=["projects"])
     def project(request: Request, name: str) -> dict[str, Any]:

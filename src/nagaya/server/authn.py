@@ -104,7 +104,8 @@ class LdapAuthenticator:
 
     def _search_conn(self) -> Any:
         conn = self._conn(self.cfg.get("bind_dn") or None, self.cfg.get("bind_password") or None)
-        conn.bind()
+        if not conn.bind():             # "no such user" must never be the answer of a directory that refused us
+            raise UsageError(f"cannot search the directory at {self.cfg['uri']}: {conn.result.get('description')}")
         return conn
 
     @staticmethod

@@ -36,6 +36,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 
+from nagaya.encode import content_disposition, csv_row
 from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, TooManyAttempts, UsageError
 from nagaya.server.jobs import REPLY_TIMEOUT, BoundedGateway, JobGateway, JobsBusy, JobsUnavailable, SpoolGateway
 from nagaya.server.offload import job_pool, offload
@@ -192,6 +193,15 @@ def _page_headers(resp: Response) -> None:
     resp.headers["Referrer-Policy"] = "same-origin"
     resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Cache-Control"] = "no-store"
+
+
+# A tag or a digest (OCI distribution spec): anything else never reaches a registry URL or a header.
+_REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Za-z0-9=_-]{32,256}")
+
+
+def _check_ref(ref: str) -> None:
+    if not _REF.fullmatch(ref):           # fullmatch: `$` would let a trailing newline through
+        raise UsageError("not a tag or a digest: " + ascii(ref[:80]))
 
 
 def _secure(request: Request) -> bool:
@@ -508,6 +518,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         """The image's OCI manifest as a file: what `skopeo`/`nagaya pull` fetch first (no single-file export
         exists yet)."""
         s = sess_of(request)
+        _check_ref(ref)
         with site.db.session() as db:
             p = principal(SiteService(db), s)
             if "pull" not in authorize(db, p, repository, ["pull"]):
@@ -523,7 +534,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
             raise UsageError(f"the registry answered {resp.status_code}")
         name = f"{repository.replace('/', '_')}_{ref.replace(':', '-')[:24]}.manifest.json"
         return Response(resp.content, media_type=resp.headers.get("content-type", "application/json"),
-                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+                        headers={"Content-Disposition": content_disposition(name)})
 
     @r.get("/download/{repository:path}")
     def download(request: Request, repository: str, ref: str, tag: str = "latest") -> Response:
@@ -533,6 +544,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         from nagaya.server.download import Archive
 
         s = sess_of(request)
+        _check_ref(ref)
         with site.db.session() as db:
             p = principal(SiteService(db), s)
             if "pull" not in authorize(db, p, repository, ["pull"]):
@@ -573,7 +585,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
             SiteService(db).audit("image.download", s.user, repository=repository, tag=tag, digest=digest,
                                   source=_client(request)[:64], details={"via": "portal"})
         return StreamingResponse(body(), media_type="application/x-tar", headers={
-            "Content-Length": str(archive.length), "Content-Disposition": f'attachment; filename="{name}"'})
+            "Content-Length": str(archive.length), "Content-Disposition": content_disposition(name)})
 
     @r.post("/images/delete")
     def delete_image(request: Request, repository: str = Form(...), digest: str = Form(...),
@@ -623,7 +635,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         name = name.strip().lower()
         with site.db.session() as db:
             svc = SiteService(db)
-            svc.create_project(principal(svc, s), name, kind)
+            svc.create_project(principal(svc, s), name, kind, site.name_reserved)
         return back(f"/projects/{name}", s, "ok", f"Project {name} created. You are its owner.")
 
     @r.get("/projects/{name}", response_class=HTMLResponse)
@@ -871,17 +883,17 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["time", "action", "actor", "repository", "tag", "digest", "source", "details"])
-        for x in rows:
-            w.writerow([x["time"], x["action"], x["actor"], x["repository"], x["tag"], x["digest"], x["source"],
-                        json.dumps(x["details"], sort_keys=True)])
+        for x in rows:               # actors include the user names of failed logins: anyone's text
+            w.writerow(csv_row([x["time"], x["action"], x["actor"], x["repository"], x["tag"], x["digest"],
+                                x["source"], json.dumps(x["details"], sort_keys=True)]))
         return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
-                        headers={"Content-Disposition": 'attachment; filename="nagaya-audit.csv"'})
+                        headers={"Content-Disposition": content_disposition("nagaya-audit.csv")})
 
     @r.get("/admin/audit.json")
     def admin_audit_json(request: Request) -> Response:
         _s, p, _ = admin(request)
         rows, _f = _audit_rows(request, p, 100000)
-        return JSONResponse(rows, headers={"Content-Disposition": 'attachment; filename="nagaya-audit.json"'})
+        return JSONResponse(rows, headers={"Content-Disposition": content_disposition("nagaya-audit.json")})
 
     return r
 

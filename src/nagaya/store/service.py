@@ -5,8 +5,9 @@ works on the database directly. Every check goes through `authz`."""
 from __future__ import annotations
 
 import functools
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +40,8 @@ from nagaya.store.models import (
     UserToken,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 ROBOT_RE = re.compile(r"^robot\$([a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)\+([a-z0-9][a-z0-9._-]{0,63})$")
 TOKEN_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -159,6 +162,10 @@ class SiteService:
         return user
 
     def ensure_personal_project(self, user: User) -> Project | None:
+        """The user's personal project, created on first login. A project of that name that is not this
+        user's personal one (made before names were reserved, or by an admin) is never adopted: it keeps
+        its owners and members, the user gets no personal project, and `project.squatted` tells the admins
+        to rename or remove it (adopting it would hand the user a project whose owners are others)."""
         if not PROJECT_RE.match(user.name):
             return None          # a Unix name the registry cannot express (e.g. upper case): no personal project
         p = self.s.scalar(select(Project).where(Project.name == user.name))
@@ -168,6 +175,12 @@ class SiteService:
             self.s.flush()
             self.s.add(Membership(project_id=p.id, user_id=user.id, role="owner"))
             self.audit("project.create", user.name, details={"project": p.name, "kind": "personal"})
+        elif p.kind != "personal" or p.owner_id != user.id:
+            owner = self.s.scalar(select(User.name).where(User.id == p.owner_id)) if p.owner_id else None
+            log.warning("project %s is named after user %s but is not theirs (kind %s, owner %s): not adopted",
+                        p.name, user.name, p.kind, owner)
+            self.audit("project.squatted", user.name, details={"project": p.name, "kind": p.kind, "owner": owner})
+            return None
         return p
 
     def principal(self, user: User, groups: Iterable[str]) -> Principal:
@@ -252,7 +265,10 @@ class SiteService:
     def project_info(self, principal: Principal, name: str) -> ProjectInfo:
         return self._info(principal, self.project(principal, name))
 
-    def create_project(self, principal: Principal, name: str, kind: str = "group") -> ProjectInfo:
+    def create_project(self, principal: Principal, name: str, kind: str = "group",
+                       reserved: Callable[[str], bool] | None = None) -> ProjectInfo:
+        """`reserved(name)`: whether the login backend knows an account of that name (the server passes
+        one): its personal project's name is kept for it even before its first login."""
         if principal.kind != "user":
             raise PermissionDenied("only users can create projects")
         if kind not in PROJECT_KINDS or kind == "personal":
@@ -261,8 +277,10 @@ class SiteService:
             raise UsageError(f"invalid project name {name!r}: lowercase letters, digits and . _ - inside")
         if kind == "site" and not principal.is_admin:
             raise PermissionDenied("only site admins create site projects")
-        if self.s.scalar(select(Project.id).where(Project.name == name)) is not None or self.user(name) is not None:
-            # user names are reserved for personal projects, even before the user's first login
+        if self.s.scalar(select(Project.id).where(Project.name == name)) is not None or self.user(name) is not None \
+                or (reserved is not None and reserved(name)):
+            # user names are reserved for personal projects, even before the user's first login; the answer
+            # is the same as for an existing project, so it tells no more than `getent passwd` would
             raise Conflict(f"project {name} already exists")
         p = Project(name=name, kind=kind, owner_id=principal.user_id)
         self.s.add(p)
