@@ -76,9 +76,11 @@ def login(server: str = typer.Argument(None, help="server URL (http://HOST:PORT)
             raise UsageError("no terminal to ask for a password; use --password-stdin")
         if not password:
             raise UsageError("empty password")
-        res = Api(server_url, user, password).post("/api/login", json={"token_name": f"nagaya-login@{os.uname()[1]}"})
+        dev = authfile.device(server_url, user)
+        res = Api(server_url, user, password).post("/api/login", json={"token_name": f"nagaya-login@{os.uname()[1]}"},
+                                                   headers={"X-Nagaya-Device": dev} if dev else None)
         path = authfile.store(authfile.Login(registry=registry, server=server_url, username=res["username"],
-                                             secret=res["token"]))
+                                             secret=res["token"]), device_token=res.get("device"))
     except NagayaError as e:
         fail(e)
     if json_out:

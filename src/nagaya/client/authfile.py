@@ -62,8 +62,19 @@ def save(data: dict[str, Any], p: Path | None = None) -> Path:
     return p
 
 
-def store(login: Login, p: Path | None = None) -> Path:
+def device(server: str, username: str, p: Path | None = None) -> str | None:
+    """The device token the server gave this client at an earlier login as `username` (its own password
+    budget: others' wrong guesses cannot lock it out). Kept across logouts."""
+    value = load(p).get("nagaya-devices", {}).get(f"{username}@{server}")
+    return value if isinstance(value, str) else None
+
+
+def store(login: Login, p: Path | None = None, device_token: str | None = None) -> Path:
     data = load(p)
+    if device_token:
+        devices = data.setdefault("nagaya-devices", {})
+        if isinstance(devices, dict):
+            devices[f"{login.username}@{login.server}"] = device_token
     raw = f"{login.username}:{login.secret}".encode()
     data["auths"][login.registry] = {"auth": base64.b64encode(raw).decode()}
     data["nagaya"][login.registry] = {"server": login.server, "username": login.username,

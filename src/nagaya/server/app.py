@@ -9,6 +9,7 @@ import contextvars
 import hmac
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from datetime import datetime, timedelta
@@ -36,7 +37,7 @@ from nagaya.errors import (
 )
 from nagaya.server.authn import Authenticator, Identity, make_authenticator
 from nagaya.server.offload import quick
-from nagaya.server.ratelimit import LoginLimiter
+from nagaya.server.ratelimit import DEVICE_PREFIX, Devices, LoginLimiter
 from nagaya.server.settings import ServerSettings
 from nagaya.server.tokens import Scope, TokenIssuer
 from nagaya.store import Database, Principal, authorize, lifecycle
@@ -48,6 +49,7 @@ log = logging.getLogger("nagaya.server")
 # A dict, not a value: handlers run in a copied context (thread pool) and mutate the one the middleware made.
 NOTES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("nagaya_notes", default=None)
 INTERNAL = "$nagaya"          # the server's own registry reads (manifest sizes): not user activity
+DEVICE_HEADER = "x-nagaya-device"   # POST /api/login: the device token an earlier login of this client got
 IDENTITY_TTL = 30.0           # seconds a token request's group lookup is reused (as the portal's principal)
 _STATUS = {TooManyAttempts: 429, AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400}
 
@@ -142,6 +144,9 @@ class Site:
         self.db = Database(settings.database)
         self.authn = authenticator or make_authenticator(settings.auth, settings.pam_service, settings.ldap)
         self.limiter = LoginLimiter(self.db)
+        # Device tokens are signed with a key every server process shares: derived from the signing key.
+        key_file = Path(settings.signing_key) if settings.signing_key else None
+        self.devices = Devices(key_file.read_bytes() if key_file and key_file.is_file() else os.urandom(32))
         self._identities: dict[str, tuple[float, Identity | None]] = {}
         self.issuer = TokenIssuer(Path(settings.signing_key), Path(settings.signing_cert), Path(settings.ca_cert),
                                   settings.issuer, settings.service, settings.token_ttl)
@@ -151,18 +156,28 @@ class Site:
         return name in s.admin_users or bool(groups & set(s.admin_groups))
 
     def password_login(self, svc: SiteService, username: str, password: str, ip: str = "",
-                       via: str = "api") -> Principal:
-        """Every route that takes a password comes here, so guessing is limited on all of them alike."""
-        wait = self.limiter.blocked(username, ip)
-        if wait:
+                       via: str = "api", device: str | None = None) -> Principal:
+        """Every route that takes a password comes here, so guessing is limited on all of them alike
+        (ratelimit.py): the attempt is booked before the password is checked, against the budget of the
+        client's device token if it holds one for this user, else against the user+address budget."""
+        budget = self.devices.budget(username, device) or ip
+        rid, wait = self.limiter.reserve(username, budget)
+        if rid is None:
             raise TooManyAttempts(f"too many failed attempts; try again in {int(wait // 60) + 1} minutes")
-        ident = self.authn.authenticate(username, password)
-        if ident is None:
-            self.limiter.failed(username, ip)
-            svc.audit("login.fail", username[:128], source=ip[:64], details={"via": via})
+        try:
+            ident = self.authn.authenticate(username, password)
+        except BaseException:
+            self.limiter.release(rid)       # the check broke: no guess was made
+            raise
+        if ident is None:                   # the booking stays, as the failure
+            svc.audit("login.fail", username[:128], source=ip[:64],
+                      details={"via": via, "device": budget.startswith(DEVICE_PREFIX)})
             svc.s.commit()                  # kept although the request fails
             raise AuthError("invalid username or password")
-        self.limiter.succeeded(username, ip)
+        if budget.startswith(DEVICE_PREFIX):
+            self.limiter.succeeded(username, budget)    # the device's own slips are forgiven
+        else:
+            self.limiter.release(rid)       # a shared budget: others' failures in it stay counted
         user = svc.login(ident.name, ident.uid, self.is_admin(ident.name, ident.groups))
         svc.audit("login", ident.name, details={"method": self.settings.auth})
         self.note_expiry(user)
@@ -320,7 +335,8 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             raise AuthError("login needs HTTP Basic credentials (username and password)")
         with session() as s:
             svc = SiteService(s)
-            principal = site.password_login(svc, *creds, ip=request.client.host if request.client else "")
+            principal = site.password_login(svc, *creds, ip=request.client.host if request.client else "",
+                                            device=request.headers.get(DEVICE_HEADER))
             user = svc.user(principal.name)
             assert user is not None
             days = body.expires_days or settings.login_ttl_days
@@ -331,7 +347,7 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             return {"username": user.name, "token": new.secret, "warning": warning,
                     "expires_at": _json({"t": new.expires_at})["t"],
                     "registry": settings.registry, "server": settings.url, "is_admin": principal.is_admin,
-                    "personal_project": personal}
+                    "personal_project": personal, "device": site.devices.issue(user.name)}
 
     @app.post("/api/logout", tags=["auth"], summary="Revoke the personal access token used for this request")
     def logout(request: Request) -> dict[str, Any]:

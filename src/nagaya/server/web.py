@@ -52,6 +52,8 @@ log = logging.getLogger("nagaya.portal")
 HERE = Path(__file__).parent
 COOKIE = "nagaya_session"
 LOGIN_COOKIE = "nagaya_login"
+DEVICE_COOKIE = "nagaya_device"    # a browser that logged in as a user before keeps its own password budget
+DEVICE_DAYS = 365
 IDLE_TIMEOUT = 2 * 3600            # seconds without a request before a session ends
 ABSOLUTE_TIMEOUT = 12 * 3600       # a working day, then log in again
 PRINCIPAL_TTL = 30.0               # an admin's account expiry reaches open sessions within this many seconds
@@ -429,10 +431,11 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         username = username.strip()
         try:            # counts failures and refuses guessers (Site.password_login), as /token and the API do
             with site.db.session() as db:
-                p = site.password_login(SiteService(db), username, password, _client(request), "portal")
+                p = site.password_login(SiteService(db), username, password, _client(request), "portal",
+                                        request.cookies.get(DEVICE_COOKIE))
         except TooManyAttempts as e:
-            return login_page(request, f"Too many failed attempts. Try {e.message.split('; ')[1]}.", 429,
-                              username, next)
+            return login_page(request, f"Too many failed attempts. Please {e.message.split('; ')[1]}, or log in "
+                              "from a browser you logged in with before.", 429, username, next)
         except AuthError as e:
             msg = e.message if "expired" in e.message else "Wrong username or password."
             return login_page(request, msg, 401, username, next)
@@ -445,6 +448,8 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         dest = next if next.startswith("/") and not next.startswith("//") else "/dashboard"
         out = RedirectResponse(dest, status_code=303)
         out.set_cookie(COOKIE, s.sid, httponly=True, samesite="lax", secure=_secure(request), path="/")
+        out.set_cookie(DEVICE_COOKIE, site.devices.issue(p.name), max_age=DEVICE_DAYS * 86400, httponly=True,
+                       samesite="strict", secure=_secure(request), path="/login")
         out.delete_cookie(LOGIN_COOKIE)
         return out
 
