@@ -167,16 +167,21 @@ def test_a_failing_service_stops_the_stack(alice: User, workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("body,path,msg", [
-    ("services:\n  web:\n    image: bb\n    ports:\n      - target: 80\n        mode: host\n",
-     "services.web.ports[0].mode", "unknown or unsupported key"),
-    ("services:\n  web:\n    image: bb\n    networks: [a]\n", "services.web.networks", "unknown or unsupported key"),
+    ("services:\n  web:\n    image: bb\n    ports:\n      - target: 80\n        mdoe: host\n",
+     "services.web.ports[0].mdoe", "unknown key (in no compose or Swarm spec); did you mean mode?"),
+    ("services:\n  web:\n    image: bb\n    netwroks: [a]\n", "services.web.netwroks", "did you mean networks?"),
+    ("services:\n  web:\n    image: bb\n    privileged: true\n", "services.web.privileged", "refused: containers run "
+     "with your own rights"),
+    ("services:\n  web:\n    image: bb\n    user: root\n", "services.web.user", "refused: user 'root': replicas "
+     "run as you"),
     ("services:\n  web:\n    image: bb\n    deploy:\n      replicas: -1\n", "services.web.deploy.replicas",
      "greater than or equal to 0"),
     ("services:\n  web:\n    image: bb\n    healthcheck:\n      test: \"true\"\n      interval: soon\n",
      "services.web.healthcheck.interval", "invalid duration"),
     ("services:\n  web:\n    image: bb\n    depends_on: {db: {condition: service_healthy}}\n"
      "  db:\n    image: bb\n", "", "db has no healthcheck"),
-    ("services:\n  web:\n    image: bb\n    volumes: [data:/data]\n", "services.web.volumes", "only bind mounts"),
+    ("services:\n  web:\n    image: bb\n    volumes: [data:/data]\n", "services.web.volumes[0]",
+     "named volume 'data' is not in the file's top-level volumes"),
     ("services:\n  web:\n    image: ${NOPE:?set NOPE first}\n", "services.web.image", "set NOPE first"),
 ])
 def test_strict_validation_names_the_path(alice: User, workdir: Path, body: str, path: str, msg: str) -> None:

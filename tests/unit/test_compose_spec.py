@@ -37,11 +37,11 @@ def test_short_forms_are_normalised() -> None:
 
 
 @pytest.mark.parametrize("svc,where", [
-    ({"image": "bb", "build": "."}, "services.web.build"),
-    ({"image": "bb", "deploy": {"resources": {}}}, "services.web.deploy.resources"),
     ({"image": "bb", "x-nagaya": {"cpus": 2}}, "services.web.x-nagaya.cpus"),
-    ({"image": "bb", "volumes": [{"type": "volume", "source": "v", "target": "/v"}]}, "services.web.volumes[0].type"),
+    ({"image": "bb", "volumes": [{"type": "npipe", "source": "v", "target": "/v"}]}, "services.web.volumes[0].type"),
+    ({"image": "bb", "volumes": [{"type": "volume", "source": "v", "target": "/v"}]}, "services.web.volumes[0]"),
     ({"image": "bb", "healthcheck": {"test": ["BOGUS"]}}, "services.web.healthcheck.test"),
+    ({"image": "bb", "deploy": {"resources": {"limits": {"cpu": 2}}}}, "services.web.deploy.resources.limits.cpu"),
 ])
 def test_unsupported_keys_name_their_path(svc: dict, where: str) -> None:
     with pytest.raises(UsageError, match=f"compose file: {where.replace('[', '.').replace(']', '.')}"):

@@ -42,21 +42,25 @@ def _state_dir(f: Path | None) -> Path:
 @app.command()
 def up(file: Path = FILE_OPT,
        detach: bool = typer.Option(False, "--detach", "-d", help="return once every service is up"),
-       backend: str = typer.Option(None, "--backend", help="local | slurm (default: slurm in a Slurm job)")) -> None:
+       backend: str = typer.Option(None, "--backend", help="local | slurm (default: slurm in a Slurm job)"),
+       build: bool = typer.Option(False, "--build", help="build every service with `build:` first, even if its "
+                                                         "image exists"),
+       profile: list[str] = typer.Option(None, "--profile", help="enable services of this profile (repeatable; "
+                                                                  "also COMPOSE_PROFILES)")) -> None:
     """Start every service (dependencies first) and supervise them; ^C or `compose down` stops them all."""
     from nagaya.compose.spec import load
     from nagaya.compose.stack import Stack, read_state, supervisor_alive
 
     try:
         path = compose_file(file)
-        project = load(path)
+        project = load(path, profiles=profile or [])
         d = _state_dir(file)
         if supervisor_alive(read_state(d)):
             raise Conflict(f"{path} is already up (nagaya compose down -f {path} first)")
         if detach:
-            raise typer.Exit(_detach(path, d, backend))
+            raise typer.Exit(_detach(path, d, backend, build, profile or []))
         stack = Stack(project, path, config.load(), backend or "")
-        rc = stack.up()
+        rc = stack.up(build=build)
     except NagayaError as e:
         fail(e)
     if stack.failed:
@@ -64,12 +68,13 @@ def up(file: Path = FILE_OPT,
     raise typer.Exit(rc)
 
 
-def _detach(path: Path, d: Path, backend: str | None) -> int:
+def _detach(path: Path, d: Path, backend: str | None, build: bool = False, profiles: list[str] | None = None) -> int:
     """Run the supervisor in a session of its own (output in up.log) and wait until the stack is up or failed."""
     from nagaya.compose.stack import proc_start, read_state
 
     (d / "state.json").unlink(missing_ok=True)
-    argv = [sys.argv[0], "compose", "up", "-f", str(path)] + (["--backend", backend] if backend else [])
+    argv = [sys.argv[0], "compose", "up", "-f", str(path)] + (["--backend", backend] if backend else []) + \
+        (["--build"] if build else []) + [a for p in profiles or [] for a in ("--profile", p)]
     with open(d / "up.log", "ab") as log:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     while True:
@@ -100,7 +105,7 @@ def down(file: Path = FILE_OPT) -> None:
 
 @app.command()
 def ps(file: Path = FILE_OPT, json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """List the stack's replicas: node, state, health (starting/healthy/unhealthy), exit code, GPUs."""
+    """List the stack's replicas: node, state, health (starting/healthy/unhealthy), exit code, restarts, GPUs."""
     from nagaya.compose.stack import read_state, supervisor_alive
 
     try:
@@ -112,17 +117,17 @@ def ps(file: Path = FILE_OPT, json_out: bool = typer.Option(False, "--json", hel
     elif not supervisor_alive(st) and st["status"] in ("starting", "running", "stopping"):
         st["status"] = "down"           # the supervisor died without a word (SIGKILL): so did its children
         for r in st["replicas"]:
-            r["state"] = "exited" if r["state"] == "running" else r["state"]
+            r["state"] = "exited" if r["state"] in ("running", "restarting") else r["state"]
     if json_out:
         print_json(st)
         return
     t = Table(box=None, header_style="bold", title=f"{st.get('project', '')} ({st['status']})")
-    for col in ("NAME", "SERVICE", "NODE", "STATE", "HEALTH", "EXIT", "PORTS", "GPUS"):
+    for col in ("NAME", "SERVICE", "NODE", "STATE", "HEALTH", "EXIT", "RESTARTS", "PORTS", "GPUS"):
         t.add_column(col)
     for r in st["replicas"]:
         t.add_row(r["name"], r["service"], r["node"], r["state"], r["health"],
-                  "" if r["exit_code"] is None else str(r["exit_code"]), ",".join(map(str, r["ports"])),
-                  ",".join(map(str, r.get("gpus") or [])))
+                  "" if r["exit_code"] is None else str(r["exit_code"]), str(r.get("restarts", 0)),
+                  ",".join(map(str, r["ports"])), ",".join(map(str, r.get("gpus") or [])))
     console.print(t)
 
 

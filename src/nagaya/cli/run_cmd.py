@@ -30,6 +30,7 @@ OPTIONS: list[tuple[tuple[str, ...], str, str, str, str]] = [
     (("--backend",), "backend", "value", "bwrap|runc", "container backend (default: from config)"),
     (("--entrypoint",), "entrypoint", "value", "CMD", "override the image's ENTRYPOINT ('' for none)"),
     (("--no-home",), "no_home", "flag", "", "do not bind $HOME"),
+    (("--hostname",), "hostname", "value", "NAME", "the container's hostname (a UTS namespace of its own)"),
     (("--debug",), "debug", "flag", "", "show tracebacks"),
 ]
 BACKENDS = ("bwrap", "runc")
@@ -43,7 +44,7 @@ class Args:
         self.env_file: list[str] = []
         self.bind: list[str] = []
         self.cleanenv = self.writable_tmpfs = self.no_home = self.debug = False
-        self.overlay = self.pwd = self.gpus = ""
+        self.overlay = self.pwd = self.gpus = self.hostname = ""
         self.backend: str | None = None
         self.entrypoint: str | None = None
         self.image = ""
@@ -205,7 +206,8 @@ def _main(cmd: str, args: list[str]) -> int:
                                                       else [ns.entrypoint] if ns.entrypoint else []),
                    env=_env_items(ns), cleanenv=ns.cleanenv, binds=binds, pwd=ns.pwd,
                    writable_tmpfs=ns.writable_tmpfs, overlay_dir=ns.overlay, gpus=ns.gpus,
-                   backend=ns.backend or cfg.runtime.backend, shell=cmd == "shell", no_home=ns.no_home)
+                   backend=ns.backend or cfg.runtime.backend, shell=cmd == "shell", no_home=ns.no_home,
+                   hostname=ns.hostname)
     if cmd == "exec" and not spec.argv:
         raise UsageError("nagaya exec: give a command to run")
     if cmd == "exec":

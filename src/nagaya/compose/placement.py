@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import math
 import os
 import re
 import shutil
@@ -21,10 +23,99 @@ class Replica:
     node: str
     ports: list[int] = field(default_factory=list)
     gpus: list[int] = field(default_factory=list)      # the node's GPU indices this replica owns
+    container_name: str = ""    # `container_name:` (one replica): its name instead of SERVICE-N
+    cpus: int = 0               # CPUs its step gets (0: the default, one)
+    mem: int = 0                # bytes its step gets (0: the default)
 
     @property
     def name(self) -> str:
-        return f"{self.service}-{self.index}"
+        return self.container_name or f"{self.service}-{self.index}"
+
+
+@dataclass
+class NodeInfo:
+    """What placement knows of a node: the job's CPUs and memory there (0: unknown, not checked), Slurm
+    features as labels, and whether it is the job's first node (Swarm's manager: the supervisor runs there)."""
+
+    cpus: float = 0.0
+    mem: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    manager: bool = False
+    arch: str = ""
+    os: str = "linux"
+
+
+def _arch() -> str:
+    import platform
+
+    return platform.machine()
+
+
+def labels_of(features: str) -> dict[str, str]:
+    """Slurm features as Swarm node labels: `KEY=VALUE` or `KEY:VALUE`; a bare feature is `KEY=true`."""
+    out: dict[str, str] = {}
+    for f in filter(None, re.split(r"[,&|]", features)):
+        if f in ("(null)", "(none)"):
+            continue
+        m = re.fullmatch(r"([^=:]+)[=:](.*)", f)
+        out[(m.group(1) if m else f).strip()] = m.group(2).strip() if m else "true"
+    return out
+
+
+def _cpus_per_node(text: str) -> list[int]:
+    """SLURM_JOB_CPUS_PER_NODE: `2(x3),1` -> [2, 2, 2, 1]."""
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return []
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def node_info(backend: str, nodes: list[str]) -> dict[str, NodeInfo]:
+    if backend != "slurm":
+        try:
+            cpus = float(len(os.sched_getaffinity(0)))
+        except OSError:
+            cpus = float(os.cpu_count() or 1)
+        mem = 0
+        with contextlib.suppress(OSError, ValueError, IndexError, StopIteration), open("/proc/meminfo") as f:
+            mem = int(next(x for x in f if x.startswith("MemTotal:")).split()[1]) * 1024
+        return {n: NodeInfo(cpus, mem, {}, i == 0, _arch()) for i, n in enumerate(nodes)}
+    recs = _node_records(nodes)
+    per = _cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE", ""))
+    mem_env = os.environ.get("SLURM_MEM_PER_NODE", "")
+    out = {}
+    for i, n in enumerate(nodes):
+        kv = recs.get(n, {})
+        cpus = float(per[i]) if i < len(per) else float(kv.get("CPUTot", "0") or 0)
+        mem = int(mem_env) << 20 if mem_env.isdigit() else int(kv.get("RealMemory", "0") or 0) << 20
+        feats = kv.get("ActiveFeatures") or kv.get("AvailableFeatures") or ""
+        out[n] = NodeInfo(cpus, mem, labels_of(feats), i == 0, kv.get("Arch", "") or _arch(),
+                          (kv.get("OS", "") or "linux").split()[0].lower())
+    return out
+
+
+def satisfies(node: str, info: NodeInfo | None, constraints: list[tuple[str, str, str]]) -> str:
+    """The first constraint `node` fails ("" when it meets them all); without info (checking a file before
+    its job has nodes) none is checked."""
+    if info is None:
+        return ""
+    for key, op, want in constraints:
+        if key in ("node.hostname", "node.id"):
+            have: str | None = node
+        elif key == "node.role":
+            have = "manager" if info.manager else "worker"
+        elif key == "node.platform.os":
+            have = info.os
+        elif key == "node.platform.arch":
+            have = info.arch
+        else:
+            have = info.labels.get(key.removeprefix("node.labels."))
+        if (have == want) != (op == "=="):
+            return f"{key} {op} {want}"
+    return ""
 
 
 def in_slurm_job() -> bool:
@@ -132,14 +223,19 @@ def _listdir(d: str) -> list[str]:
         return []
 
 
-def place(project: Project, nodes: list[str], gpus: dict[str, list[int]] | None = None) -> list[Replica]:
+def place(project: Project, nodes: list[str], gpus: dict[str, list[int]] | None = None,
+          info: dict[str, NodeInfo] | None = None) -> list[Replica]:
     """Spread each service's replicas over its nodes (least loaded first), refusing two replicas that need
     one port on one node (under host networking they would fight over it) and, given each node's GPU
-    indices, handing every replica `x-nagaya.gpus` of them, never one GPU to two replicas.
-    gpus=None: GPUs are not checked (validation before the job has nodes)."""
+    indices, handing every replica its GPUs, never one GPU to two replicas. Placement constraints, `global`
+    mode, max_replicas_per_node and, given `info`, CPU and memory reservations decide which nodes may take
+    a replica. gpus=None / info=None: GPUs / CPUs and memory are not checked (validation before the job has
+    nodes)."""
     load = {n: 0 for n in nodes}
     taken: dict[tuple[str, int, str], str] = {}      # (node, port, proto) -> replica name
     free_gpus = {n: list((gpus or {}).get(n, [])) for n in nodes}
+    free_cpu = {n: info[n].cpus if info else 0.0 for n in nodes}
+    free_mem = {n: info[n].mem if info else 0 for n in nodes}
     out: list[Replica] = []
     for name in project.order():
         svc = project.services[name]
@@ -156,28 +252,74 @@ def place(project: Project, nodes: list[str], gpus: dict[str, list[int]] | None 
             cands = sorted(nodes, key=lambda n: load[n])[:want]
         else:
             cands = list(nodes)
+        cons = svc.deploy.placement.parsed()
+        if cons:
+            why = {n: satisfies(n, (info or {}).get(n), cons) for n in cands}
+            cands = [n for n in cands if not why[n]]
+            if not cands and (svc.replicas or svc.is_global):
+                raise UsageError(f"cannot place {name}: no node of the job meets its placement constraints ("
+                                 + "; ".join(f"{n}: not {w}" for n, w in why.items()) + ")")
         ports = [(p.host_port, p.protocol) for p in svc.ports]
-        need = svc.x_nagaya.gpus if gpus is not None else 0
-        for i in range(1, svc.replicas + 1):
-            free = [n for n in cands if not any((n, port, proto) in taken for port, proto in ports)]
+        count, ids = svc.gpu_request
+        per_node = svc.deploy.placement.max_replicas_per_node
+        mine_here: dict[str, int] = {}
+        cpu, mem = svc.cpu_need, svc.mem_need
+        replicas = len(cands) if svc.is_global else svc.replicas
+        for i in range(1, replicas + 1):
+            rname = svc.container_name or f"{name}-{i}"
+            order = [cands[i - 1]] if svc.is_global else cands
+            free = [n for n in order if not any((n, port, proto) in taken for port, proto in ports)]
             if not free:
                 port, proto = ports[0]
-                holder = next(taken[(n, p, q)] for n in cands for p, q in ports if (n, p, q) in taken)
+                holder = next(taken[(n, p, q)] for n in order for p, q in ports if (n, p, q) in taken)
                 raise UsageError(
-                    f"cannot place {name}-{i}: port {port}/{proto} is already used on every node it may run on "
+                    f"cannot place {rname}: port {port}/{proto} is already used on every node it may run on "
                     f"(e.g. by {holder}); under host networking two replicas cannot share a port on one node: "
                     f"use fewer replicas, more nodes, or different ports")
-            fits = [n for n in free if len(free_gpus[n]) >= need]
-            if not fits:
-                left = ", ".join(f"{n}: {len(free_gpus[n])} of {len((gpus or {}).get(n, []))}" for n in free)
-                raise UsageError(f"cannot place {name}-{i}: it needs {need} GPU(s) and no node it may run on has "
-                                 f"that many free ({left}); use fewer replicas or GPUs, or more nodes")
-            node = min(fits, key=lambda n: (load[n], cands.index(n)))
+            if per_node:
+                free = [n for n in free if mine_here.get(n, 0) < per_node]
+                if not free:
+                    raise UsageError(f"cannot place {rname}: every node it may run on has "
+                                     f"max_replicas_per_node={per_node} replicas of {name} already")
+            if info:
+                fit = [n for n in free if (not cpu or not info[n].cpus or free_cpu[n] >= cpu - 1e-9)
+                       and (not mem or not info[n].mem or free_mem[n] >= mem)]
+                if not fit:
+                    left = ", ".join(f"{n}: {free_cpu[n]:g} CPUs, {free_mem[n] >> 20} MiB" for n in free)
+                    raise UsageError(f"cannot place {rname}: it reserves {cpu:g} CPUs and {mem >> 20} MiB and no "
+                                     f"node it may run on has that much left ({left}); use fewer replicas or "
+                                     f"smaller reservations, or more nodes")
+                free = fit
+            if gpus is not None:
+                if ids is not None:
+                    fits = [n for n in free if all(g in free_gpus[n] for g in ids)]
+                else:
+                    fits = [n for n in free if free_gpus[n] and len(free_gpus[n]) == len(gpus.get(n, []))] \
+                        if count == "all" else [n for n in free if len(free_gpus[n]) >= int(count)]
+                if not fits:
+                    need = f"GPUs {','.join(map(str, ids))}" if ids is not None else \
+                        "every GPU of its node" if count == "all" else f"{count} GPU(s)"
+                    left = ", ".join(f"{n}: {len(free_gpus[n])} of {len(gpus.get(n, []))}" for n in free)
+                    raise UsageError(f"cannot place {rname}: it needs {need} and no node it may run on has that "
+                                     f"many free ({left}); use fewer replicas or GPUs, or more nodes")
+                free = fits
+            node = min(free, key=lambda n: (load[n], order.index(n)))
             load[node] += 1
+            mine_here[node] = mine_here.get(node, 0) + 1
             for port, proto in ports:
-                taken[(node, port, proto)] = f"{name}-{i}"
-            mine, free_gpus[node] = free_gpus[node][:need], free_gpus[node][need:]
-            out.append(Replica(name, i, node, [p for p, _ in ports], mine))
+                taken[(node, port, proto)] = rname
+            if gpus is None:
+                got: list[int] = []
+            elif ids is not None:
+                got = list(ids)
+                free_gpus[node] = [g for g in free_gpus[node] if g not in ids]
+            else:
+                n_ = len(free_gpus[node]) if count == "all" else int(count)
+                got, free_gpus[node] = free_gpus[node][:n_], free_gpus[node][n_:]
+            free_cpu[node] -= cpu
+            free_mem[node] -= mem
+            out.append(Replica(name, i, node, [p for p, _ in ports], got, svc.container_name or "",
+                               math.ceil(svc.cpu_limit) if svc.cpu_limit else 0, svc.mem_limit_bytes))
     return out
 
 
@@ -193,6 +335,10 @@ def hosts_file(project: Project, replicas: list[Replica], addrs: dict[str, str])
         lines.append(f"{addrs[mine[0].node]}\t{name}")
         for r in mine:
             lines.append(f"{addrs[r.node]}\ttasks.{name}")
+        svc = project.services[name]
+        for alias in (svc.container_name, svc.hostname):     # other services reach it by these names too
+            if alias and alias != name:
+                lines.append(f"{addrs[mine[0].node]}\t{alias}")
     return "\n".join(lines) + "\n"
 
 

@@ -113,6 +113,8 @@ class Launcher:
         flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS
         if self.cfg.runtime.pid_namespace:
             flags |= linux.CLONE_NEWPID
+        if self.spec.hostname:
+            flags |= linux.CLONE_NEWUTS
         helper = self._start_idmap_helper() if self._wants_idmap() else None
         try:
             linux.unshare(flags)
@@ -133,6 +135,10 @@ class Launcher:
             if status != 0:
                 raise RuntimeSetupError("newuidmap/newgidmap could not map the container's root "
                                         "(see the message above)")
+        if self.spec.hostname:
+            import socket
+
+            socket.sethostname(self.spec.hostname)
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
         for cand in (self.cfg.runtime.staging_dir, f"/tmp/.nagaya-{self.ident.uid}"):
             if not cand:
@@ -280,7 +286,7 @@ class Launcher:
             d["pwd"] = self.container_cwd
         if spec.binds:
             d["binds"] = [f"{b.src}:{b.dst}:{'ro' if b.readonly else 'rw'}" for b in spec.binds]
-        for key in ("writable_tmpfs", "overlay_dir", "gpus", "cleanenv", "no_home"):
+        for key in ("writable_tmpfs", "overlay_dir", "gpus", "cleanenv", "no_home", "hostname"):
             if getattr(spec, key):
                 d[key] = getattr(spec, key)
         if spec.env:

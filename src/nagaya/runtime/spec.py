@@ -35,6 +35,7 @@ class RunSpec(Record):
     backend: str = "bwrap"
     shell: bool = False                 # `nagaya shell`
     no_home: bool = False
+    hostname: str = ""                  # a UTS namespace of its own with this hostname
 
 
 class RunConfig(Record):
