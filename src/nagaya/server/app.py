@@ -148,6 +148,7 @@ class Site:
         key_file = Path(settings.signing_key) if settings.signing_key else None
         self.devices = Devices(key_file.read_bytes() if key_file and key_file.is_file() else os.urandom(32))
         self._identities: dict[str, tuple[float, Identity | None]] = {}
+        self.clock = time.monotonic                 # of the identity cache (tests move it)
         self.issuer = TokenIssuer(Path(settings.signing_key), Path(settings.signing_cert), Path(settings.ca_cert),
                                   settings.issuer, settings.service, settings.token_ttl)
 
@@ -222,7 +223,7 @@ class Site:
         """The user's Unix/LDAP identity (groups) for a token request, remembered for IDENTITY_TTL seconds
         per process: NSS reads /etc/group on every call and LDAP asks its server, once per registry request
         otherwise. A portal session keeps the groups of its login for longer than that."""
-        now = time.monotonic()
+        now = self.clock()
         hit = self._identities.get(name)
         if hit is not None and now - hit[0] < IDENTITY_TTL:
             return hit[1]
@@ -231,6 +232,20 @@ class Site:
             self._identities.clear()
         self._identities[name] = (now, ident)
         return ident
+
+    def rights(self, name: str, fallback: frozenset[str] = frozenset()) -> tuple[frozenset[str], bool] | None:
+        """(groups, is_admin) of an account now, at most IDENTITY_TTL old: what every request is authorized
+        with, so leaving a group or the admins takes effect within that time on every route. None: the
+        login backend no longer knows the account. A backend that cannot answer gives `fallback` groups and
+        never admin rights."""
+        try:
+            ident = self.identity(name)
+        except Exception as e:                  # LDAP down: fail closed for admin rights
+            log.warning("cannot look up %s (%s): no admin rights until it answers", name, e)
+            return fallback, False
+        if ident is None:
+            return None
+        return ident.groups, self.is_admin(name, ident.groups)
 
     def note_expiry(self, user: Any) -> None:
         notes = NOTES.get()

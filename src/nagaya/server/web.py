@@ -352,6 +352,12 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         s = sessions.get(request.cookies.get(COOKIE))
         if s is None:
             raise LoginRequired()
+        # Groups and admin rights as they are now (Site.rights: at most IDENTITY_TTL old), not as at login.
+        rights = site.rights(s.user, s.groups)
+        if rights is None:                             # the account is gone from the login backend
+            sessions.drop(s.sid)
+            raise LoginRequired()
+        s.groups, s.is_admin = rights
         request.state.web_session = s
         return s
 
@@ -368,7 +374,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         now = time.time()
         cached = sessions.principals.get(s.key)
         if cached is not None and now - cached[1] < PRINCIPAL_TTL and (cached[2] is None or cached[2] > utcnow()):
-            return cached[0]
+            return dataclasses.replace(cached[0], groups=s.groups, is_admin=s.is_admin)   # rights: sess_of's
         user = svc.user(s.user)
         if user is None:
             raise LoginRequired()
@@ -377,11 +383,10 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         except AuthError:
             sessions.drop(s.sid)
             raise LoginRequired() from None
-        p = p if p.is_admin == s.is_admin else dataclasses.replace(p, is_admin=s.is_admin)
         if len(sessions.principals) > 10000:
             sessions.principals.clear()                # a cache, not a registry of sessions
         sessions.principals[s.key] = (p, now, user.expires_at)
-        return p
+        return dataclasses.replace(p, groups=s.groups, is_admin=s.is_admin)
 
     def page(request: Request, name: str, s: WebSession | None, nav: str, status: int = 200,
              **ctx: Any) -> HTMLResponse:
