@@ -54,17 +54,37 @@ def _append(path: str | Path, line: str) -> None:
         os.close(fd)
 
 
+_spool_fd: int | None = None
+
+
+def open_spool(cfg: Any) -> None:
+    """Open and check the site spool now, before `nagaya run` enters its user namespace: in there, root's
+    directories show as owned by the overflow uid and can no longer be told apart from a stranger's."""
+    global _spool_fd
+    if cfg.audit.site_dir and _spool_fd is None:
+        from nagaya import safefs
+
+        try:
+            _spool_fd = safefs.open_dir(cfg.audit.site_dir, last_shared=True)
+        except (OSError, safefs.UnsafePath):
+            _spool_fd = None
+
+
 def record(event: AuditEvent, cfg: Any) -> None:
     """Append `event` everywhere configured. Auditing never makes the user's command fail."""
     line = event.to_json()
-    targets = [cfg.audit_file]
+    try:
+        _append(cfg.audit_file, line)
+    except OSError:
+        pass
     if cfg.audit.site_dir:
-        targets.append(os.path.join(cfg.audit.site_dir, f"{event.user}.jsonl"))
-    for t in targets:
-        try:
-            _append(t, line)
-        except OSError:
-            pass
+        # The spool is sticky and world-writable: USER.jsonl may have been taken first by someone else (their
+        # file, a link, a FIFO). safefs.append_own writes only to a regular file of ours with one link, else
+        # to the next free name; the site attributes each file to its owner, so any name of ours will do.
+        from nagaya import safefs
+
+        where = _spool_fd if _spool_fd is not None else cfg.audit.site_dir
+        safefs.append_own(where, [f"{event.user}.jsonl", f"{event.user}.1.jsonl"], (line + "\n").encode())
     if cfg.audit.syslog:
         import socket
 

@@ -243,7 +243,10 @@ def _cached_local_image(cfg, text: str) -> tuple[str, dict, str] | None:
         return None
     if ref.registry:
         return None
-    bases = [cfg.cache_root, *cfg.image.shared_cache_dirs]
+    from nagaya.image.cachedirs import own_cache, shared_caches
+
+    shared = shared_caches(cfg.image.shared_cache_dirs)
+    bases = ([cfg.cache_root] if own_cache(cfg.cache_root) else []) + shared
     digest = ref.digest
     if not digest:
         for base in bases:
@@ -277,8 +280,8 @@ def _cached_local_image(cfg, text: str) -> tuple[str, dict, str] | None:
         break
     else:
         return None
-    for shared in cfg.image.shared_cache_dirs:
-        p = os.path.join(shared, "images", h + ".sqfs")
+    for base in shared:
+        p = os.path.join(base, "images", h + ".sqfs")
         if os.path.exists(p):
             return digest, meta["config"], p
     return digest, meta["config"], os.path.join(cfg.cache_root, "images", h + ".sqfs")

@@ -18,7 +18,6 @@ import contextlib
 import fcntl
 import json
 import os
-import stat
 import time
 from pathlib import Path
 
@@ -139,14 +138,9 @@ class ImageStore:
     def _check_owner(self) -> None:
         """A cache in a shared place (/var/tmp/nagaya-${USER} on a node) could have been made by someone
         else first, to feed us their images: it must be ours, a real directory, and writable by us alone."""
-        st = os.lstat(self.root)
-        uid = os.geteuid()
-        others_write = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != os.getegid())
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or others_write:
-            from nagaya.errors import ImageError
+        from nagaya.image.cachedirs import own_cache
 
-            raise ImageError(f"image cache {self.root} is not a directory owned by you and writable by you "
-                             "alone; remove it or set [image] cache_dir")
+        own_cache(str(self.root))
 
     @contextlib.contextmanager
     def tmpdir(self, prefix: str = "work-") -> Iterator[Path]:
@@ -386,4 +380,8 @@ def _rmtree_writable(path: Path) -> None:
 
 
 def open_store(cfg: Any) -> ImageStore:
-    return ImageStore(cfg.cache_dir, [Path(p) for p in cfg.image.shared_cache_dirs])
+    """The user's cache and the site's shared ones, each checked to be trusted (image/cachedirs.py)."""
+    from nagaya.image.cachedirs import own_cache, shared_caches
+
+    own_cache(cfg.cache_root)
+    return ImageStore(cfg.cache_dir, [Path(p) for p in shared_caches(cfg.image.shared_cache_dirs)])

@@ -102,8 +102,12 @@ class Launcher:
             st = os.stat(d)
         if not stat.S_ISDIR(st.st_mode):
             raise UsageError(f"overlay {d} is not a directory")
-        if st.st_uid != os.getuid():
-            raise UsageError(f"overlay directory {d} is not owned by you")
+        from nagaya import safefs
+
+        try:                    # yours, and on a path nobody else can swap under you
+            d = safefs.private_dir(d)
+        except (OSError, safefs.UnsafePath) as e:
+            raise UsageError(f"overlay directory {d} is not yours alone: {safefs.describe(e)}") from None
         for sub in ("upper", "work"):
             os.makedirs(os.path.join(d, sub), mode=0o755, exist_ok=True)
         return os.path.join(d, "upper"), os.path.join(d, "work")
@@ -116,6 +120,7 @@ class Launcher:
         if self.spec.hostname:
             flags |= linux.CLONE_NEWUTS
         helper = self._start_idmap_helper() if self._wants_idmap() else None
+        audit.open_spool(self.cfg)
         try:
             linux.unshare(flags)
         except OSError as e:

@@ -8,20 +8,22 @@ event id (actor + record id) drops copies already there (a second run, or the co
 at once). Offsets per file (inode, first bytes, bytes read) spare re-reading; a file replaced or truncated
 is read again from its start, and its known records are dropped as copies.
 
-Reading happens as root, before maintenance drops to the service account (the files are 0600)."""
+Reading happens as root, before maintenance drops to the service account (the files are 0600). The spool
+dir is opened by fd (root's, sticky, no link on the way) and every name in it with O_NOFOLLOW|O_NONBLOCK:
+a symlink, hard link, FIFO or device planted there is skipped and reported, never followed or waited on."""
 
 from __future__ import annotations
 
 import json
 import os
 import pwd
-import stat
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
+
+from nagaya import safefs
 
 OFFSETS = "audit-spool.json"
 MAX_READ = 64 << 20            # per file and run; the rest waits for the next run
@@ -52,77 +54,84 @@ def _head(fd: int, upto: int) -> str:
     return hashlib.sha256(os.pread(fd, min(HEAD, upto), 0)).hexdigest()[:16]
 
 
-def read(site_dir: str, state_dir: Path) -> Spool:
+def _offsets(state_fd: int) -> dict[str, Any]:
     try:
-        offsets: dict[str, Any] = json.loads((state_dir / OFFSETS).read_text())
-    except (OSError, ValueError):
-        offsets = {}
+        data = json.loads(safefs.read_at(state_fd, OFFSETS))
+    except (OSError, ValueError, safefs.UnsafePath):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read(site_dir: str, state_fd: int) -> Spool:
+    offsets = _offsets(state_fd)
     files: list[SpoolFile] = []
     errors: list[str] = []
     try:
-        names = sorted(os.listdir(site_dir))
-    except OSError as e:
-        return Spool([], [f"{site_dir}: {e.strerror}"])
-    for name in names:
-        if not name.endswith(".jsonl"):
-            continue
-        path = os.path.join(site_dir, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            errors.append(f"{path}: {e.strerror}")
-            continue
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            try:
-                owner = pwd.getpwuid(st.st_uid).pw_name
-            except KeyError:
-                errors.append(f"{path}: owner uid {st.st_uid} has no account; not ingested")
-                continue
-            seen = offsets.get(path) or {}
-            # the same file as last time (inode numbers get reused: the bytes read then must match), not shorter
-            start = int(seen.get("offset", 0))
-            same = seen.get("inode") == st.st_ino and start <= st.st_size and seen.get("head") == _head(fd, start)
-            start = start if same else 0
-            os.lseek(fd, start, os.SEEK_SET)
-            data = b""
-            while len(data) < MAX_READ and (chunk := os.read(fd, min(1 << 20, MAX_READ - len(data)))):
-                data += chunk
-            end = data.rfind(b"\n") + 1         # a line still being written waits for the next run
-            head = _head(fd, start + end)
-        finally:
-            os.close(fd)
-        f = SpoolFile(path, owner, st.st_ino, start + end, head)
-        for line in data[:end].splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                f.malformed += 1
-                continue
-            if isinstance(rec, dict):
-                f.records.append(rec)
-            else:
-                f.malformed += 1
-        files.append(f)
+        dfd = safefs.open_dir(site_dir, last_shared=True)
+    except (OSError, safefs.UnsafePath) as e:
+        return Spool([], [f"{site_dir}: {e}"])
+    try:
+        names = sorted(os.listdir(dfd))
+        for name in names:
+            if name.endswith(".jsonl"):
+                _read_one(dfd, site_dir, name, offsets, files, errors)
+    finally:
+        os.close(dfd)
     return Spool(files, errors)
 
 
-def ingest(site: Any, spool: Spool, state_dir: Path, now: datetime, dry_run: bool) -> dict[str, Any]:
+def _read_one(dfd: int, site_dir: str, name: str, offsets: dict[str, Any], files: list[SpoolFile],
+              errors: list[str]) -> None:
+    path = os.path.join(site_dir, name)
+    try:
+        fd = safefs.open_at(dfd, name)
+    except (OSError, safefs.UnsafePath) as e:
+        errors.append(f"{path}: {safefs.describe(e)}; not ingested")
+        return
+    try:
+        st = os.fstat(fd)
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            errors.append(f"{path}: owner uid {st.st_uid} has no account; not ingested")
+            return
+        seen = offsets.get(path) or {}
+        # the same file as last time (inode numbers get reused: the bytes read then must match), not shorter
+        start = int(seen.get("offset", 0))
+        same = seen.get("inode") == st.st_ino and start <= st.st_size and seen.get("head") == _head(fd, start)
+        start = start if same else 0
+        os.lseek(fd, start, os.SEEK_SET)
+        data = b""
+        while len(data) < MAX_READ and (chunk := os.read(fd, min(1 << 20, MAX_READ - len(data)))):
+            data += chunk
+        end = data.rfind(b"\n") + 1         # a line still being written waits for the next run
+        head = _head(fd, start + end)
+    finally:
+        os.close(fd)
+    f = SpoolFile(path, owner, st.st_ino, start + end, head)
+    for line in data[:end].splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            f.malformed += 1
+            continue
+        if isinstance(rec, dict):
+            f.records.append(rec)
+        else:
+            f.malformed += 1
+    files.append(f)
+
+
+def ingest(site: Any, spool: Spool, state_fd: int, now: datetime, dry_run: bool) -> dict[str, Any]:
     from nagaya.errors import NagayaError
     from nagaya.store import lifecycle
     from nagaya.store.service import SiteService
 
     report: dict[str, Any] = {"files": len(spool.files), "ingested": 0, "duplicates": 0, "refused": 0,
                               "malformed": sum(f.malformed for f in spool.files), "errors": list(spool.errors)}
-    offsets: dict[str, Any] = {}
-    try:
-        offsets = json.loads((state_dir / OFFSETS).read_text())
-    except (OSError, ValueError):
-        pass
+    offsets = _offsets(state_fd)
     for f in spool.files:
         for attempt in (1, 2):      # a copy forwarded at the same moment may win the unique id: look again
             counts = {"ingested": 0, "duplicates": 0, "refused": 0}
@@ -147,7 +156,5 @@ def ingest(site: Any, spool: Spool, state_dir: Path, now: datetime, dry_run: boo
             report[k] += v
         offsets[f.path] = {"inode": f.inode, "offset": f.offset, "head": f.head}
     if not dry_run:
-        tmp = state_dir / (OFFSETS + ".tmp")
-        tmp.write_text(json.dumps(offsets, indent=1) + "\n")
-        os.replace(tmp, state_dir / OFFSETS)
+        safefs.write_at(state_fd, OFFSETS, (json.dumps(offsets, indent=1) + "\n").encode(), 0o600)
     return report

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 from sqlalchemy import delete, func, select
 
+from nagaya import safefs
 from nagaya.config import Config
 from nagaya.errors import NagayaError, SiteError
 from nagaya.server import audit_spool
@@ -56,37 +57,52 @@ def become_service_account(cfg: Config) -> None:
     os.setuid(pw.pw_uid)
 
 
-def _lock(cfg: Config, state_dir: Path) -> int:
+def _state_fd(cfg: Config, state_dir: Path) -> int:
+    """The state dir (the service account's) as an fd, reached without following links: root's steps work
+    relative to it, never through a path the service account could redirect."""
+    if os.geteuid() != 0:
+        return os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return safefs.open_dir(state_dir, (pwd.getpwnam(cfg.server.user).pw_uid,))
+
+
+def _lock(cfg: Config, dfd: int) -> int:
     """The one-run-at-a-time lock. Root opens it before dropping to the service account (root-only steps
-    run first), so a lock file root creates is handed to the service account."""
-    path = state_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam(cfg.server.user)
-        os.fchown(fd, pw.pw_uid, pw.pw_gid)
-    return fd
+    run first). A new lock file is created exclusively and handed to the service account; an existing one
+    must be a regular single-link file of the service account's (or root's, from older versions), so a
+    link planted under its name is refused, never followed or chowned."""
+    if os.geteuid() != 0:
+        fd = safefs.create_at(dfd, LOCK)
+        return fd if fd is not None else safefs.open_at(dfd, LOCK, os.O_RDWR, owners=(os.geteuid(),))
+    pw = pwd.getpwnam(cfg.server.user)
+    fd = safefs.create_at(dfd, LOCK, 0o600, pw.pw_uid, pw.pw_gid)
+    return fd if fd is not None else safefs.open_at(dfd, LOCK, os.O_RDWR, owners=(pw.pw_uid, 0))
 
 
 def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetime, gc: bool = True,
              cache_gc: bool = True) -> dict[str, Any]:
     state_dir = site_mod.find_state_dir(cfg, state_dir).absolute()
-    fd = _lock(cfg, state_dir)
+    dfd = _state_fd(cfg, state_dir)
+    try:
+        fd = _lock(cfg, dfd)
+    except safefs.UnsafePath as e:
+        os.close(dfd)
+        raise SiteError(f"{state_dir}/{LOCK}: {e}; not running") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return {"skipped": "another maintenance run holds the lock", "dry_run": dry_run}
         # Root's part: users' spool files are theirs (0600), shared node caches belong to the site admin.
-        spool = audit_spool.read(cfg.audit.site_dir, state_dir) if cfg.audit.site_dir else None
+        spool = audit_spool.read(cfg.audit.site_dir, dfd) if cfg.audit.site_dir else None
         caches = gc_shared_caches(cfg, dry_run) if cache_gc else []
-        logs = prune_job_logs(state_dir / "job-logs", cfg.server.job_log_days, now, dry_run)
+        logs = prune_job_logs(dfd, state_dir, cfg.server.job_log_days, now, dry_run)
         become_service_account(cfg)
         from nagaya.server.app import Site
 
         site = Site(ServerSettings.load(state_dir / "server.json"))
         try:
             report: dict[str, Any] = {"dry_run": dry_run, "now": now.isoformat() + "Z", "skipped": None}
-            report["audit_spool"] = audit_spool.ingest(site, spool, state_dir, now, dry_run) if spool else None
+            report["audit_spool"] = audit_spool.ingest(site, spool, dfd, now, dry_run) if spool else None
             with site.db.session() as s:
                 report["handover"] = lifecycle.hand_over(SiteService(s), now, dry_run)
             report["archived"] = archive_expired(site, archive_root(site.settings, state_dir), now, dry_run)
@@ -101,27 +117,46 @@ def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetim
             site.db.dispose()
     finally:
         os.close(fd)
+        os.close(dfd)
 
 
-def prune_job_logs(root: Path, days: int, now: datetime, dry_run: bool) -> dict[str, Any]:
-    """Portal job logs (slurmrestd mode: ROOT/USER/slurm-ID.out, written by the users) older than `days`.
-    Root's step: the service account may only read those directories."""
+def prune_job_logs(state_fd: int, state_dir: Path, days: int, now: datetime, dry_run: bool) -> dict[str, Any]:
+    """Portal job logs (slurmrestd mode: job-logs/USER/slurm-ID.out, written by the users) older than `days`.
+    Root's step: the service account may only read those directories. Everything is reached by directory
+    fds opened without following links (job-logs and its user directories are the service account's, the
+    files in them the users'), and removed with unlinkat, which removes a planted link, never its target."""
     out: dict[str, Any] = {"removed": [], "skipped": None}
-    if days <= 0 or not root.is_dir():
+    if days <= 0:
         return out
     if os.geteuid() != 0:
         out["skipped"] = "job logs are pruned only when maintain runs as root"
         return out
+    trusted = (os.fstat(state_fd).st_uid, 0)        # the service account's (or root's) directories only
+    try:
+        root = safefs.open_dir_at(state_fd, "job-logs", trusted)
+    except FileNotFoundError:
+        return out
+    except (OSError, safefs.UnsafePath) as e:
+        out["skipped"] = f"job-logs: {e}"
+        return out
     cutoff = now.replace(tzinfo=UTC).timestamp() - days * 86400
-    for user_dir in sorted(root.iterdir()):
-        if user_dir.is_symlink() or not user_dir.is_dir():
-            continue
-        for f in sorted(user_dir.iterdir()):
-            st = f.lstat()                  # never follow: the user owns these names
-            if (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)) and st.st_mtime < cutoff:
-                out["removed"].append(str(f))
-                if not dry_run:
-                    f.unlink(missing_ok=True)
+    try:
+        for name in sorted(os.listdir(root)):
+            try:
+                udir = safefs.open_dir_at(root, name, trusted)
+            except (OSError, safefs.UnsafePath):
+                continue                    # a link or a stranger's entry: never entered
+            try:
+                for f in sorted(os.listdir(udir)):
+                    st = safefs.lstat_at(udir, f)
+                    if (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)) and st.st_mtime < cutoff:
+                        out["removed"].append(str(state_dir / "job-logs" / name / f))
+                        if not dry_run:
+                            safefs.remove_at(udir, f)
+            finally:
+                os.close(udir)
+    finally:
+        os.close(root)
     return out
 
 
@@ -157,6 +192,12 @@ def gc_shared_caches(cfg: Config, dry_run: bool) -> list[dict[str, Any]]:
         out.append(item)
         if cap is None:
             item["skipped"] = "no [image] cache_max_size configured"
+            continue
+        try:
+            # Root removes files there: only in a cache no other account can write or redirect.
+            os.close(safefs.open_dir(d, () if os.geteuid() == 0 else (os.geteuid(),)))
+        except (OSError, safefs.UnsafePath) as e:
+            item["skipped"] = f"not a site cache only its admins can write: {e}"
             continue
         if not Path(d, "images").is_dir():
             item["skipped"] = "not a nagaya cache"

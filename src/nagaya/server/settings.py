@@ -54,6 +54,9 @@ class ServerSettings:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def dumps(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nagaya import safefs
 from nagaya.config import Config
 from nagaya.errors import SiteError
 
@@ -67,12 +69,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _ours(pid: int, marker: str) -> bool:
-    """The pid still runs the command we started (pids get reused)."""
+def _ours(pid: int, marker: str, uid: int | None = None) -> bool:
+    """The pid still runs the command we started (pids get reused) as the account we started it as: the
+    pids come from site.json, which the service account can write, and root must not signal a process of
+    someone else's because that file names it."""
     try:
-        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
+        if marker not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            return False
+        if uid is None:
+            return True
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return all(int(x) == uid for x in line.split()[1:4])
+    except (OSError, ValueError):
         return False
+    return False
 
 
 def _http_status(url: str, timeout: float = 2.0) -> int:
@@ -102,10 +113,11 @@ def find_state_dir(cfg: Config, state_dir: Path | None) -> Path:
 
 def read_status(state_dir: Path) -> SiteStatus:
     try:
-        data = json.loads((state_dir / STATE_FILE).read_text())
+        # The service account writes this file; root reads it: never through a link, a FIFO or a huge file.
+        data = json.loads(safefs.read_at(None, str(state_dir / STATE_FILE), max_size=1 << 20))
     except FileNotFoundError:
         raise SiteError(f"no site in {state_dir} (start one with `nagaya site up`)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, safefs.UnsafePath) as e:
         raise SiteError(f"cannot read {state_dir / STATE_FILE}: {e}") from None
     known = set(SiteStatus.__dataclass_fields__)
     st = SiteStatus(**{k: v for k, v in data.items() if k in known})
@@ -114,13 +126,17 @@ def read_status(state_dir: Path) -> SiteStatus:
     return st
 
 
-def _write_status(state_dir: Path, st: SiteStatus) -> None:
-    tmp = state_dir / (STATE_FILE + ".tmp")
+def _write_status(state_dir: Path, st: SiteStatus, acct: _Account | None = None) -> None:
+    """site.json, written as the account that owns the state dir (a link planted there leads nowhere that
+    account could not write itself), atomically, world-readable: users discover the site's URLs from it."""
     d = st.to_dict()
     d.pop("alive", None)
-    tmp.write_text(json.dumps(d, indent=2) + "\n")
-    tmp.chmod(0o644)                 # world-readable: users discover the site's URLs from it
-    os.replace(tmp, state_dir / STATE_FILE)
+    with _as(acct):
+        fd = _state_fd(state_dir, acct)
+        try:
+            safefs.write_at(fd, STATE_FILE, (json.dumps(d, indent=2) + "\n").encode(), 0o644)
+        finally:
+            os.close(fd)
 
 
 @dataclass
@@ -147,15 +163,74 @@ def _account(cfg: Config) -> _Account:
     return _Account(pw.pw_name, pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid), pw.pw_dir)
 
 
-def _chown_tree(path: Path, acct: _Account) -> None:
+def _as(acct: _Account | None) -> Any:
+    """Root does its work in the state dir as the service account that owns it (safefs.as_account)."""
+    if acct is None or os.geteuid() != 0:
+        return contextlib.nullcontext()
+    return safefs.as_account(acct.uid, acct.gid, acct.groups)
+
+
+def _state_fd(state_dir: Path, acct: _Account | None) -> int:
+    """The state dir as an fd. For root (acting as the service account) reached without following links
+    and checked to be the service account's; a site of one's own in one's home needs no such walk."""
+    if os.geteuid() == 0 or (acct is not None and acct.uid != os.getuid()):
+        return safefs.open_dir(state_dir, (acct.uid,) if acct else ())
+    return os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _status_account(st: SiteStatus) -> _Account | None:
+    """The account a running site's state dir belongs to (from its record), for root's later writes."""
+    if os.geteuid() != 0 or not st.run_as:
+        return None
+    try:
+        pw = pwd.getpwnam(st.run_as)
+    except KeyError:
+        return None
+    return _Account(pw.pw_name, pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid), pw.pw_dir)
+
+
+def _own_state_dir(state_dir: Path, acct: _Account) -> None:
+    """Root makes the state dir (its parents are root's) and hands it to the service account through an fd
+    opened without following links; a directory that another account made first is refused. Files an older
+    nagaya created there as root (single-link regular files only, reached by fd) are handed over too."""
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
+        state_dir.mkdir(exist_ok=True)
         return
-    for root, dirs, files in os.walk(path):
-        os.chown(root, acct.uid, acct.gid)
-        if root == str(path) and "job-logs" in dirs:
-            dirs.remove("job-logs")         # users' own job output (slurmrest.py): theirs, not the service's
-        for n in dirs + files:
-            os.lchown(os.path.join(root, n), acct.uid, acct.gid)
+    pfd = safefs.open_dir(state_dir.parent)
+    try:
+        fd = safefs.mkdir_at(pfd, state_dir.name, 0o755, acct.uid, acct.gid, owners=(0, acct.uid))
+    finally:
+        os.close(pfd)
+    try:
+        _adopt_legacy(fd, acct, depth=0)
+    finally:
+        os.close(fd)
+
+
+def _adopt_legacy(dfd: int, acct: _Account, depth: int) -> None:
+    for name in os.listdir(dfd):
+        if depth == 0 and name in ("job-logs", "jobs-spool", "registry", "archive"):
+            continue                   # users' job output, root's dispatcher spool, bulk data: not ours to chown
+        st = safefs.lstat_at(dfd, name)
+        if st.st_uid != 0:
+            continue
+        if stat.S_ISDIR(st.st_mode) and depth == 0:
+            sub = safefs.open_dir_at(dfd, name, (0,))
+            try:
+                os.fchown(sub, acct.uid, acct.gid)
+                _adopt_legacy(sub, acct, depth + 1)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode):
+            try:
+                f = safefs.open_at(dfd, name, owners=(0,))
+            except (OSError, safefs.UnsafePath):
+                continue
+            try:
+                os.fchown(f, acct.uid, acct.gid)
+            finally:
+                os.close(f)
 
 
 def _registry_config(state_dir: Path, reg_addr: str, server_url: str, service: str, issuer: str,
@@ -178,11 +253,12 @@ def _registry_config(state_dir: Path, reg_addr: str, server_url: str, service: s
     }
 
 
-def _spawn(name: str, argv: list[str], state_dir: Path, acct: _Account) -> int:
-    log_path = state_dir / "logs" / f"{name}.log"
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    if os.geteuid() == 0:
-        os.fchown(fd, acct.uid, acct.gid)
+def _spawn(name: str, argv: list[str], state_dir: Path, acct: _Account, log_as: _Account | None = None) -> int:
+    """Start a daemon as `acct`; its log is opened as the state dir's owner (`log_as`), so a link planted
+    in logs/ cannot make root append to a file of its choosing."""
+    with _as(log_as or acct):
+        fd = os.open(state_dir / "logs" / f"{name}.log",
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     log = os.fdopen(fd, "ab")
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(state_dir), "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1"}
@@ -223,12 +299,13 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
         raise SiteError(f"{cfg.server.registry_bin} not found (apt-get install docker-registry)")
     acct = _account(cfg)
     host = cfg.server.host
-    for sub in ("", "registry", "certs", "logs"):
-        (state_dir / sub).mkdir(parents=True, exist_ok=True)
-    state_dir.chmod(0o755)
-    (state_dir / "registry").chmod(0o700)
-    (state_dir / "logs").chmod(0o750)          # access logs name users and repositories
-    files = ensure_signing_files(state_dir / "certs")
+    jobs = _portal_jobs(cfg, acct)
+    _own_state_dir(state_dir, acct)
+    with _as(acct):                   # every file in the state dir is made as the service account that owns it
+        for sub, mode in (("registry", 0o700), ("certs", 0o755), ("logs", 0o750)):   # logs name users and repos
+            (state_dir / sub).mkdir(exist_ok=True)
+            (state_dir / sub).chmod(mode)
+        files = ensure_signing_files(state_dir / "certs")
     server_port = cfg.server.port or _free_port(host)
     reg_port = cfg.server.registry_port or _free_port(host)
     while reg_port == server_port:
@@ -242,34 +319,36 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
         login_ttl_days=cfg.server.login_ttl_days, signing_key=str(files.key), signing_cert=str(files.cert),
         ca_cert=str(files.ca_cert), notify_secret=notify_secret, auth=cfg.server.auth,
         pam_service=cfg.server.pam_service, admin_users=list(cfg.server.admin_users),
-        admin_groups=list(cfg.server.admin_groups), ldap=cfg.ldap.to_dict(),
-        **_portal_jobs(cfg, acct))
+        admin_groups=list(cfg.server.admin_groups), ldap=cfg.ldap.to_dict(), **jobs)
     settings.workers = cfg.server.workers        # server processes (uvicorn workers); 0: one per CPU
     settings_path = state_dir / "server.json"
-    settings.save(settings_path)
     reg_cfg = state_dir / "registry.yml"     # JSON is YAML: no YAML writer needed
-    fd = os.open(reg_cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(_registry_config(state_dir, registry, server_url, cfg.server.service, cfg.server.issuer,
-                                   files.ca_cert, notify_secret), f, indent=2)
-    _chown_tree(state_dir, acct)
+    reg_doc = _registry_config(state_dir, registry, server_url, cfg.server.service, cfg.server.issuer,
+                               files.ca_cert, notify_secret)
+    with _as(acct):
+        fd = _state_fd(state_dir, acct)
+        try:
+            safefs.write_at(fd, settings_path.name, settings.dumps().encode(), 0o600)
+            safefs.write_at(fd, reg_cfg.name, json.dumps(reg_doc, indent=2).encode(), 0o600)
+        finally:
+            os.close(fd)
     st = SiteStatus(registry=registry, server=server_url, state_dir=str(state_dir), run_as=acct.name,
                     started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), service=cfg.server.service)
     st.pids["server"] = _spawn("server", [sys.executable, "-m", "nagaya.server", str(settings_path)], state_dir, acct)
-    _write_status(state_dir, st)
+    _write_status(state_dir, st, acct)
     st.pids["registry"] = _spawn("registry", [cfg.server.registry_bin, "serve", str(reg_cfg)], state_dir, acct)
-    _write_status(state_dir, st)
+    _write_status(state_dir, st, acct)
     if os.geteuid() == 0 and settings.portal_submit == "dispatcher":
         # The portal's job dispatcher: the only part that runs as root, and only to start each user's own
         # scheduler operations as that user (server/jobs.py). Without root the portal shows jobs as off.
         root = _Account("root", 0, 0, [], "/root")
         st.pids["jobs"] = _spawn("jobs", [sys.executable, "-m", "nagaya.server.jobs", "dispatch",
-                                          str(state_dir / "jobs-spool"), acct.name], state_dir, root)
-        _write_status(state_dir, st)
+                                          str(state_dir / "jobs-spool"), acct.name], state_dir, root, acct)
+        _write_status(state_dir, st, acct)
     try:
         _wait_ready(st, state_dir)
     except SiteError:
-        _stop(st, state_dir)
+        _stop(st, state_dir, acct)
         raise
     st.running = True
     st.alive = {k: True for k in st.pids}
@@ -321,14 +400,17 @@ def _wait_ready(st: SiteStatus, state_dir: Path) -> None:
         time.sleep(0.1)
 
 
-def _stop(st: SiteStatus, state_dir: Path) -> list[str]:
+def _stop(st: SiteStatus, state_dir: Path, acct: _Account | None = None) -> list[str]:
     markers = {"server": str(state_dir / "server.json"), "registry": str(state_dir / "registry.yml"),
                "jobs": str(state_dir / "jobs-spool")}
+    acct = acct or _status_account(st)
+    owners = {"server": acct.uid if acct else None, "registry": acct.uid if acct else None,
+              "jobs": 0 if acct else None}
     stopped = []
     # The registry first: it sends its last notifications to the server.
     for name in sorted(st.pids, key=lambda n: n != "registry"):
         pid = st.pids[name]
-        if not _alive(pid) or not _ours(pid, markers.get(name, "")):
+        if not _alive(pid) or not _ours(pid, markers.get(name, ""), owners.get(name) if acct else None):
             continue
         try:
             os.killpg(pid, signal.SIGTERM)           # the daemon leads its own session/process group
@@ -349,7 +431,7 @@ def _stop(st: SiteStatus, state_dir: Path) -> list[str]:
     st.pids = {}
     st.running = False
     st.alive = {}
-    _write_status(state_dir, st)
+    _write_status(state_dir, st, acct)
     return stopped
 
 
