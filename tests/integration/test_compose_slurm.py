@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
+from tests.helpers.fake_gpu import fake_gpus
 from tests.helpers.slurm import SlurmCluster
 from tests.helpers.users import User
 from tests.integration.sched_helpers import ensure_users, import_images, wait_for, wait_state
@@ -237,3 +238,68 @@ def test_submit_compose_validates_first(user: User) -> None:
     assert r.returncode == 2 and "cannot place web-3: port 9000/tcp" in r.stderr, r.stderr
     r = user.nagaya("submit", "--compose", str(f), "--nodes", "3", "--backend", "local", cwd=d)
     assert r.returncode == 2 and "needs a Slurm backend" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name", ["webapp", "swarm", "gpu", "hpc"])
+def test_corpus_runs_unchanged_on_slurm(user: User, cluster: SlurmCluster, name: str) -> None:
+    """The corpus of test_compose_corpus.py, submitted as it is with `submit --compose` over three nodes: the
+    same ignored-key lines as locally (at submit), services reaching each other by name across nodes, and
+    SIGINT to the supervisor stopping every replica with its stop_signal."""
+    from tests.integration.test_compose_corpus import copy_stack, corpus_env, expected_ignored, ignored_lines
+
+    env = corpus_env(user)
+    args = ["--nodes", "3"]
+    if name == "gpu":               # the cluster's GRES devices; driver files and nvidia-smi from the fakes
+        env.update(fake_gpus(Path("/tmp/nagaya-fake-gpu-corpus-slurm"), 2),
+                   NAGAYA_GPU_DEV_DIR=str(cluster.gpu_dev_dir))
+        args += ["--gpus", "6"]
+    f = copy_stack(user, user.mkdir(CWD[user.name] / f"corpus-{name}"), name)
+    before = _pids(user)
+    r = user.nagaya("submit", "--json", "--compose", str(f), *args, cwd=f.parent, env=env)
+    assert r.returncode == 0, r.stderr
+    assert ignored_lines(r.stderr) == expected_ignored(f, env), r.stderr
+    job = str(json.loads(r.stdout)["id"])
+    jenv = {**env, "SLURM_JOB_ID": job}
+
+    def ps() -> dict:
+        out = user.nagaya("compose", "ps", "--json", "-f", str(f), env=jenv, cwd=f.parent)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def logs() -> str:
+        return user.nagaya("compose", "logs", "-f", str(f), env=jenv, cwd=f.parent).stdout
+
+    try:
+        st = wait_for(lambda: (s := ps())["status"] in ("running", "failed") and s, 120, "the stack", every=0.3)
+        assert st["status"] == "running", (st, user.nagaya("logs", job).stdout)
+        nodes = {r["name"]: r["node"] for r in st["replicas"]}
+        if name == "webapp":
+            out = wait_for(lambda: "web on web " in (o := logs()) and o, 60, "the web app", every=0.3)
+            assert "webapp-web | web on web env=production db=ok cache=+PONG secret=9 meta=1" in out, out
+            assert len({nodes["webapp-web"], nodes["db-1"], nodes["cache-1"]}) == 3, nodes
+        elif name == "swarm":
+            assert nodes["api-1"] == "n1"                             # node.role == manager: the job's first
+            assert sorted(n for k, n in nodes.items() if k.startswith("agent-")) == ["n1", "n2", "n3"]
+            out = wait_for(lambda: all(f"worker-{i} | worker on " in (o := logs()) for i in (1, 2, 3)) and o, 60,
+                           "every worker", every=0.3)
+            assert "worker-1 | api on n1" in out, out
+            for i in (1, 2, 3):
+                assert f"worker-{i} | worker on {nodes[f'worker-{i}']} ok" in out, out
+        elif name == "gpu":
+            held = [(nodes[r["name"]], tuple(r["gpus"])) for r in st["replicas"] if r["service"] == "inference"]
+            assert len(held) == 2 and all(len(g) == 1 for _, g in held), held
+            out = wait_for(lambda: (o := logs()).count("NVIDIA-SMI fake") == 2 and o, 60, "both replicas", every=0.3)
+            for r in (x for x in st["replicas"] if x["service"] == "inference"):
+                assert f"{r['name']} | serving resnet50 on {r['node']} gpus=0 devs=1" in out, out
+        else:
+            out = wait_for(lambda: "client-2 | client 2 done" in (o := logs()) and "client-1 | client 1 done" in o
+                           and o, 60, "the clients", every=0.3)
+            assert f"server-1 | server up as {user.uid} on server0" in out, out
+        os.kill(int(st["pid"]), signal.SIGINT)
+        wait_for(lambda: ps()["status"] == "down", 60, "the supervisor to record the teardown")
+        if name == "hpc":
+            assert "server-1 | server0 got USR1, checkpointing" in logs()
+    finally:
+        user.nagaya("cancel", job)
+    wait_state(user, job, timeout=60)
+    _gone_everywhere(user, cluster, before)
