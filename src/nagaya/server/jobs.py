@@ -253,7 +253,8 @@ def _run_as(pw: pwd.struct_passwd, op: str, args: dict[str, Any], timeout: float
             if f is not None:
                 f.close()
     if got is None:
-        return {"error": "the scheduler did not answer in time (or answered too much); try again later"}
+        return {"error": "the scheduler did not answer in time (or answered too much); try again later",
+                "kind": "JobsUnavailable"}
     stdout, stderr = (x.decode(errors="replace") for x in got)
     try:
         out: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
