@@ -289,3 +289,45 @@ def test_restart_policy_recovers_and_ps_counts(alice: User, workdir: Path) -> No
     # Swarm's delay, doubled per restart in a row.
     assert "recovers-1 exited with 1; restarting in 0.3s (attempt 1 of 4)" in err, err
     assert "recovers-1 exited with 1; restarting in 0.6s (attempt 2 of 4)" in err, err
+
+
+BUILD = """\
+name: {name}
+services:
+  app:
+    build:
+      context: ./app
+      args: [GREETING=built-by-compose]
+      cache_from: [app:cache]
+    command: ["cat", "/greeting"]
+  inline:
+    image: {name}-inline:1
+    build:
+      dockerfile_inline: |
+        FROM bb
+        RUN echo inline > /greeting
+    command: ["cat", "/greeting"]
+"""
+
+
+def test_build_before_up(alice: User, workdir: Path) -> None:
+    d = alice.mkdir(workdir / "proj")
+    name = f"b{os.urandom(4).hex()}"           # images of its own: the user's cache outlives the test
+    (d / "compose.yml").write_text(BUILD.format(name=name))
+    alice.mkdir(d / "app")
+    (d / "app" / "Dockerfile").write_text("FROM bb\nARG GREETING=x\nRUN echo $GREETING > /greeting\n")
+    alice.chown_tree(d)
+    r = alice.nagaya("compose", "up", cwd=d, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"compose: building {name}-app for app" in r.stderr, r.stderr
+    assert f"compose: building {name}-inline:1 for inline" in r.stderr, r.stderr
+    assert r.stderr.count(": ignored: ") == 1 and "services.app.build.cache_from: ignored" in r.stderr
+    out = alice.nagaya("compose", "logs", cwd=d).stdout
+    assert "app-1 | built-by-compose" in out and "inline-1 | inline" in out, out
+    r = alice.nagaya("compose", "up", cwd=d, timeout=300)           # images exist: not built again
+    assert r.returncode == 0 and "building" not in r.stderr, r.stderr
+    (d / "app" / "Dockerfile").write_text("FROM bb\nRUN false\n")
+    r = alice.nagaya("compose", "up", "--build", cwd=d, timeout=300)   # --build: built again, and it fails
+    assert r.returncode != 0 and "nagaya: services.app.build: nagaya build failed" in r.stderr, r.stderr
+    for image in (f"{name}-app", f"{name}-inline:1"):
+        alice.nagaya("image", "rm", image)
