@@ -90,6 +90,8 @@ def check_key(path: Path) -> bytes:
 class SlurmRestGateway:
     """jobs.JobGateway over slurmrestd, for one site."""
 
+    timeout = 10.0                   # seconds for slurmrestd to answer: a portal request waits no longer
+
     def __init__(self, url: str, jwt_key: Path, log_root: Path, nagaya: str = "nagaya", partition: str = "",
                  service_account: str = "", pull_hours: int = 24) -> None:
         self.url, self.jwt_key, self.log_root = url, jwt_key, log_root
@@ -113,7 +115,7 @@ class SlurmRestGateway:
     def _request(self, user: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
         headers = {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": mint(user, check_key(self.jwt_key))}
         try:
-            with httpx.Client(transport=self.transport, base_url=self.base, timeout=10) as c:
+            with httpx.Client(transport=self.transport, base_url=self.base, timeout=self.timeout) as c:
                 r = c.request(method, API + path, headers=headers, json=body)
         except httpx.HTTPError as e:
             raise JobsUnavailable(f"slurmrestd at {self.url} did not answer: {e}") from None
