@@ -64,7 +64,8 @@ def test_passwords_stuck_in_pam_hold_up_no_robot(slow: tuple[TestClient, SlowAut
                    headers={"Authorization": f"Bearer {pat}"}).json()
     url = "/token?service=nagaya-registry&scope=repository:ann/app:pull,push"
     with ThreadPoolExecutor(max_workers=STUCK) as pool:
-        stuck = [pool.submit(c.get, url, auth=("ann", "wrong")) for _ in range(STUCK)]
+        # one name each: a single user's attempts in flight stop at the login limit (ratelimit.MAX_FAILURES)
+        stuck = [pool.submit(c.get, url, auth=(f"guesser{i}", "wrong")) for i in range(STUCK)]
         for _ in range(STUCK):
             assert auth.waiting.acquire(timeout=60), "the password checks did not start"
         # every password is inside the back end now; the robot must still get its token
