@@ -76,31 +76,69 @@ def _private_group(uid: int, gid: int) -> bool:
 
 
 def open_dir(path: str | os.PathLike[str], trusted: Iterable[int] = (), *, last_shared: bool = False) -> int:
-    """A directory fd for `path`, reached from `/` without following any link, every component owned by
-    root or a `trusted` uid and writable by no one else, except sticky directories above the last one (like
-    /tmp: a sticky directory's entries can be renamed or removed only by their owner, so a trusted owner's
-    child stays put). `last_shared`: the directory itself may be a sticky, world-writable one (a spool)."""
+    """A directory fd for `path`, reached from `/` without following any link an untrusted account could
+    have made, every component owned by root or a `trusted` uid and writable by no one else, except sticky
+    directories above the last one (like /tmp: a sticky directory's entries can be renamed or removed only
+    by their owner, so a trusted owner's child stays put). `last_shared`: the directory itself may be a
+    sticky, world-writable one (a spool). A symlink on the way is followed only if a trusted account owns it
+    (a site's /var/run -> /run); the last component is never a link."""
     owners = {0, *trusted}
-    real = os.path.realpath(os.fspath(path))       # site-configured links (/var/run -> /run) are resolved once;
-    parts = [p for p in real.split("/") if p]      # the walk below then re-checks every component, unfollowed
+    todo = [p for p in os.fspath(path).split("/") if p]
+    if not os.fspath(path).startswith("/"):
+        todo = [p for p in os.getcwd().split("/") if p] + todo
     fd = os.open("/", _DIR)
     try:
         _check_dir(os.fstat(fd), "/", owners, True)
-        done = ""
-        for i, name in enumerate(parts):
-            done += "/" + name
+        done: list[str] = []
+        hops = 0
+        while todo:
+            name = todo.pop(0)
+            where = "/" + "/".join([*done, name])
+            if name == ".":
+                continue
+            if name == "..":
+                raise UnsafePath(f"{path}: '..' is not allowed here")
             try:
                 nfd = os.open(name, _DIR, dir_fd=fd)
             except OSError as e:
-                raise UnsafePath(f"{done}: {_why(e)}") from None
+                link = _trusted_link(fd, name, owners) if todo else None
+                if link is None:
+                    raise UnsafePath(f"{where}: {_why(e)}") from None
+                hops += 1
+                if hops > 40:
+                    raise UnsafePath(f"{path}: too many links") from None
+                # walk again from /: the target (relative to the link's directory, whose real path is `done`)
+                head = ([] if link.startswith("/") else done) + [p for p in link.split("/") if p]
+                norm: list[str] = []
+                for p in head:
+                    if p == "..":
+                        if norm:
+                            norm.pop()
+                    elif p != ".":
+                        norm.append(p)
+                todo, done = norm + todo, []
+                os.close(fd)
+                fd = os.open("/", _DIR)
+                continue
             os.close(fd)
             fd = nfd
-            last = i == len(parts) - 1
-            _check_dir(os.fstat(fd), done, owners, not last or last_shared)
+            done.append(name)
+            _check_dir(os.fstat(fd), where, owners, bool(todo) or last_shared)
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _trusted_link(dirfd: int, name: str, owners: set[int]) -> str | None:
+    """The target of `name` if it is a symlink a trusted account owns (its directory was checked already)."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid in owners:
+            return os.readlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+    return None
 
 
 def describe(e: OSError | UnsafePath) -> str:
@@ -127,7 +165,7 @@ def private_dir(path: str | os.PathLike[str], uid: int | None = None) -> str:
         if st.st_uid != uid:
             raise UnsafePath(f"{path} belongs to {_who(st.st_uid)}, not to you; remove it or choose another "
                              "directory")
-        return os.path.realpath(os.fspath(path))
+        return os.path.realpath(os.fspath(path))     # the same directory: no untrusted link on the way
     finally:
         os.close(fd)
 

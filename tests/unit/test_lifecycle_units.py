@@ -61,7 +61,8 @@ def test_read_spool(tmp_path) -> None:
     f = spool / "someone-else.jsonl"
     f.write_text(json.dumps({"action": "run", "id": "r1", "user": "root"}) + "\nnot json\n" + '{"action": "ru')
     (spool / "ignored.txt").write_text("x\n")
-    s = audit_spool.read(str(spool), state)
+    state_fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+    s = audit_spool.read(str(spool), state_fd)
     assert len(s.files) == 1 and s.errors == []
     sf = s.files[0]
     me = __import__("pwd").getpwuid(os.getuid()).pw_name
@@ -73,9 +74,9 @@ def test_read_spool(tmp_path) -> None:
                                                                    "head": sf.head}}))
     with open(f, "a") as out:
         out.write('n", "id": "r2"}\n')
-    s = audit_spool.read(str(spool), state)
+    s = audit_spool.read(str(spool), state_fd)
     assert [r["id"] for r in s.files[0].records] == ["r2"]
     # a replaced file is read from its start
     f.unlink()
     f.write_text(json.dumps({"action": "run", "id": "r3"}) + "\n" + "x" * 200 + "\n")
-    assert [r["id"] for r in audit_spool.read(str(spool), state).files[0].records] == ["r3"]     # + 1 malformed
+    assert [r["id"] for r in audit_spool.read(str(spool), state_fd).files[0].records] == ["r3"]     # + 1 malformed

@@ -84,9 +84,9 @@ def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetim
     dfd = _state_fd(cfg, state_dir)
     try:
         fd = _lock(cfg, dfd)
-    except safefs.UnsafePath as e:
+    except (OSError, safefs.UnsafePath) as e:
         os.close(dfd)
-        raise SiteError(f"{state_dir}/{LOCK}: {e}; not running") from None
+        raise SiteError(f"{state_dir}/{LOCK}: {safefs.describe(e)}; not running") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -289,7 +289,10 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
     from nagaya.server.settings import ServerSettings
 
     state_dir = (state_dir or default_state_dir(cfg)).absolute()
-    if (state_dir / STATE_FILE).exists():
+    record = state_dir / STATE_FILE
+    if record.is_symlink() or (record.exists() and not record.is_file()):
+        print(f"nagaya: warning: {record} is not a regular file (planted?); it is replaced", file=sys.stderr)
+    elif record.exists():
         st = read_status(state_dir)
         if st.running:
             return st
