@@ -205,3 +205,27 @@ def test_a_fifo_in_the_spool_never_hangs_the_victims_run(actors: dict[str, SiteU
     reader.kill()
     reader.wait()
     assert [x["command"][-1] for x in victim_records(spool, victim)] == ["ok-False", "ok-True"]
+
+
+def test_a_squatted_staging_name_in_tmp_is_passed_over(actors: dict[str, SiteUser], two_images: tuple[Path, Path]
+                                                       ) -> None:
+    """Without the site's staging directory, runs stage in /tmp/.nagaya-UID: a link planted there (to the
+    victim's home, which a tmpfs would then hide inside the container) is passed over for a fresh name."""
+    victim, attacker = actors["victim"], actors["attacker"]
+    cache = {"XDG_CACHE_HOME": str(victim.u.mkdir(victim.u.home / f"c-{uuid.uuid4().hex[:6]}"))}
+    r = victim.nagaya("image", "import", str(two_images[0]), "--name", "st:1", env=cache)
+    assert r.returncode == 0, r.stderr
+    marker = victim.u.home / f"marker-{uuid.uuid4().hex[:6]}"
+    sh(victim.u, f"echo mine > {marker}")
+    name = Path(f"/tmp/.nagaya-{victim.u.uid}")
+    subprocess.run(["rm", "-rf", str(name)], check=False)
+    assert sh(attacker.u, f"ln -s {victim.u.home} {name}").returncode == 0
+    try:
+        env = {**cache, "NAGAYA_RUNTIME_STAGING_DIR": "/nonexistent/nagaya-mnt"}
+        r = victim.nagaya("run", "st:1", "/bin/busybox", "cat", str(marker), env=env)
+        assert r.returncode == 0 and r.stdout == "mine\n", r.stderr
+        assert marker.read_text() == "mine\n" and name.is_symlink()
+    finally:
+        name.unlink(missing_ok=True)
+        for p in Path("/tmp").glob(f".nagaya-{victim.u.uid}-*"):
+            p.rmdir()

@@ -121,6 +121,7 @@ class Launcher:
             flags |= linux.CLONE_NEWUTS
         helper = self._start_idmap_helper() if self._wants_idmap() else None
         audit.open_spool(self.cfg)
+        stages = self._staging_candidates()
         try:
             linux.unshare(flags)
         except OSError as e:
@@ -145,24 +146,63 @@ class Launcher:
 
             socket.sethostname(self.spec.hostname)
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
-        for cand in (self.cfg.runtime.staging_dir, f"/tmp/.nagaya-{self.ident.uid}"):
+        for cand, ident in stages:
+            # on the directory checked before unsharing (same device and inode), through an fd of this
+            # mount namespace: never on whatever the name leads to now
+            try:
+                fd = os.open(cand, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != ident:
+                    continue
+                linux.mount("tmpfs", f"/proc/self/fd/{fd}", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0700")
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            self.stage = cand
+            break
+        if not self.stage:
+            raise RuntimeSetupError("no staging directory could be mounted")
+        for d in ("lower", "upper", "work", "root", "gen"):
+            os.mkdir(os.path.join(self.stage, d), 0o755)
+
+    def _staging_candidates(self) -> list[tuple[str, tuple[int, int]]]:
+        """The site's staging directory (root's), else /tmp/.nagaya-UID (ours): each opened and checked now,
+        in the host's user namespace, where root's and strangers' files can still be told apart. A name
+        someone else made first, or a link, is passed over: a tmpfs mounted through it could hide a
+        directory of ours inside the container."""
+        from nagaya import safefs
+
+        out = []
+        own = f"/tmp/.nagaya-{self.ident.uid}"
+        # the last resort, if someone took our name in /tmp: a fresh one (mkdir is exclusive), left empty
+        spare = f"{own}-{os.urandom(6).hex()}"
+        for cand in (self.cfg.runtime.staging_dir, own, spare):
             if not cand:
                 continue
-            if not os.path.isdir(cand) and cand.startswith("/tmp/"):
+            if out:
+                break                   # one checked candidate is enough (the site's, on every normal run)
+            if cand in (own, spare):
                 try:
                     os.mkdir(cand, 0o700)
                 except FileExistsError:
                     pass
+                except OSError:
+                    continue
+            mine = cand in (own, spare)
             try:
-                linux.mount("tmpfs", cand, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0700")
-            except OSError:
+                fd = safefs.open_dir(cand, (self.ident.uid,) if mine else ())
+            except (OSError, safefs.UnsafePath):
                 continue
-            self.stage = cand
-            break
-        else:
-            raise RuntimeSetupError("no staging directory could be mounted")
-        for d in ("lower", "upper", "work", "root", "gen"):
-            os.mkdir(os.path.join(self.stage, d), 0o755)
+            st = os.fstat(fd)
+            os.close(fd)
+            if mine and st.st_uid != self.ident.uid:
+                continue
+            out.append((cand, (st.st_dev, st.st_ino)))
+        return out
 
     def _wants_idmap(self) -> bool:
         """Map the image's ids (0..65535) onto the user's subordinate range, keeping the user's own id.
