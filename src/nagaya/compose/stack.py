@@ -216,13 +216,13 @@ class Stack:
                     continue
                 if f.file is not None:
                     p = self._path(f.file)
+                    if os.path.exists(p) and not os.path.isfile(p):     # a FIFO would block the open below
+                        raise UsageError(f"{self.compose_file}: {kind}.{key}.file: {f.file}: not a regular file")
                     try:
                         with open(p, "rb"):
                             pass
                     except OSError as e:
                         raise UsageError(f"{self.compose_file}: {kind}.{key}.file: {f.file}: {e.strerror}") from None
-                    if not os.path.isfile(p):
-                        raise UsageError(f"{self.compose_file}: {kind}.{key}.file: {f.file}: not a regular file")
                     out[(kind, key)] = p
                     continue
                 if f.environment is not None:
