@@ -38,6 +38,8 @@ DEFAULT_GPU_LIBS = (
     "libnvidia-rtcore.so", "libnvoptix.so", "libnvidia-encode.so", "libnvcuvid.so", "libnvidia-opticalflow.so",
     "libGLX_nvidia.so", "libEGL_nvidia.so", "libGLESv2_nvidia.so", "libGLESv1_CM_nvidia.so",
 )
+DEFAULT_AMD_LIBS = ("libamdhip64.so", "libhsa-runtime64.so", "libhsakmt.so", "libamd_comgr.so", "libhiprtc.so",
+                    "librocm_smi64.so", "librocm-core.so", "libdrm_amdgpu.so", "libdrm.so")
 DEFAULT_GPU_BINS = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
                     "nvidia-cuda-mps-server")
 
@@ -101,8 +103,18 @@ class GpuConfig(Record):
     libs: list[str] = Factory(lambda: list(DEFAULT_GPU_LIBS))
     bins: list[str] = Factory(lambda: list(DEFAULT_GPU_BINS))
     lib_dirs: list[str] = Factory(list)   # searched before the ld.so cache
-    bin_dirs: list[str] = Factory(lambda: ["/usr/bin", "/usr/local/bin"])
+    bin_dirs: list[str] = Factory(lambda: ["/usr/bin", "/usr/local/bin"])   # searched after PATH
     dev_dir: str = "/dev"
+    root: str = ""              # prefix of the driver's fixed paths (/proc, /sys, firmware, ICDs, ld.so.cache)
+    path: str = ""              # where binaries are looked for (default: the caller's PATH)
+    container_cli: str = "nvidia-container-cli"     # its `list` is preferred when installed ("" never)
+    cdi_dirs: list[str] = Factory(lambda: ["/etc/cdi", "/var/run/cdi"])
+    cdi: bool = True            # --gpus applies the site's CDI spec for nvidia.com/gpu or amd.com/gpu if any
+    vendor: str = "auto"        # auto (NVIDIA if /dev/nvidiaN, else AMD if /dev/kfd), nvidia or amd
+    amd_libs: list[str] = Factory(lambda: list(DEFAULT_AMD_LIBS))
+    amd_bins: list[str] = Factory(lambda: ["rocm-smi", "rocminfo"])
+    rocm_dirs: list[str] = Factory(lambda: ["/opt/rocm/lib"])   # searched before the ld.so cache
+    cache: bool = True          # keep discovery results per node in the user's cache
 
 
 class AuditConfig(Record):

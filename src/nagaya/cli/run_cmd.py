@@ -26,7 +26,10 @@ OPTIONS: list[tuple[tuple[str, ...], str, str, str, str]] = [
     (("--writable-tmpfs",), "writable_tmpfs", "flag", "", "let the container write to its root (changes vanish)"),
     (("--overlay",), "overlay", "value", "DIR", "keep the container's changes in DIR"),
     (("--pwd",), "pwd", "value", "DIR", "working directory inside the container"),
-    (("--gpus",), "gpus", "optional", "all|0,1", "pass NVIDIA GPUs and driver libraries through (default: all)"),
+    (("--gpus",), "gpus", "optional", "all|0,1",
+     "pass NVIDIA or AMD GPUs and driver libraries through (default: all; a site's CDI spec if it has one)"),
+    (("--device",), "device", "append", "VENDOR/CLASS=NAME",
+     "a device of the site's CDI specs, e.g. nvidia.com/gpu=0, amd.com/gpu=all (repeatable)"),
     (("--backend",), "backend", "value", "bwrap|runc", "container backend (default: from config)"),
     (("--entrypoint",), "entrypoint", "value", "CMD", "override the image's ENTRYPOINT ('' for none)"),
     (("--no-home",), "no_home", "flag", "", "do not bind $HOME"),
@@ -43,6 +46,7 @@ class Args:
         self.env: list[str] = []
         self.env_file: list[str] = []
         self.bind: list[str] = []
+        self.device: list[str] = []
         self.cleanenv = self.writable_tmpfs = self.no_home = self.debug = False
         self.overlay = self.pwd = self.gpus = self.hostname = ""
         self.backend: str | None = None
@@ -205,7 +209,7 @@ def _main(cmd: str, args: list[str]) -> int:
                    argv=list(ns.command), entrypoint=(None if cmd == "shell" or ns.entrypoint is None
                                                       else [ns.entrypoint] if ns.entrypoint else []),
                    env=_env_items(ns), cleanenv=ns.cleanenv, binds=binds, pwd=ns.pwd,
-                   writable_tmpfs=ns.writable_tmpfs, overlay_dir=ns.overlay, gpus=ns.gpus,
+                   writable_tmpfs=ns.writable_tmpfs, overlay_dir=ns.overlay, gpus=ns.gpus, devices=ns.device,
                    backend=ns.backend or cfg.runtime.backend, shell=cmd == "shell", no_home=ns.no_home,
                    hostname=ns.hostname)
     if cmd == "exec" and not spec.argv:

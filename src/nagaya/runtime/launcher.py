@@ -37,6 +37,10 @@ from nagaya.runtime.identity import Identity
 from nagaya.runtime.rootpath import RootView
 from nagaya.runtime.spec import Bind, RunConfig, RunSpec
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from nagaya.runtime.gpu import GpuPlan
+
 FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
            signal.SIGALRM)
 SI_KERNEL = 0x80
@@ -70,6 +74,7 @@ class Launcher:
         self.ident = Identity.current()
         self.stage = ""
         self.prefetch = ""                  # the command's file in the image, to read ahead
+        self.gpu: GpuPlan | None = None     # --gpus / --device: what the devices add
 
     # -- checks that need no namespace -----------------------------------------------------------
     def _binds(self, cwd: str) -> list[Bind]:
@@ -331,7 +336,7 @@ class Launcher:
             d["pwd"] = self.container_cwd
         if spec.binds:
             d["binds"] = [f"{b.src}:{b.dst}:{'ro' if b.readonly else 'rw'}" for b in spec.binds]
-        for key in ("writable_tmpfs", "overlay_dir", "gpus", "cleanenv", "no_home", "hostname"):
+        for key in ("writable_tmpfs", "overlay_dir", "gpus", "devices", "cleanenv", "no_home", "hostname"):
             if getattr(spec, key):
                 d[key] = getattr(spec, key)
         if spec.env:
@@ -346,12 +351,18 @@ class Launcher:
             self.host_cwd = self.ident.home
         binds = self._binds(self.host_cwd)
         gpu_env: dict[str, str] = {}
-        if spec.gpus:
+        gp = None
+        if spec.gpus or spec.devices:
             from nagaya.runtime import gpu
 
-            gp = gpu.plan(spec.gpus, cfg.gpu)
-            binds += gp.binds
+            gp = gpu.plan(spec.gpus, cfg.gpu, cache_root=cfg.cache_root) if spec.gpus else None
+            if spec.devices:
+                gp = gpu.device_plan(spec.devices, cfg.gpu, cfg.cache_root, gp)
+            for note in gp.notes:
+                os.write(2, f"nagaya: note: {note}\n".encode())
+            binds += [b for b in gp.binds if all(b.dst != o.dst for o in binds)]
             gpu_env = gp.env
+        self.gpu = gp
         overlay = self._overlay_dirs() if spec.overlay_dir else None
         backend = get(spec.backend, cfg.runtime.runc if spec.backend in ("runc", "oci") else cfg.runtime.bwrap)
         if not os.access(backend.exe if hasattr(backend, "exe") else "", os.X_OK):  # type: ignore[attr-defined]
@@ -393,14 +404,20 @@ class Launcher:
             upper, work = overlay or (os.path.join(self.stage, "upper"), os.path.join(self.stage, "work"))
             extra = self._generated_files()
             self._prepare_upper(upper, binds, extra)
+            if gp is not None and gp.links:
+                _make_links(upper, gp.links)
             root = self._mount_overlay(upper, work)
             plan = self._plan(root, binds, extra, env)
             if st_w >= 0:
                 plan.status_fd = st_w
             argv, env = backend.command(plan)
+            if gp is not None and gp.hooks:
+                self._cdi_hooks(gp, ("createRuntime", "prestart", "createContainer"), root, env, "creating")
             os.write(b_w, marshal.dumps({"argv": argv, "env": env, "status_fd": st_w,
                                          "as_root": backend.name == "runc"}))
             os.close(b_w)
+            if gp is not None and gp.hooks:
+                self._cdi_hooks(gp, ("poststart",), root, env, "running")
         except BaseException:
             try:
                 os.close(b_w)               # the backend child sees EOF and exits
@@ -412,6 +429,28 @@ class Launcher:
                 pass
             raise
         return self._supervise(pid, st_r)
+
+    def _cdi_hooks(self, gp: GpuPlan, names: tuple[str, ...], root: str, env: dict[str, str], status: str) -> None:
+        """CDI hooks, run by us as the user with the OCI state on stdin, the bundle's config.json naming the
+        prepared root (nvidia-ctk's hooks read it). startContainer and poststop hooks would need to run in
+        the container or after its pid namespace has gone: they are reported, not run."""
+        from nagaya.runtime import gpu
+
+        bundle = os.path.join(self.stage, "bundle")
+        cfg_file = os.path.join(bundle, "config.json")
+        if not os.path.exists(cfg_file):            # bwrap: a bundle of just what hooks read
+            import json
+
+            os.makedirs(bundle, exist_ok=True)
+            with open(cfg_file, "w") as f:
+                json.dump({"ociVersion": "1.0.2", "root": {"path": root, "readonly": False},
+                           "process": {"env": [f"{k}={v}" for k, v in env.items()]}}, f)
+        if status == "creating":
+            for h in gp.hooks:
+                if h["hookName"] in ("startContainer", "poststop"):
+                    os.write(2, f"nagaya: note: CDI {h['hookName']} hook {h['path']} not run\n".encode())
+        gpu.run_hooks(gp.hooks, names, {"ociVersion": "1.0.2", "id": f"nagaya-{os.getpid()}", "status": status,
+                                        "pid": os.getpid(), "bundle": bundle, "annotations": {}})
 
     def _hold_image(self) -> int:
         """A shared lock on the image for as long as the container runs: `cache gc` skips it."""
@@ -502,7 +541,7 @@ class Launcher:
                                 self.ident.name)
         env["NAGAYA_CONTAINER"] = spec.image_ref
         env["NAGAYA_IMAGE_DIGEST"] = spec.digest
-        if spec.gpus:
+        if self.gpu is not None and self.gpu.paths:
             from nagaya.runtime.gpu import GPU_BIN_DIR, GPU_LIB_DIR
 
             env["LD_LIBRARY_PATH"] = ":".join(x for x in (env.get("LD_LIBRARY_PATH", ""), GPU_LIB_DIR) if x)
@@ -638,6 +677,18 @@ class Launcher:
         try:
             os.kill(app, sig)
         except ProcessLookupError:
+            pass
+
+
+def _make_links(upper: str, links: dict[str, str]) -> None:
+    """Soname links beside the bound driver libraries (libcuda.so.1 -> libcuda.so.580.65.06), made in the
+    upper layer: a link costs the backend no mount."""
+    for dst, target in links.items():
+        p = upper + dst
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        try:
+            os.symlink(target, p)
+        except FileExistsError:
             pass
 
 

@@ -32,6 +32,7 @@ class RunSpec(Record):
     writable_tmpfs: bool = False
     overlay_dir: str = ""
     gpus: str = ""                      # "", "all", or "0,1"
+    devices: list[str] = Factory(list)  # CDI device names: vendor.com/class=name
     backend: str = "bwrap"
     shell: bool = False                 # `nagaya shell`
     no_home: bool = False
