@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import csv
 import pwd
-import re
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -15,29 +14,16 @@ from urllib.parse import quote
 import typer
 
 from nagaya.cli.auth_cmds import REGISTRY, api_client
-from nagaya.cli.common import console, fail, human_size, parse_size, print_json
+from nagaya.cli.common import console, fail, print_json
 from nagaya.errors import NagayaError, UsageError
 from nagaya.runtime import subids
+from nagaya.units import format_size, parse_size, parse_when
 
 app = typer.Typer(help="Site administration.", no_args_is_help=True)
 project_app = typer.Typer(help="Project settings only site admins change (quotas).", no_args_is_help=True)
 app.add_typer(project_app, name="project")
 
 AUDIT_COLUMNS = ("time", "action", "actor", "repository", "tag", "digest", "source", "details")
-
-
-def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """An ISO date/time (UTC unless it has a zone) or an age: `7d`, `12h`, `30m`, `2w` before now."""
-    now = now or datetime.now(UTC)
-    m = re.fullmatch(r"(\d+)([smhdw])", text.strip())
-    if m:
-        secs = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-        return now - timedelta(seconds=int(m.group(1)) * secs)
-    try:
-        t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"invalid time {text!r} (ISO date/time, or an age like 7d, 12h)") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 @app.command("audit")
@@ -56,9 +42,9 @@ def audit(user: str = typer.Option("", "--user", help="only this actor"),
         if user:
             params["user"] = user
         if since:
-            params["since"] = parse_time(since).isoformat()
+            params["since"] = parse_when(since).isoformat()
         if until:
-            params["until"] = parse_time(until).isoformat()
+            params["until"] = parse_when(until).isoformat()
         if image:
             params["image"] = image
         if action:
@@ -116,8 +102,8 @@ def quota(project: str = typer.Argument(...),
     if json_out:
         print_json(q)
         return
-    limit = human_size(q["quota_bytes"]) if q["quota_bytes"] is not None else "unlimited"
-    console.print(f"{q['project']}: {human_size(q['used_bytes'])} used, quota {limit}", highlight=False)
+    limit = format_size(q["quota_bytes"]) if q["quota_bytes"] is not None else "unlimited"
+    console.print(f"{q['project']}: {format_size(q['used_bytes'])} used, quota {limit}", highlight=False)
 
 
 @app.command("subid")
@@ -199,7 +185,7 @@ def maintain(state_dir: Path = typer.Option(None, "--state-dir", help="the site'
 
     try:
         # the site clock: real time unless NAGAYA_CLOCK_OFFSET moves it (tests, rehearsals), or --now
-        when = parse_time(now, clock.now().replace(tzinfo=UTC)) if now else clock.now().replace(tzinfo=UTC)
+        when = parse_when(now, clock.now().replace(tzinfo=UTC)) if now else clock.now().replace(tzinfo=UTC)
         report = run_maintenance(config.load(), state_dir, dry_run=dry_run,
                                  now=when.astimezone(UTC).replace(tzinfo=None), gc=not no_gc,
                                  cache_gc=not no_cache_gc)
@@ -223,7 +209,7 @@ def maintain(state_dir: Path = typer.Option(None, "--state-dir", help="the site'
             console.print(f"cache {c['cache']}: {c.get('skipped') or c.get('error')}", highlight=False)
         else:
             console.print(f"cache {c['cache']}: {len(c['removed_images'])} image(s) {verb.split()[-1]}, "
-                          f"{human_size(c['size_before'])} -> {human_size(c['size_after'])}, "
+                          f"{format_size(c['size_before'])} -> {format_size(c['size_after'])}, "
                           f"{len(c['kept_in_use'])} kept in use", highlight=False)
     logs = report.get("job_logs") or {}
     if logs.get("removed") or logs.get("skipped"):
@@ -258,7 +244,7 @@ def user_set(user: str = typer.Argument(...),
     after the grace period `nagaya admin maintain` archives and removes its images. Group projects it owns
     go to another owner, or are flagged for an admin — never deleted."""
     try:
-        when = None if expires.lower() in ("never", "none") else parse_time(expires).isoformat()
+        when = None if expires.lower() in ("never", "none") else parse_when(expires).isoformat()
         out = api_client(registry).request("PUT", f"/api/admin/users/{quote(user, safe='')}/expiry",
                                            json={"expires_at": when, "dry_run": dry_run})
     except NagayaError as e:

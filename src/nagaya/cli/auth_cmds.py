@@ -6,7 +6,6 @@ import getpass
 import os
 import pwd
 import sys
-from datetime import timedelta
 from typing import Any
 
 import typer
@@ -26,22 +25,6 @@ def api_client(registry: str | None = None) -> Any:
 
     login = authfile.current(registry)
     return Api(login.server, login.username, login.secret)
-
-
-def parse_duration(text: str) -> timedelta | None:
-    """`30d`, `12h`, `90m`, `2w`, `3600s`; `never` for no expiry."""
-    t = text.strip().lower()
-    if t in ("never", "none", "0"):
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
-    try:
-        n = float(t[:-1]) if t[-1] in units else float(t)
-        secs = n * units.get(t[-1], 86400)     # a bare number means days
-    except (ValueError, IndexError):
-        raise UsageError(f"invalid duration {text!r} (e.g. 30d, 12h, 2w, never)") from None
-    if secs <= 0:
-        raise UsageError(f"invalid duration {text!r}")
-    return timedelta(seconds=int(secs))
 
 
 def _default_server() -> str:

@@ -9,8 +9,9 @@ from pathlib import Path
 import typer
 
 from nagaya import audit, config
-from nagaya.cli.common import byte_progress, console, fail, human_size, print_json
+from nagaya.cli.common import byte_progress, console, fail, print_json
 from nagaya.errors import NagayaError, UsageError
+from nagaya.units import format_size
 
 
 def build(context: Path = typer.Argument(..., help="build context: the directory COPY and %files read from"),
@@ -54,7 +55,7 @@ def build(context: Path = typer.Argument(..., help="build context: the directory
             out["pushed"] = pushed
         print_json(out)
     else:
-        console.print(f"{result.ref} {result.meta.digest} ({human_size(result.meta.squashfs_size)}, "
+        console.print(f"{result.ref} {result.meta.digest} ({format_size(result.meta.squashfs_size)}, "
                       f"{result.cached_steps}/{result.steps} steps cached, {result.seconds:.1f} s)", highlight=False)
 
 
@@ -99,4 +100,4 @@ def export(image: str = typer.Argument(..., help="NAME[:TAG] or digest of an ima
     if json_out:
         print_json({"image": image, "digest": meta.digest, "file": str(output), "size": size, "format": "oci-archive"})
     else:
-        console.print(f"{output} ({human_size(size)}, {meta.digest})", highlight=False)
+        console.print(f"{output} ({format_size(size)}, {meta.digest})", highlight=False)

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: error handling, JSON output, sizes, progress bars."""
+"""Shared CLI plumbing: error handling, JSON output, progress bars (sizes and durations: nagaya.units)."""
 
 from __future__ import annotations
 
@@ -27,29 +27,6 @@ def fail(e: NagayaError) -> None:
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
-        if t.endswith(suffix):
-            t, mult = t[:-1], m
-            break
-    try:
-        return int(float(t) * mult)
-    except ValueError:
-        from nagaya.errors import UsageError
-
-        raise UsageError(f"invalid size {text!r} (e.g. 500M, 20G)") from None
 
 
 @contextlib.contextmanager

@@ -9,9 +9,10 @@ import typer
 from rich.table import Table
 
 from nagaya import audit, config
-from nagaya.cli.common import byte_progress, console, fail, human_size, print_json
+from nagaya.cli.common import byte_progress, console, fail, print_json
 from nagaya.errors import NagayaError, UsageError
 from nagaya.image.store import ImageMeta, open_store
+from nagaya.units import format_size
 
 app = typer.Typer(help="Manage images in your cache.", no_args_is_help=True)
 
@@ -41,7 +42,7 @@ def images(json_out: bool = typer.Option(False, "--json", help="machine-readable
     for col in ("NAME", "TAG", "DIGEST", "SIZE", "CREATED"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r.name, r.tag, r.meta.digest if digests else r.meta.digest[:19], human_size(r.meta.squashfs_size),
+        t.add_row(r.name, r.tag, r.meta.digest if digests else r.meta.digest[:19], format_size(r.meta.squashfs_size),
                   _created(r.meta).replace("T", " ")[:19])
     console.print(t)
 
@@ -74,7 +75,7 @@ def import_(src: Path = typer.Argument(..., help="rootfs tarball or directory, O
         print_json({"name": ref.name, "tag": ref.tag_or_latest, "digest": meta.digest,
                     "size": meta.squashfs_size, "seconds": round(time.monotonic() - t0, 3)})
     else:
-        console.print(f"{ref.name}:{ref.tag_or_latest} {meta.digest} ({human_size(meta.squashfs_size)})",
+        console.print(f"{ref.name}:{ref.tag_or_latest} {meta.digest} ({format_size(meta.squashfs_size)})",
                       highlight=False)
 
 

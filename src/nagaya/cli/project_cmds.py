@@ -8,8 +8,9 @@ import typer
 from rich.table import Table
 
 from nagaya.cli.auth_cmds import REGISTRY, api_client
-from nagaya.cli.common import console, fail, human_size, print_json
+from nagaya.cli.common import console, fail, print_json
 from nagaya.errors import NagayaError
+from nagaya.units import format_size
 
 app = typer.Typer(help="Projects (personal, group, site) and their members.", no_args_is_help=True)
 member_app = typer.Typer(help="Members of a project and their roles.", no_args_is_help=True)
@@ -133,5 +134,5 @@ def repo_tags(repository: str = typer.Argument(..., help="PROJECT/NAME"), regist
         print_json(rows)
         return
     _table(("TAG", "DIGEST", "SIZE", "PUSHED", "BY"),
-           [[t["tag"], t["digest"][:19], human_size(t["size"]), str(t["pushed_at"])[:19], t["pushed_by"]]
+           [[t["tag"], t["digest"][:19], format_size(t["size"]), str(t["pushed_at"])[:19], t["pushed_by"]]
             for t in rows])

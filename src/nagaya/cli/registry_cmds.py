@@ -11,9 +11,10 @@ import typer
 from rich.table import Table
 
 from nagaya import audit, config
-from nagaya.cli.common import console, fail, human_size, parse_size, print_json
+from nagaya.cli.common import console, fail, print_json
 from nagaya.errors import NagayaError
 from nagaya.image.store import open_store
+from nagaya.units import format_size, parse_duration, parse_size
 
 JSON = typer.Option(False, "--json", help="machine-readable output")
 cache_app = typer.Typer(help="Inspect and bound the local image cache.", no_args_is_help=True)
@@ -61,8 +62,8 @@ def pull(ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG] or 
         print_json(res.to_json())
         return
     how = "up to date" if res.cached else (f"{res.layers_fetched} of {res.layers} layers fetched, "
-                                          f"{human_size(res.bytes_fetched)}")
-    console.print(f"{res.ref} {res.meta.digest} ({how}; {human_size(res.meta.squashfs_size)} image)",
+                                          f"{format_size(res.bytes_fetched)}")
+    console.print(f"{res.ref} {res.meta.digest} ({how}; {format_size(res.meta.squashfs_size)} image)",
                   highlight=False)
 
 
@@ -81,7 +82,7 @@ def push(image: str = typer.Argument(..., help="local image: NAME[:TAG] or diges
     if json_out:
         print_json(res.to_json())
         return
-    console.print(f"{res.ref} {res.meta.digest} ({res.uploaded} blobs uploaded, {human_size(res.bytes_uploaded)}; "
+    console.print(f"{res.ref} {res.meta.digest} ({res.uploaded} blobs uploaded, {format_size(res.bytes_uploaded)}; "
                   f"{res.skipped} already there{f', {res.mounted} mounted' if res.mounted else ''})", highlight=False)
 
 
@@ -104,11 +105,11 @@ def cache_ls(json_out: bool = JSON) -> None:
     for col in ("DIGEST", "SIZE", "LAST USED", "TAGS"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r.meta.digest[:19] + (" (in use)" if r.in_use else ""), human_size(r.size),
+        t.add_row(r.meta.digest[:19] + (" (in use)" if r.in_use else ""), format_size(r.size),
                   time.strftime("%Y-%m-%d %H:%M", time.localtime(r.last_used)), ", ".join(r.tags) or "<none>")
     console.print(t)
-    console.print(f"{len(rows)} images, {human_size(sum(r.size for r in rows))}; layer blobs "
-                  f"{human_size(blobs)} in {store.root}", highlight=False)
+    console.print(f"{len(rows)} images, {format_size(sum(r.size for r in rows))}; layer blobs "
+                  f"{format_size(blobs)} in {store.root}", highlight=False)
 
 
 @cache_app.command("gc")
@@ -118,14 +119,14 @@ def cache_gc(max_size: str = typer.Option(None, "--max-size",
              dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be removed"),
              json_out: bool = JSON) -> None:
     """Remove least-recently-used images (never one in use), unreferenced blobs and stale temp files."""
-    from nagaya.image.cache import gc, parse_age
+    from nagaya.image.cache import gc
 
     try:
         cfg = config.load()
         store = open_store(cfg)
         max_size = max_size or cfg.image.cache_max_size or None        # the site's cap unless given
-        rep = gc(store, parse_size(max_size) if max_size else None, parse_age(older_than) if older_than else None,
-                 dry_run)
+        age = parse_duration(older_than).total_seconds() if older_than else None
+        rep = gc(store, parse_size(max_size) if max_size else None, age, dry_run)
     except NagayaError as e:
         fail(e)
     if json_out:
@@ -134,9 +135,9 @@ def cache_gc(max_size: str = typer.Option(None, "--max-size",
     verb = "would remove" if dry_run else "removed"
     for img in rep.removed_images:
         console.print(f"{verb} {img['digest'][:19]} {', '.join(img['tags']) or '<none>'} "
-                      f"({human_size(img['size'])})", highlight=False)
+                      f"({format_size(img['size'])})", highlight=False)
     for d in rep.kept_in_use:
         console.print(f"kept {d[:19]}: in use by a running container", highlight=False)
     console.print(f"{verb} {len(rep.removed_images)} images, {rep.removed_blobs} blobs, {rep.removed_tmp} temp "
-                  f"entries; freed {human_size(rep.freed)} ({human_size(rep.size_before)} -> "
-                  f"{human_size(rep.size_after)})", highlight=False)
+                  f"entries; freed {format_size(rep.freed)} ({format_size(rep.size_before)} -> "
+                  f"{format_size(rep.size_after)})", highlight=False)

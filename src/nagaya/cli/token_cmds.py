@@ -8,9 +8,10 @@ from urllib.parse import quote
 import typer
 from rich.table import Table
 
-from nagaya.cli.auth_cmds import REGISTRY, api_client, parse_duration
+from nagaya.cli.auth_cmds import REGISTRY, api_client
 from nagaya.cli.common import console, err_console, fail, print_json
 from nagaya.errors import NagayaError, UsageError
+from nagaya.units import parse_expiry
 
 app = typer.Typer(help="Robot tokens for CI: project-scoped, expiring, stored hashed.", no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="machine-readable output")
@@ -24,7 +25,7 @@ def create(project: str = typer.Option(..., "--project", "-p"),
            registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """Create a robot token; its secret is printed once and cannot be shown again."""
     try:
-        ttl = parse_duration(expires)
+        ttl = parse_expiry(expires)
         body = {"name": name or f"robot-{secrets.token_hex(3)}", "scope": scope,
                 "expires_in": int(ttl.total_seconds()) if ttl else None}
         t = api_client(registry).post(f"/api/projects/{quote(project, safe='')}/tokens", json=body)

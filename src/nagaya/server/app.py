@@ -43,6 +43,7 @@ from nagaya.server.tokens import Scope, TokenIssuer
 from nagaya.store import Database, Principal, authorize, lifecycle
 from nagaya.store.models import Project, Repository, Tag, utcnow
 from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, SiteService
+from nagaya.units import naive_utc
 
 log = logging.getLogger("nagaya.server")
 # Per request: a note for the caller (an account about to expire), sent as the X-Nagaya-Warning header.
@@ -90,15 +91,6 @@ def _basic(request: Request) -> tuple[str, str] | None:
     if scheme.lower() == "bearer" and value.strip():
         return "", value.strip()            # a personal access token alone names its user
     return None
-
-
-def _naive(t: datetime | None) -> datetime | None:
-    """Query times arrive with or without a zone; the store keeps naive UTC."""
-    if t is None or t.tzinfo is None:
-        return t
-    from datetime import UTC
-
-    return t.astimezone(UTC).replace(tzinfo=None)
 
 
 def _json(obj: Any) -> Any:
@@ -490,8 +482,8 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
                     image: str = "", action: str = "", limit: int = 1000) -> list[dict[str, Any]]:
         with session() as s:
             svc = SiteService(s)
-            rows = lifecycle.query_audit(svc, site.principal(svc, _basic(request)), user=user, since=_naive(since),
-                                         until=_naive(until), image=image, action=action, limit=limit)
+            rows = lifecycle.query_audit(svc, site.principal(svc, _basic(request)), user=user, since=naive_utc(since),
+                                         until=naive_utc(until), image=image, action=action, limit=limit)
             return [{"time": r.time.isoformat() + "Z", "action": r.action, "actor": r.actor,
                      "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
                      "details": r.details} for r in rows]
@@ -551,7 +543,7 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
     def put_expiry(request: Request, name: str, body: dict[str, Any]) -> dict[str, Any]:
         raw = body.get("expires_at")
         try:
-            when = _naive(datetime.fromisoformat(str(raw).replace("Z", "+00:00"))) if raw else None
+            when = naive_utc(datetime.fromisoformat(str(raw).replace("Z", "+00:00"))) if raw else None
         except ValueError:
             raise UsageError(f"invalid expires_at {raw!r}") from None
         with session() as s:

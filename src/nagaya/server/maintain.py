@@ -181,9 +181,9 @@ def archive_root(settings: ServerSettings, state_dir: Path) -> Path:
 def gc_shared_caches(cfg: Config, dry_run: bool) -> list[dict[str, Any]]:
     """`nagaya cache gc` for the site's shared node caches, down to `[image] cache_max_size`. An image a
     running container uses is never removed (the container holds a shared flock on its squashfs)."""
-    from nagaya.cli.common import parse_size
     from nagaya.image.cache import gc as cache_gc
     from nagaya.image.store import ImageStore
+    from nagaya.units import parse_size
 
     out: list[dict[str, Any]] = []
     cap = parse_size(cfg.image.cache_max_size) if cfg.image.cache_max_size else None

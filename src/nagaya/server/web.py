@@ -44,6 +44,7 @@ from nagaya.store import Database, Principal, authorize
 from nagaya.store import service as svcmod
 from nagaya.store.models import PortalSession, utcnow
 from nagaya.store.service import MANIFEST_TYPES, SiteService
+from nagaya.units import format_size, format_time, parse_day
 
 if TYPE_CHECKING:
     from nagaya.server.app import Site
@@ -214,30 +215,11 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "-"
 
 
-def _fmt_size(n: int | None) -> str:
-    if not n:
-        return "—"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
-
-
-def _fmt_time(t: datetime | str | None) -> str:
-    if not t:
-        return "—"
-    if isinstance(t, str):
-        return t.replace("T", " ")[:19]
-    return t.strftime("%Y-%m-%d %H:%M") + " UTC"
-
-
 def make_templates() -> Jinja2Templates:
     t = Jinja2Templates(directory=str(HERE / "templates"))
     t.env.auto_reload = False       # templates change with the package, not under a running server: no stat per page
-    t.env.filters["size"] = _fmt_size
-    t.env.filters["when"] = _fmt_time
+    t.env.filters["size"] = lambda n: format_size(n) if n else "—"
+    t.env.filters["when"] = format_time
     t.env.filters["short"] = lambda d: (d or "").split(":")[-1][:12]
     t.env.filters["shjoin"] = lambda words: shlex.join(words or [])
     return t
@@ -860,19 +842,10 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         q = request.query_params
         filters = {k: q.get(k, "").strip() for k in ("action", "actor", "repository", "since", "until")}
 
-        def day(text: str, end: bool = False) -> datetime | None:
-            if not text:
-                return None
-            try:
-                d = datetime.fromisoformat(text)
-            except ValueError:
-                raise UsageError(f"dates look like 2026-01-31, not {text!r}") from None
-            return d + timedelta(days=1) if end and len(text) <= 10 else d
-
         with site.db.session() as db:
             rows = svcmod.search_audit(SiteService(db), p, action=filters["action"], actor=filters["actor"],
-                                       repository=filters["repository"], since=day(filters["since"]),
-                                       until=day(filters["until"], end=True), limit=limit)
+                                       repository=filters["repository"], since=parse_day(filters["since"]),
+                                       until=parse_day(filters["until"], end=True), limit=limit)
             out = [{"time": r.time.isoformat(timespec="seconds") + "Z", "action": r.action, "actor": r.actor,
                     "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
                     "details": r.details} for r in rows]

@@ -20,6 +20,7 @@ from nagaya.errors import NotFound, PermissionDenied, UsageError
 from nagaya.store.authz import Principal, split_repository
 from nagaya.store.models import AuditEvent, Membership, Project, Repository, Tag, User, utcnow
 from nagaya.store.service import SiteService
+from nagaya.units import format_size
 
 # Actions a CLI may report; registry.*, admin.*, login and the like are written by the server only.
 CLI_ACTION_RE = re.compile(r"^(run|exec|shell|pull|push|submit|build|import|export|reproduce)$")
@@ -163,7 +164,7 @@ def push_refusal(svc: SiteService, repository: str) -> str | None:
     used = project_usage(svc, project)
     if used >= project.quota_bytes:
         return (f"project {project.name} is over its storage quota "
-                f"({_size(used)} used of {_size(project.quota_bytes)}); "
+                f"({format_size(used)} used of {format_size(project.quota_bytes)}); "
                 f"delete tags or ask a site admin to raise it")
     return None
 
@@ -182,14 +183,6 @@ def set_quota(svc: SiteService, principal: Principal, name: str, quota: int | No
 
 def quota_info(svc: SiteService, p: Project) -> dict[str, Any]:
     return {"project": p.name, "quota_bytes": p.quota_bytes, "used_bytes": project_usage(svc, p)}
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 # ---- retention and immutable tags ---------------------------------------------------------------------
