@@ -137,6 +137,7 @@ def _scan(cfg: GpuConfig, vendor: str, version: str, path: str, libs: list[str],
     listed = _container_cli(cfg, path) if vendor == "nvidia" else None
     bound: set[str] = set()
     link_names: set[str] = set()
+    stale: set[str] = set()
 
     def add_lib(name: str, p: str) -> None:
         real = os.path.realpath(p)
@@ -145,7 +146,9 @@ def _scan(cfg: GpuConfig, vendor: str, version: str, path: str, libs: list[str],
             return
         rv = _so_version(base)
         if version and rv and rv != version:
-            res["notes"].append(f"skipped {p}: version {rv}, but the loaded driver is {version}")
+            if real not in stale:
+                stale.add(real)
+                res["notes"].append(f"skipped {p}: version {rv}, but the loaded driver is {version}")
             return
         if base not in bound:
             bound.add(base)
