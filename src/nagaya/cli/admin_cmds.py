@@ -106,6 +106,27 @@ def quota(project: str = typer.Argument(...),
     console.print(f"{q['project']}: {format_size(q['used_bytes'])} used, quota {limit}", highlight=False)
 
 
+@project_app.command("usage")
+def usage(registry: str = REGISTRY, json_out: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """Every project's storage use and quota: the figures the quota check and the admin page use."""
+    from rich.table import Table
+
+    try:
+        rows = api_client(registry).get("/api/admin/usage")
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(rows)
+        return
+    t = Table(box=None, header_style="bold")
+    for c in ("PROJECT", "KIND", "OWNER", "USED", "QUOTA"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], r["kind"], r["owner"] or "-", format_size(r["used"]),
+                  format_size(r["quota"]) if r["quota"] is not None else "none")
+    console.print(t)
+
+
 @app.command("subid")
 def subid(user: str = typer.Argument(..., help="user name"),
           json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:

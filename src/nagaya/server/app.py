@@ -43,6 +43,7 @@ from nagaya.server.tokens import Scope, TokenIssuer
 from nagaya.store import Database, Principal, authorize, lifecycle
 from nagaya.store.models import Project, Repository, Tag, utcnow
 from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, SiteService
+from nagaya.store.usage import usage_overview
 from nagaya.units import naive_utc
 
 log = logging.getLogger("nagaya.server")
@@ -511,6 +512,11 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             svc = SiteService(s)
             p = svc.project(site.principal(svc, _basic(request)), name)
             return lifecycle.quota_info(svc, p)
+
+    @app.get("/api/admin/usage", tags=["admin"], summary="Every project's storage use and quota (site admins)")
+    def usage(request: Request) -> list[dict[str, Any]]:
+        with session() as s:
+            return _json(usage_overview(s, site.principal(SiteService(s), _basic(request))))
 
     @app.put("/api/admin/projects/{name}/quota", tags=["admin"], summary="Set (or clear, null) a storage quota")
     def put_quota(request: Request, name: str, body: dict[str, Any]) -> dict[str, Any]:

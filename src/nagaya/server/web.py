@@ -44,6 +44,7 @@ from nagaya.store import Database, Principal, authorize
 from nagaya.store import service as svcmod
 from nagaya.store.models import PortalSession, utcnow
 from nagaya.store.service import MANIFEST_TYPES, SiteService
+from nagaya.store.usage import usage_overview
 from nagaya.units import format_size, format_time, parse_day
 
 if TYPE_CHECKING:
@@ -804,7 +805,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         s, p, _ = admin(request)
         with site.db.session() as db:
             users = svcmod.users_overview(SiteService(db), p)
-            usage = svcmod.project_usage(SiteService(db), p)
+            usage = usage_overview(db, p)
         return page(request, "admin_users.html", s, "admin", users=users, usage=usage)
 
     @r.get("/admin/jobs", response_class=HTMLResponse)

@@ -20,6 +20,7 @@ from nagaya.errors import NotFound, PermissionDenied, UsageError
 from nagaya.store.authz import Principal, split_repository
 from nagaya.store.models import AuditEvent, Membership, Project, Repository, Tag, User, utcnow
 from nagaya.store.service import SiteService
+from nagaya.store.usage import project_used
 from nagaya.units import format_size
 
 # Actions a CLI may report; registry.*, admin.*, login and the like are written by the server only.
@@ -141,14 +142,6 @@ def spool_time(ev: dict[str, Any], now: datetime) -> datetime:
 
 # ---- quotas -------------------------------------------------------------------------------------------
 
-def project_usage(svc: SiteService, project: Project) -> int:
-    """Indexed bytes: the size of each distinct manifest tagged in the project (layers shared between
-    images count once per image, an upper bound of what the registry stores)."""
-    per_digest = (select(Tag.digest, func.max(Tag.size).label("size")).join(Repository)
-                  .where(Repository.project_id == project.id).group_by(Tag.digest).subquery())
-    return int(svc.s.scalar(select(func.coalesce(func.sum(per_digest.c.size), 0))) or 0)
-
-
 def push_refusal(svc: SiteService, repository: str) -> str | None:
     """Why a push to `repository` must be refused now (None: it may go ahead)."""
     parts = split_repository(repository)
@@ -161,7 +154,7 @@ def push_refusal(svc: SiteService, repository: str) -> str | None:
         return f"project {project.name} is frozen: its owner's account expired on {owner.expires_at:%Y-%m-%d}"
     if project.quota_bytes is None:
         return None
-    used = project_usage(svc, project)
+    used = project_used(svc.s, project)
     if used >= project.quota_bytes:
         return (f"project {project.name} is over its storage quota "
                 f"({format_size(used)} used of {format_size(project.quota_bytes)}); "
@@ -182,7 +175,7 @@ def set_quota(svc: SiteService, principal: Principal, name: str, quota: int | No
 
 
 def quota_info(svc: SiteService, p: Project) -> dict[str, Any]:
-    return {"project": p.name, "quota_bytes": p.quota_bytes, "used_bytes": project_usage(svc, p)}
+    return {"project": p.name, "quota_bytes": p.quota_bytes, "used_bytes": project_used(svc.s, p)}
 
 
 # ---- retention and immutable tags ---------------------------------------------------------------------

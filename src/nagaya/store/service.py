@@ -674,29 +674,3 @@ def summary(svc: SiteService, principal: Principal, recent: int = 8) -> Summary:
     if manage:
         tokens = int(db.execute(q["tokens"], {"pids": manage, "now": utcnow()}).scalar() or 0)
     return Summary(projects=projects, repositories=repos, active_tokens=tokens)
-
-
-@dataclass
-class ProjectUsage:
-    name: str
-    kind: str
-    owner: str
-    used: int               # bytes the index's tags account for (shared layers counted per tag)
-    quota: int | None       # None: no quota (or a store without quotas)
-
-
-def project_usage(svc: SiteService, principal: Principal) -> list[ProjectUsage]:
-    """Per-project storage for the admin pages; the quota column only where the store has one."""
-    if not (principal.kind == "user" and principal.is_admin):
-        raise PermissionDenied("only site admins see storage use")
-    from sqlalchemy import func
-
-    used = dict(svc.s.execute(select(Repository.project_id, func.coalesce(func.sum(Tag.size), 0))
-                              .join(Tag, Tag.repository_id == Repository.id).group_by(Repository.project_id)).all())
-    out = []
-    for p, owner in svc.s.execute(select(Project, User.name).outerjoin(User, Project.owner_id == User.id)
-                                  .order_by(Project.name)):
-        quota = getattr(p, "quota_bytes", None)
-        out.append(ProjectUsage(name=p.name, kind=p.kind, owner=owner or "", used=int(used.get(p.id, 0)),
-                                quota=int(quota) if quota is not None else None))
-    return out
