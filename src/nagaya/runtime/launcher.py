@@ -274,12 +274,27 @@ class Launcher:
         directories belong to its root, which is not mapped in the user namespace)."""
         lower_view = RootView(os.path.join(self.stage, "lower"), [])
         targets = [(b.dst, os.path.isdir(b.src)) for b in binds] + [(d, False) for d in extra]
+        # Directories already looked at, each a lookup in the image (a FUSE round trip): a driver's
+        # libraries are a dozen binds into one directory the image lacks.
+        seen: dict[str, str] = {}
         for dst, is_dir in targets:
             parts = [p for p in dst.split("/") if p]
             cur = ""
             for i, p in enumerate(parts):
-                cur = f"{cur}/{p}"
+                parent, cur = cur, f"{cur}/{p}"
                 last = i == len(parts) - 1
+                if not last and seen.get(cur) == "dir":
+                    continue
+                if seen.get(cur) == "link":
+                    break
+                if seen.get(parent) == "made":      # below a directory we made: nothing in the image
+                    target = upper + cur
+                    if last and not is_dir:
+                        _create_empty(target)
+                    else:
+                        os.makedirs(target, exist_ok=True)
+                        seen[cur] = "made"
+                    continue
                 resolved = lower_view.resolve(cur)
                 if last and dst in extra and os.path.islink(lower_view.host_path(cur)):
                     # /etc/resolv.conf or /etc/localtime as a symlink (often dangling in minimal images):
@@ -288,9 +303,12 @@ class Launcher:
                     _create_empty(upper + cur)
                     break
                 if resolved is not None and resolved != cur:
+                    seen[cur] = "link"
                     break                   # a symlink in the image: the backend follows it
                 host_lower = lower_view.host_path(cur)
                 if os.path.lexists(host_lower) and (not last or os.path.isdir(host_lower) == is_dir):
+                    if not last:
+                        seen[cur] = "dir"
                     continue
                 target = upper + cur
                 if last and not is_dir:
@@ -298,6 +316,8 @@ class Launcher:
                     _create_empty(target)
                 else:
                     os.makedirs(target, exist_ok=True)
+                    if not os.path.lexists(host_lower):
+                        seen[cur] = "made"
 
     def _mount_overlay(self, upper: str, work: str) -> str:
         root = os.path.join(self.stage, "root")
