@@ -23,11 +23,17 @@ PKGS=(
   slurmctld slurmd slurm-client munge             # the slurm scheduler backend and its tests (a private cluster)
   slurmdbd mariadb-server                         # Slurm accounting in the tests: `job show` after slurmctld forgets a job
   slurmrestd slurm-wlm-jwt-plugin acl             # the portal submits as each user through slurmrestd + JWT
+  gridengine-master gridengine-exec gridengine-client   # the gridengine backend and its tests (a private cell)
   chromium                                        # portal end-to-end tests (Playwright drives Debian's build)
 )
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
+  # Grid Engine's only debconf questions: configure a cell `default` whose master is this host (the tests
+  # start their own daemons; SGE_ROOT is fixed at /var/lib/gridengine).
+  printf '%s\n' "gridengine-common shared/gridengineconfig boolean true" \
+    "gridengine-common shared/gridenginecell string default" \
+    "gridengine-common shared/gridenginemaster string $(hostname)" | debconf-set-selections
   quiet apt-get update
   DEBIAN_FRONTEND=noninteractive quiet apt-get install -y --no-install-recommends "${missing[@]}"
 fi

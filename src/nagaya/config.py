@@ -162,7 +162,7 @@ class LdapConfig(Record):
 class SchedConfig(Record):
     """`nagaya submit` and friends: which scheduler backend, and the local executor's limits."""
 
-    backend: str = "local"                      # local | slurm
+    backend: str = "local"                      # local | slurm | gridengine
     state_dir: str = ""                         # local: default $XDG_DATA_HOME/nagaya/jobs (one per user, 0700)
     max_jobs: int = 0                           # local: concurrent jobs; 0 = number of usable CPUs
     max_cpus: int = 0                           # local: CPUs handed out to jobs; 0 = all usable CPUs
@@ -171,6 +171,14 @@ class SchedConfig(Record):
     nagaya: str = ""                            # the nagaya executable jobs run; default: from PATH
     slurm_bin_dir: str = ""                     # where sbatch/squeue/... live; default: PATH
     partition: str = ""                         # default Slurm partition
+    gridengine_bin: str = "/usr/bin"            # where Grid Engine's qsub/qstat/qacct/qdel/qmod live (never PATH:
+                                                # PBS's qsub has the same name)
+    sge_root: str = "/var/lib/gridengine"       # SGE_ROOT and SGE_CELL for those commands
+    sge_cell: str = "default"
+    gridengine_pe: str = "smp"                  # the parallel environment that gives a job CPUs (slots) on one host
+    gridengine_mem: str = "h_vmem"              # the complex for --mem (per slot, as Grid Engine counts it)
+    gridengine_gpu: str = "gpu"                 # the consumable for --gpus
+    gpu_lock_dir: str = "/var/lib/nagaya/gpu-locks"   # per node, made by root: jobs flock a file per GPU
     portal_submit: str = "dispatcher"           # how the portal submits for users: dispatcher (root helper,
                                                 # the user's own backend) | slurmrestd (JWT per user, no root)
     slurmrestd_url: str = ""                    # http://127.0.0.1:6820 or unix:/run/slurmrestd.socket

@@ -14,7 +14,8 @@ from nagaya.errors import NagayaError
 
 app = typer.Typer(help="Inspect and control one batch job.", no_args_is_help=True)
 
-BACKEND_OPT = typer.Option(None, "--backend", help="local | slurm (default: [sched] backend in the config)")
+BACKEND_OPT = typer.Option(None, "--backend",
+                           help="local | slurm | gridengine (default: [sched] backend in the config)")
 SUBMIT_CTX = {"allow_interspersed_args": False, "ignore_unknown_options": True}
 
 
@@ -135,6 +136,18 @@ def resume(job: str = typer.Argument(..., help="job id"), backend: str = BACKEND
         sched.resume(job)
     except NagayaError as e:
         fail(e)
+
+
+@app.command("prepare-node")
+def prepare_node() -> None:
+    """As root on each Grid Engine execution host: the per-GPU lock files jobs take their GPUs by."""
+    from nagaya.sched.gridengine import prepare_node as prepare
+
+    try:
+        found = prepare(config.load())
+    except NagayaError as e:
+        fail(e)
+    print(f"GPU locks ready for {len(found)} device(s)")
 
 
 app.command("cancel")(cancel)

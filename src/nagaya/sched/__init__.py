@@ -1,7 +1,8 @@
 """Batch jobs: the `Scheduler` protocol and its backends, chosen by config (`[sched] backend`) or `--backend`.
 
 `local` is the embedded executor for one machine (local.py, runner.py); `slurm` drives a real cluster
-(slurm.py). Every job runs `nagaya run NAME@DIGEST ...` with the digest resolved at submit time.
+(slurm.py); `gridengine` drives Son of Grid Engine (gridengine.py).
+Every job runs `nagaya run NAME@DIGEST ...` with the digest resolved at submit time.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from nagaya.sched.models import STATES, JobInfo, JobSpec, parse_script, parse_ti
 __all__ = ["STATES", "JobInfo", "JobSpec", "Scheduler", "get_scheduler", "parse_script", "parse_time",
            "pin_image"]
 
-BACKENDS = ("local", "slurm")
+BACKENDS = ("local", "slurm", "gridengine")
 
 
 class Scheduler(Protocol):
@@ -47,6 +48,10 @@ def get_scheduler(cfg: Any, backend: str | None = None) -> Scheduler:
         from nagaya.sched.slurm import SlurmScheduler
 
         return SlurmScheduler(cfg)
+    if name == "gridengine":
+        from nagaya.sched.gridengine import GridEngineScheduler
+
+        return GridEngineScheduler(cfg)
     raise UsageError(f"unknown scheduler backend {name!r} (one of: {', '.join(BACKENDS)})")
 
 
