@@ -1,7 +1,8 @@
-"""`nagaya project create|ls|member add|rm|ls` and `nagaya repo ls|tags`."""
+"""`nagaya project create|ls|member add|rm|ls` and `nagaya repo ls|tags|rm`."""
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 import typer
@@ -9,7 +10,7 @@ from rich.table import Table
 
 from nagaya.cli.auth_cmds import REGISTRY, api_client
 from nagaya.cli.common import console, fail, print_json
-from nagaya.errors import NagayaError
+from nagaya.errors import NagayaError, NotFound, UsageError
 from nagaya.units import format_size
 
 app = typer.Typer(help="Projects (personal, group, site) and their members.", no_args_is_help=True)
@@ -136,3 +137,32 @@ def repo_tags(repository: str = typer.Argument(..., help="PROJECT/NAME"), regist
     _table(("TAG", "DIGEST", "SIZE", "PUSHED", "BY"),
            [[t["tag"], t["digest"][:19], format_size(t["size"]), str(t["pushed_at"])[:19], t["pushed_by"]]
             for t in rows])
+
+
+@repo_app.command("rm")
+def repo_rm(image: str = typer.Argument(..., help="PROJECT/NAME:TAG or PROJECT/NAME@DIGEST"),
+            registry: str = REGISTRY, json_out: bool = JSON) -> None:
+    """Delete an image from the site registry: its manifest, so every tag on it (owners and maintainers)."""
+    try:
+        repository, digest = _manifest_of(api_client(registry), image)
+        r = api_client(registry).delete(f"/api/repositories/{quote(repository)}/manifests/{quote(digest)}")
+    except NagayaError as e:
+        fail(e)
+    if json_out:
+        print_json(r)
+        return
+    console.print(f"deleted {r['repository']}@{r['digest']} ({r['tags']} tags)", highlight=False)
+
+
+def _manifest_of(api: Any, image: str) -> tuple[str, str]:
+    """PROJECT/NAME@DIGEST as given; PROJECT/NAME:TAG -> the digest the tag points at now."""
+    repository, at, digest = image.partition("@")
+    if at:
+        return repository, digest
+    repository, colon, tag = image.rpartition(":")
+    if not colon or "/" in tag:
+        raise UsageError(f"give PROJECT/NAME:TAG or PROJECT/NAME@DIGEST, not {image!r}")
+    for t in api.get(f"/api/repositories/{quote(repository)}/tags"):
+        if t["tag"] == tag:
+            return repository, str(t["digest"])
+    raise NotFound(f"{repository} has no tag {tag}")

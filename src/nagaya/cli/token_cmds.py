@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 from urllib.parse import quote
 
 import typer
@@ -31,12 +32,29 @@ def create(project: str = typer.Option(..., "--project", "-p"),
         t = api_client(registry).post(f"/api/projects/{quote(project, safe='')}/tokens", json=body)
     except NagayaError as e:
         fail(e)
+    _show_secret(t, json_out)
+
+
+def _show_secret(t: dict[str, Any], json_out: bool) -> None:
     if json_out:
         print_json(t)
         return
     console.print(f"username  {t['username']}\nsecret    {t['secret']}\nscope     {t['scope']} on {t['project']}\n"
                   f"expires   {t['expires_at'] or 'never'}", highlight=False)
     err_console.print("The secret is shown only now; store it in your CI's secret store.", highlight=False)
+
+
+def _token_path(token: str, project: str | None) -> str:
+    """robot$PROJECT+NAME, or NAME with --project -> the token's API path."""
+    if token.startswith("robot$"):
+        proj, _, name = token[len("robot$"):].partition("+")
+        if not name or (project and project != proj):
+            raise UsageError(f"invalid robot token name {token!r}")
+    elif project:
+        proj, name = project, token
+    else:
+        raise UsageError("give robot$PROJECT+NAME, or NAME with --project")
+    return f"/api/projects/{quote(proj, safe='')}/tokens/{quote(name, safe='')}"
 
 
 @app.command("ls")
@@ -65,18 +83,22 @@ def revoke(token: str = typer.Argument(..., help="robot$PROJECT+NAME, or NAME wi
            registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """Revoke a robot token at once (its registry tokens die within their few minutes' lifetime)."""
     try:
-        if token.startswith("robot$"):
-            proj, _, name = token[len("robot$"):].partition("+")
-            if not name or (project and project != proj):
-                raise UsageError(f"invalid robot token name {token!r}")
-        elif project:
-            proj, name = project, token
-        else:
-            raise UsageError("give robot$PROJECT+NAME, or NAME with --project")
-        r = api_client(registry).delete(f"/api/projects/{quote(proj, safe='')}/tokens/{quote(name, safe='')}")
+        r = api_client(registry).delete(_token_path(token, project))
     except NagayaError as e:
         fail(e)
     if json_out:
         print_json(r)
     else:
         console.print(f"revoked {r['username']}", highlight=False)
+
+
+@app.command()
+def rotate(token: str = typer.Argument(..., help="robot$PROJECT+NAME, or NAME with --project"),
+           project: str = typer.Option(None, "--project", "-p"),
+           registry: str = REGISTRY, json_out: bool = JSON) -> None:
+    """A new secret for a robot token (same name, scope and expiry); the old secret stops working at once."""
+    try:
+        t = api_client(registry).post(_token_path(token, project) + "/rotate")
+    except NagayaError as e:
+        fail(e)
+    _show_secret(t, json_out)

@@ -28,7 +28,6 @@ from starlette.types import Scope as AsgiScope
 from nagaya import __version__
 from nagaya.errors import (
     AuthError,
-    Conflict,
     NagayaError,
     NotFound,
     PermissionDenied,
@@ -36,13 +35,16 @@ from nagaya.errors import (
     UsageError,
 )
 from nagaya.server.authn import Authenticator, Identity, make_authenticator
+from nagaya.server.images import delete_image
 from nagaya.server.offload import quick
 from nagaya.server.ratelimit import DEVICE_PREFIX, Devices, LoginLimiter
 from nagaya.server.settings import ServerSettings
+from nagaya.server.status import http_status, retry_after
 from nagaya.server.tokens import Scope, TokenIssuer
 from nagaya.store import Database, Principal, authorize, lifecycle
+from nagaya.store.auditlog import as_row
 from nagaya.store.models import Project, Repository, Tag, utcnow
-from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, SiteService
+from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, MemberInfo, SiteService, rotate_robot
 from nagaya.store.usage import usage_overview
 from nagaya.units import naive_utc
 
@@ -53,7 +55,6 @@ NOTES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("n
 INTERNAL = "$nagaya"          # the server's own registry reads (manifest sizes): not user activity
 DEVICE_HEADER = "x-nagaya-device"   # POST /api/login: the device token an earlier login of this client got
 IDENTITY_TTL = 30.0           # seconds a token request's group lookup is reused (as the portal's principal)
-_STATUS = {TooManyAttempts: 429, AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, UsageError: 400}
 
 
 class LoginRequest(BaseModel):
@@ -203,6 +204,24 @@ class Site:
             raise AuthError("use a personal access token (nagaya login) or a robot token")
         return self.password_login(svc, username, secret, ip, "token")
 
+    def add_member(self, svc: SiteService, principal: Principal, project: str, member: str, kind: str,
+                   role: str) -> MemberInfo:
+        """Add (or change the role of) a user or group of the login backend: the API's and the portal's one way."""
+        svc.project(principal, project)                     # 404 before revealing whether a user exists
+        if kind == "user":
+            ident = self.authn.user(member)
+            if ident is None:
+                raise NotFound(f"no such user: {member}")
+            unix_id = ident.uid
+        elif kind == "group":
+            gid = self.authn.group_id(member)
+            if gid is False:
+                raise NotFound(f"no such group: {member}")
+            unix_id = gid if isinstance(gid, int) and not isinstance(gid, bool) else None
+        else:
+            raise UsageError("member kind must be user or group")
+        return svc.add_member(principal, project, member, kind, role, unix_id)
+
     def name_reserved(self, name: str) -> bool:
         """Whether `name` is, or may become, an account's personal project: any account the login backend
         knows. Fails closed: a backend that cannot answer (LDAP down) reserves the name."""
@@ -274,8 +293,8 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
 
     @app.exception_handler(NagayaError)
     async def _nagaya_error(_request: Request, exc: NagayaError) -> JSONResponse:
-        status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
-        headers = {"WWW-Authenticate": 'Basic realm="nagaya"'} if status == 401 else None
+        status = http_status(exc)
+        headers = {"WWW-Authenticate": 'Basic realm="nagaya"'} if status == 401 else retry_after(exc) or None
         body: dict[str, Any] = {"detail": exc.message}
         if _request.url.path == "/token":
             # registry clients (skopeo, docker) print the distribution error format, not `detail`
@@ -403,19 +422,8 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
     def add_member(request: Request, name: str, body: MemberAdd) -> dict[str, Any]:
         with session() as s:
             svc = SiteService(s)
-            p = site.principal(svc, _basic(request))
-            svc.project(p, name)                               # 404 before revealing whether a user exists
-            if body.kind == "user":
-                ident = site.authn.user(body.name)
-                if ident is None:
-                    raise NotFound(f"no such user: {body.name}")
-                unix_id = ident.uid
-            else:
-                gid = site.authn.group_id(body.name)
-                if gid is False:
-                    raise NotFound(f"no such group: {body.name}")
-                unix_id = gid if isinstance(gid, int) and not isinstance(gid, bool) else None
-            return _json(svc.add_member(p, name, body.name, body.kind, body.role, unix_id))
+            return _json(site.add_member(svc, site.principal(svc, _basic(request)), name, body.name, body.kind,
+                                         body.role))
 
     @app.delete("/api/projects/{name}/members/{kind}/{member}", tags=["projects"])
     def remove_member(request: Request, name: str, kind: str, member: str) -> dict[str, Any]:
@@ -447,6 +455,16 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             svc = SiteService(s)
             return _json(svc.revoke_robot(site.principal(svc, _basic(request)), name, token_name))
 
+    @app.post("/api/projects/{name}/tokens/{token_name}/rotate", tags=["tokens"],
+              summary="A new secret for a robot token (same name, scope, expiry); the old one stops working")
+    def rotate_token(request: Request, name: str, token_name: str) -> dict[str, Any]:
+        with session() as s:
+            svc = SiteService(s)
+            info_, new = rotate_robot(svc, site.principal(svc, _basic(request)), name, token_name)
+            out = _json(info_)
+            out["secret"] = new.secret
+            return out
+
     @app.get("/api/repositories", tags=["repositories"], summary="Repositories you may list")
     def repositories(request: Request, project: str | None = None) -> list[dict[str, Any]]:
         with session() as s:
@@ -459,14 +477,19 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             svc = SiteService(s)
             return _json(svc.tags(site.principal(svc, _basic(request)), repository))
 
+    @app.delete("/api/repositories/{repository:path}/manifests/{digest}", tags=["repositories"],
+                summary="Delete an image (the manifest and every tag on it): owners and maintainers")
+    def delete_manifest(request: Request, repository: str, digest: str) -> dict[str, Any]:
+        with session() as s:
+            p = site.principal(SiteService(s), _basic(request))
+        tags = delete_image(site, p, repository, digest)
+        return {"repository": repository, "digest": digest, "tags": tags}
+
     @app.get("/api/audit", tags=["audit"], summary="Recent audit events (site admins)")
     def audit(request: Request, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
         with session() as s:
             svc = SiteService(s)
-            rows = svc.audit_events(site.principal(svc, _basic(request)), limit, action)
-            return [{"time": r.time.isoformat() + "Z", "action": r.action, "actor": r.actor,
-                     "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
-                     "details": r.details} for r in rows]
+            return [as_row(e) for e in svc.audit_events(site.principal(svc, _basic(request)), limit, action)]
 
     @app.post("/api/audit", tags=["audit"], status_code=201,
               summary="Report a CLI event (run, submit, pull, ...) of the authenticated user")
@@ -485,9 +508,7 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
             svc = SiteService(s)
             rows = lifecycle.query_audit(svc, site.principal(svc, _basic(request)), user=user, since=naive_utc(since),
                                          until=naive_utc(until), image=image, action=action, limit=limit)
-            return [{"time": r.time.isoformat() + "Z", "action": r.action, "actor": r.actor,
-                     "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
-                     "details": r.details} for r in rows]
+            return [as_row(e) for e in rows]
 
     @app.get("/api/archive", tags=["archive"], summary="Archived images with this digest the caller may pull")
     def archive_find(request: Request, digest: str) -> list[dict[str, Any]]:

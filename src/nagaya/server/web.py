@@ -37,11 +37,14 @@ from pydantic import BaseModel, Field
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 
 from nagaya.encode import content_disposition, csv_row
-from nagaya.errors import AuthError, Conflict, NagayaError, NotFound, PermissionDenied, TooManyAttempts, UsageError
-from nagaya.server.jobs import REPLY_TIMEOUT, BoundedGateway, JobGateway, JobsBusy, JobsUnavailable, SpoolGateway
+from nagaya.errors import AuthError, NagayaError, NotFound, PermissionDenied, TooManyAttempts, UsageError
+from nagaya.server import images as images_ops
+from nagaya.server.jobs import REPLY_TIMEOUT, BoundedGateway, JobGateway, JobsUnavailable, SpoolGateway
 from nagaya.server.offload import job_pool, offload
+from nagaya.server.status import http_status
 from nagaya.store import Database, Principal, authorize
 from nagaya.store import service as svcmod
+from nagaya.store.auditlog import COLUMNS, as_row
 from nagaya.store.models import PortalSession, utcnow
 from nagaya.store.service import MANIFEST_TYPES, SiteService
 from nagaya.store.usage import usage_overview
@@ -59,8 +62,6 @@ DEVICE_DAYS = 365
 IDLE_TIMEOUT = 2 * 3600            # seconds without a request before a session ends
 ABSOLUTE_TIMEOUT = 12 * 3600       # a working day, then log in again
 PRINCIPAL_TTL = 30.0               # an admin's account expiry reaches open sessions within this many seconds
-_STATUS = {TooManyAttempts: 429, JobsBusy: 429, AuthError: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409,
-           UsageError: 400, JobsUnavailable: 503}
 
 
 # ---- sessions, CSRF, rate limits --------------------------------------------------------------------------
@@ -155,7 +156,7 @@ class LoginRequired(Exception):
 
 
 def _render_error(request: Request, exc: NagayaError) -> Response:
-    status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
+    status = http_status(exc)
     templates: Jinja2Templates = request.app.state.templates
     sess = getattr(request.state, "web_session", None)
     out = templates.TemplateResponse(request, "error.html", {"status": status, "message": exc.message,
@@ -497,15 +498,6 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         return page(request, "repository.html", s, "images", repository=repository, tags=tags, ref=ref,
                     can_delete=can_delete, quote=shlex.quote)
 
-    def _registry(method: str, path: str, subject: str, repository: str, actions: list[str],
-                  **kw: Any) -> httpx.Response:
-        """The registry, as the server on the user's behalf: a token for exactly what authz granted,
-        issued to the user's name so the registry's notification records who did it."""
-        tok = site.issuer.issue(subject, [{"type": "repository", "name": repository, "actions": actions}])
-        headers = {"Authorization": f"Bearer {tok['token']}", **kw.pop("headers", {})}
-        return httpx.request(method, f"http://{settings.registry}/v2/{repository}/{path}", headers=headers,
-                             timeout=30, **kw)
-
     @r.get("/manifest/{repository:path}")
     def manifest(request: Request, repository: str, ref: str) -> Response:
         """The image's OCI manifest as a file: what `skopeo`/`nagaya pull` fetch first (no single-file export
@@ -517,8 +509,8 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
             if "pull" not in authorize(db, p, repository, ["pull"]):
                 raise NotFound(f"repository {repository} not found")
         try:
-            resp = _registry("GET", f"manifests/{ref}", s.user, repository, ["pull"],
-                             headers={"Accept": ", ".join(MANIFEST_TYPES)})
+            resp = images_ops.registry_call(site, "GET", f"manifests/{ref}", s.user, repository, ["pull"],
+                                            headers={"Accept": ", ".join(MANIFEST_TYPES)})
         except httpx.HTTPError as e:
             raise UsageError(f"the registry did not answer: {e}") from None
         if resp.status_code == 404:
@@ -586,21 +578,8 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         s = sess_of(request)
         need_csrf(request, s, csrf)
         with site.db.session() as db:
-            svc = SiteService(db)
-            p = principal(svc, s)
-            svc.tags(p, repository)                                  # 404 for what the user cannot list
-            if "delete" not in authorize(db, p, repository, ["delete"]):
-                raise PermissionDenied(f"your role in this project does not allow deleting images in {repository}")
-        if not digest.startswith("sha256:") or len(digest) != 71:
-            raise UsageError("bad digest")
-        try:
-            resp = _registry("DELETE", f"manifests/{digest}", s.user, repository, ["delete"])
-        except httpx.HTTPError as e:
-            raise UsageError(f"the registry did not answer: {e}") from None
-        if resp.status_code not in (202, 404):
-            raise UsageError(f"the registry refused the delete ({resp.status_code})")
-        with site.db.session() as db:
-            svcmod.forget_manifest(SiteService(db), repository, digest)
+            p = principal(SiteService(db), s)
+        images_ops.delete_image(site, p, repository, digest)
         rest = f"/images/{repository}"
         with site.db.session() as db:
             try:
@@ -657,21 +636,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         member = member.strip()
         with site.db.session() as db:
             svc = SiteService(db)
-            p = principal(svc, s)
-            svc.project(p, name)                          # 404 before revealing whether a user exists
-            if kind == "user":
-                ident = site.authn.user(member)
-                if ident is None:
-                    raise NotFound(f"no such user: {member}")
-                unix_id = ident.uid
-            elif kind == "group":
-                gid = site.authn.group_id(member)
-                if gid is False:
-                    raise NotFound(f"no such group: {member}")
-                unix_id = gid if isinstance(gid, int) and not isinstance(gid, bool) else None
-            else:
-                raise UsageError("member kind must be user or group")
-            svc.add_member(p, name, member, kind, role, unix_id)
+            site.add_member(svc, principal(svc, s), name, member, kind, role)
         return back(f"/projects/{name}", s, "ok", f"{member} is now {role} of {name}.")
 
     @r.post("/projects/{name}/members/remove")
@@ -847,9 +812,7 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
             rows = svcmod.search_audit(SiteService(db), p, action=filters["action"], actor=filters["actor"],
                                        repository=filters["repository"], since=parse_day(filters["since"]),
                                        until=parse_day(filters["until"], end=True), limit=limit)
-            out = [{"time": r.time.isoformat(timespec="seconds") + "Z", "action": r.action, "actor": r.actor,
-                    "repository": r.repository, "tag": r.tag, "digest": r.digest, "source": r.source,
-                    "details": r.details} for r in rows]
+            out = [as_row(e, timespec="seconds") for e in rows]
         return out, filters
 
     @r.get("/admin/audit", response_class=HTMLResponse)
@@ -866,10 +829,9 @@ def portal_router(site: Site, jobs: JobService, sessions: Sessions) -> APIRouter
         rows, _f = _audit_rows(request, p, 100000)
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["time", "action", "actor", "repository", "tag", "digest", "source", "details"])
+        w.writerow(COLUMNS)
         for x in rows:               # actors include the user names of failed logins: anyone's text
-            w.writerow(csv_row([x["time"], x["action"], x["actor"], x["repository"], x["tag"], x["digest"],
-                                x["source"], json.dumps(x["details"], sort_keys=True)]))
+            w.writerow(csv_row([json.dumps(x[c], sort_keys=True) if c == "details" else x[c] for c in COLUMNS]))
         return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": content_disposition("nagaya-audit.csv")})
 
@@ -905,27 +867,11 @@ class JobSubmit(BaseModel):
     name: str = Field("", max_length=64)
 
 
-class JobsApiRoute(APIRoute):
-    """No job service is a 503 (try later), not a server error; too many of the user's operations a 429."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except JobsUnavailable as e:
-                return JSONResponse({"detail": e.message}, status_code=503)
-            except JobsBusy as e:
-                return JSONResponse({"detail": e.message}, status_code=429, headers={"Retry-After": "5"})
-        return route
-
-
 def jobs_api_router(site: Site, jobs: JobService) -> APIRouter:
     """/api/jobs: the same operations as the Jobs page, for personal access tokens (robots run no jobs)."""
     from nagaya.server.app import _basic, _json
 
-    r = APIRouter(prefix="/api/jobs", tags=["jobs"], route_class=JobsApiRoute)
+    r = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
     def user(request: Request) -> Principal:
         with site.db.session() as db:

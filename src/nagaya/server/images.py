@@ -1,0 +1,44 @@
+"""Image operations the server does in the registry on a user's behalf: one implementation for the portal's
+pages and the JSON API (and so the CLI)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from nagaya.errors import PermissionDenied, UsageError
+from nagaya.store import Principal, authorize
+from nagaya.store.service import SiteService, forget_manifest
+
+if TYPE_CHECKING:
+    from nagaya.server.app import Site
+
+
+def registry_call(site: Site, method: str, path: str, subject: str, repository: str, actions: list[str],
+                  **kw: Any) -> httpx.Response:
+    """The registry, as the server on the user's behalf: a token for exactly what authz granted, issued to
+    the user's name so the registry's notification records who did it."""
+    tok = site.issuer.issue(subject, [{"type": "repository", "name": repository, "actions": actions}])
+    headers = {"Authorization": f"Bearer {tok['token']}", **kw.pop("headers", {})}
+    return httpx.request(method, f"http://{site.settings.registry}/v2/{repository}/{path}", headers=headers,
+                         timeout=30, **kw)
+
+
+def delete_image(site: Site, principal: Principal, repository: str, digest: str) -> int:
+    """Delete a manifest (every tag on it) from the registry; owners and maintainers only. Returns how many
+    tags the index dropped at once (the registry's notification then writes the audit event)."""
+    with site.db.session() as db:
+        SiteService(db).tags(principal, repository)             # 404 for what the caller cannot list
+        if "delete" not in authorize(db, principal, repository, ["delete"]):
+            raise PermissionDenied(f"your role in this project does not allow deleting images in {repository}")
+    if not digest.startswith("sha256:") or len(digest) != 71:
+        raise UsageError("bad digest")
+    try:
+        resp = registry_call(site, "DELETE", f"manifests/{digest}", principal.name, repository, ["delete"])
+    except httpx.HTTPError as e:
+        raise UsageError(f"the registry did not answer: {e}") from None
+    if resp.status_code not in (202, 404):
+        raise UsageError(f"the registry refused the delete ({resp.status_code})")
+    with site.db.session() as db:
+        return forget_manifest(SiteService(db), repository, digest)
