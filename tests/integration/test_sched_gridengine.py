@@ -55,6 +55,8 @@ def sched_users(cluster: GridEngineCluster, rootfs: Path, app_layout: Path) -> I
         os.chown(d, u.uid, u.gid)
         CWD[u.name] = d
     yield a, b
+    for u in (a, b):          # every job's end left nothing of it running
+        wait_for(lambda u=u: not live_processes(u), 20, f"{u.name}'s processes to go: {live_processes(u)}")
     for u in (a, b):          # job records and logs: a later cluster reuses job ids
         shutil.rmtree(u.home / ".local/share/nagaya/jobs-ge", ignore_errors=True)
     for d in dirs:
@@ -103,6 +105,16 @@ def test_job_runs_and_reports(alice: User) -> None:
     assert r.returncode == 0 and running in r.stdout and "listed" in r.stdout, r.stdout
     assert alice.nagaya("cancel", running).returncode == 0
     assert wait_state(alice, running, timeout=30)["state"] == "CANCELLED"
+
+
+def test_resources_and_follow(alice: User) -> None:
+    """--cpus through the smp PE (NSLOTS), --mem as h_vmem per slot (the job's limit is the whole 256M)."""
+    job = submit(alice, "--image", "bb", "--cpus", "2", "--mem", "256M", "--", "sh", "-c",
+                 "echo slots $NSLOTS vmem $(ulimit -v); sleep 1; echo done")
+    r = alice.nagaya("logs", "-f", job, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines() == ["slots 2 vmem 262144", "done"], r.stdout + r.stderr
+    info = show(alice, job)
+    assert info["state"] == "COMPLETED" and info["cpus"] == 2, info
 
 
 def test_script_form(alice: User) -> None:
@@ -178,7 +190,10 @@ def test_digest_pinning(alice: User) -> None:
     blocker = submit(alice, "--image", "bb", "--cpus", "4", "--", "sleep", "60")    # every slot of all.q
     wait_state(alice, blocker, ("RUNNING",), 30)
     job = submit(alice, "--image", "moving:v1", "--", "cat", "/app/data.txt")
+    dropped = submit(alice, "--image", "bb", "--", "true")
     assert show(alice, job)["state"] == "PENDING"
+    assert alice.nagaya("cancel", dropped).returncode == 0          # never started: CANCELLED all the same
+    assert wait_state(alice, dropped, timeout=30)["state"] == "CANCELLED"
     assert alice.nagaya("image", "tag", "app:1", "moving:v1").returncode == 0
     assert alice.nagaya("cancel", blocker).returncode == 0
     info = wait_state(alice, job, timeout=40)

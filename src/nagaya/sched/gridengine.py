@@ -127,7 +127,7 @@ rc=0
 while kill -0 "$app" 2>/dev/null; do wait "$app"; rc=$?; done
 [ "$timer" -gt 0 ] && kill "$timer" 2>/dev/null
 [ "$killer" -gt 0 ] && kill "$killer" 2>/dev/null
-printf 'exit %s\nhost %s\nend %s\n' "$rc" "$HOSTNAME" "$(date +%s)" >> "$endf"  # before qacct has it
+printf 'exit %s\nhost %s\nslots %s\nend %s\n' "$rc" "$HOSTNAME" "${NSLOTS:-1}" "$(date +%s)" >>"$endf"
 exit "$rc"
 """
 
@@ -261,7 +261,7 @@ class GridEngineScheduler:
         except OSError:
             return "", {}, False
         ending = lines[0].split()[0] if lines and lines[0].split()[0] in ("CANCELLED", "TIMEOUT") else ""
-        facts = dict(x.split(" ", 1) for x in lines if x.startswith(("exit ", "host ", "end ")))
+        facts = dict(x.split(" ", 1) for x in lines if x.startswith(("exit ", "host ", "slots ", "end ")))
         return ending, facts, "exit" in facts or lines[:1] == ["CANCELLED pending"]
 
     def _ending(self, job_id: str) -> str:
@@ -323,6 +323,7 @@ class GridEngineScheduler:
                 state = (ending or ("COMPLETED" if code == 0 else "FAILED")) if ended else "RUNNING"
                 return JobInfo(id=job_id, user=self.me, state=state, exit_code=code, name=str(rec.get("name", "")),
                                nodes=facts.get("host", ""), end_time=iso(float(facts.get("end") or 0)),
+                               cpus=int(facts["slots"]) if facts.get("slots", "").isdigit() else 1,
                                reason="" if ended else "finishing", image=str(rec.get("image", "")),
                                digest=str(rec.get("digest", "")), command=list(rec.get("command", [])),
                                time_limit=int(rec.get("time_limit", 0)), backend=self.name,
