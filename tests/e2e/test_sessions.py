@@ -14,9 +14,9 @@ from sqlalchemy import select
 from nagaya.server.app import create_app
 from nagaya.server.authn import Identity
 from nagaya.server.pki import ensure_signing_files
+from nagaya.server.portal.sessions import Sessions
 from nagaya.server.ratelimit import LoginLimiter
 from nagaya.server.settings import ServerSettings
-from nagaya.server.web import Sessions
 from nagaya.store import Database
 from nagaya.store.models import PortalSession
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from nagaya.server.app import IDENTITY_TTL, create_app
+from nagaya.server.app import create_app
 from nagaya.server.authn import Identity
+from nagaya.server.base import IDENTITY_TTL
 from nagaya.server.pki import ensure_signing_files
 from nagaya.server.settings import ServerSettings
 from tests.integration.site.conftest import Site, SiteUser, module_people

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from nagaya.server.job_service import default_jobs
 from nagaya.server.jobs import USER_OPS, BoundedGateway, JobsBusy, JobsUnavailable
 from nagaya.server.slurmrest import SlurmRestGateway
-from nagaya.server.web import default_jobs
 
 
 class Slow:

@@ -12,7 +12,7 @@ from nagaya.store import Principal, authorize
 from nagaya.store.service import SiteService, forget_manifest
 
 if TYPE_CHECKING:
-    from nagaya.server.app import Site
+    from nagaya.server.base import Site
 
 
 def registry_call(site: Site, method: str, path: str, subject: str, repository: str, actions: list[str],

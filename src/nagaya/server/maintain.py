@@ -97,7 +97,7 @@ def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetim
         caches = gc_shared_caches(cfg, dry_run) if cache_gc else []
         logs = prune_job_logs(dfd, state_dir, cfg.server.job_log_days, now, dry_run)
         become_service_account(cfg)
-        from nagaya.server.app import Site
+        from nagaya.server.base import Site
 
         site = Site(ServerSettings.load(state_dir / "server.json"))
         try:
