@@ -17,6 +17,7 @@ from nagaya.cli import (
     sched_cmds,
     site_cmds,
     token_cmds,
+    trust_cmds,
 )
 from nagaya.cli.common import STATE
 
@@ -48,6 +49,9 @@ app.command("cancel")(sched_cmds.cancel)
 app.add_typer(sched_cmds.app, name="job")
 app.add_typer(compose_cmds.app, name="compose")
 app.command("reproduce")(reproduce_cmd.reproduce)
+app.add_typer(trust_cmds.app, name="key")
+app.command("sign")(trust_cmds.sign)
+app.command("verify")(trust_cmds.verify)
 
 _PASS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
