@@ -229,3 +229,24 @@ def test_two_jobs_never_share_a_gpu(alice: User, cluster: GridEngineCluster) -> 
     both = submit(alice, "--gpus", "2", "--image", "bb", "--", "sh", "-c", "ls /dev | grep -c 'nvidia[0-9]'")
     assert wait_state(alice, both, timeout=30)["state"] == "COMPLETED"
     assert logs(alice, both).split() == ["2"]
+
+
+def test_arrays_and_dependencies(alice: User, bob: User) -> None:
+    arr = submit(alice, "--image", "bb", "--array", "1-4%2", "--", "sh", "-c",
+                 "echo task $NAGAYA_ARRAY_TASK_ID; exit $((NAGAYA_ARRAY_TASK_ID == 3))")
+    ok = submit(alice, "--image", "bb", "--after", f"{arr}:ok", "--", "echo", "not me")
+    anyway = submit(alice, "--image", "bb", "--after", f"{arr}:any", "--", "echo", "after any")
+    assert show(alice, ok)["state"] == "PENDING"
+    info = wait_state(alice, arr, timeout=60)
+    assert info["state"] == "FAILED" and info["reason"] == "tasks: 3 COMPLETED, 1 FAILED", info
+    assert show(alice, f"{arr}.3")["exit_code"] == 1 and show(alice, f"{arr}.2")["state"] == "COMPLETED"
+    assert logs(alice, arr).splitlines() == [f"task {i}" for i in range(1, 5)]
+    assert logs(alice, f"{arr}.2") == "task 2\n"
+    info = wait_state(alice, ok, timeout=30)
+    assert info["state"] == "CANCELLED" and "dependency" in info["reason"], info
+    assert wait_state(alice, anyway, timeout=30)["state"] == "COMPLETED"
+    assert logs(alice, anyway) == "after any\n"
+    r = bob.nagaya("submit", "--image", "bb", "--after", arr, "--", "true", cwd=CWD[bob.name])
+    assert r.returncode != 0 and "not found" in r.stderr, r.stderr
+    r = alice.nagaya("submit", "--backend", "local", "--array", "1-2", "--image", "bb", "--", "true")
+    assert r.returncode != 0 and "gridengine only" in r.stderr, r.stderr

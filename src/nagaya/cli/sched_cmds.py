@@ -38,6 +38,8 @@ def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SC
            partition: str = typer.Option(None, "--partition", "-p"),
            name: str = typer.Option(None, "--name", "-J"),
            compose: Path = typer.Option(None, "--compose", help="run this compose file's stack on the job's nodes"),
+           array: str = typer.Option(None, "--array", help="task ids, e.g. 1-100%10 (NAGAYA_ARRAY_TASK_ID)"),
+           after: str = typer.Option(None, "--after", help="JOB[:ok|:any],...: start once those jobs end"),
            backend: str = BACKEND_OPT,
            json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Submit a batch job that runs CMD in IMAGE (or a script with `#NAGAYA --image REF` lines)."""
@@ -46,7 +48,8 @@ def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SC
     try:
         out = submit_job(SubmitRequest(args=list(args or []), image=image, nodes=nodes, ntasks=ntasks, cpus=cpus,
                                        mem=mem, gpus=gpus, time_limit=time_limit, partition=partition, name=name,
-                                       compose=str(compose) if compose is not None else None, backend=backend))
+                                       compose=str(compose) if compose is not None else None, backend=backend,
+                                       array=array, after=after))
     except NagayaError as e:
         fail(e)
     if json_out:

@@ -20,6 +20,8 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "--name": ("name", "str"), "-J": ("name", "str"),
     "--compose": ("compose", "str"),
     "--backend": ("backend", "str"),
+    "--array": ("array", "str"),
+    "--after": ("after", "str"),
     "--json": ("json", "flag"),
 }
 

@@ -91,6 +91,14 @@ trap '[ "$app" -gt 0 ] && kill -CONT -- -"$app" 2>/dev/null' CONT
 trap 'end CANCELLED' USR2
 trap 'end TIMEOUT' ALRM
 trap 'end CANCELLED' TERM
+for dep in $okdeps; do      # --after JOB:ok: GE's -hold_jid waits for any end; this asks how it ended
+  st=$("$nagaya" job show --backend gridengine --json "$dep" 2>/dev/null | sed -n 's/^ *"state": "\([A-Z]*\)".*/\1/p')
+  if [ "$st" != COMPLETED ]; then
+    echo "nagaya: job $dep ended ${st:-unknown}, so this one does not run (--after $dep:ok)" >&2
+    printf 'CANCELLED\nwhy dependency\nexit 0\nhost %s\nend %s\n' "$HOSTNAME" "$(date +%s)" > "$endf"
+    exit 0
+  fi
+done
 if [ "$ngpus" -gt 0 ]; then
   # One flock per device, taken all at once under the directory's lock: never half an allocation held.
   exec {dl}<"$lockdir" ||
@@ -142,7 +150,12 @@ def batch_script(spec: JobSpec, nagaya: str, cfg: Any, state: Path) -> str:
               f"grace={int(cfg.sched.kill_grace)}; limit={spec.time_limit}; "
               f"ngpus={_count(spec.gpus) if spec.gpus else 0}",
               f"lockdir={shlex.quote(cfg.sched.gpu_lock_dir)}; devdir={shlex.quote(cfg.gpu.dev_dir or '/dev')}",
-              f"endf={shlex.quote(str(state))}/$JOB_ID.end; gpuf={shlex.quote(str(state))}/$JOB_ID.gpus",
+              f"st={shlex.quote(str(state))}; nagaya={shlex.quote(nagaya)}; "
+              f"okdeps={shlex.quote(' '.join(j for j, kind in _deps(spec.after) if kind == 'ok'))}",
+              'task=""; if [ "${SGE_TASK_ID:-undefined}" != undefined ]; then',
+              '  task=.$SGE_TASK_ID; export NAGAYA_ARRAY_TASK_ID=$SGE_TASK_ID',
+              'fi',
+              'endf=$st/$JOB_ID$task.end; gpuf=$st/$JOB_ID$task.gpus',
               WRAPPER.strip()]
     gpu = ["--gpus", '"$gpus"'] if spec.gpus else []
     # GE sends its warnings to every process of the job, whatever its process group: the app starts with
@@ -166,6 +179,43 @@ def _name(text: str) -> str:
     """GE job names: no '/', ':', '@', '\\', '*', '?' and not starting with a digit."""
     s = re.sub(r"[/:@\\*?\s]", "_", text) or "job"
     return s if not s[0].isdigit() else "j" + s
+
+
+ARRAY = re.compile(r"(\d+)(?:-(\d+)(?::(\d+))?)?(?:%(\d+))?")
+
+
+def _task_range(text: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", text.split("%")[0])
+    if not m:
+        return 1, 0, 1
+    first = int(m.group(1))
+    return first, int(m.group(2) or first), int(m.group(3) or 1)
+
+
+def _in_range(task: str, tasks: str) -> bool:
+    """Whether qstat's <tasks> (`3`, or `4-100:1` for the pending rest) covers the task."""
+    if not tasks:
+        return False
+    first, last, step = _task_range(tasks)
+    t = int(task)
+    return first <= t <= last and (t - first) % step == 0
+
+
+def _deps(after: str) -> list[tuple[str, str]]:
+    """--after JOB[:ok|:any][,JOB...] as (id, ok|any); ok is the default, as Slurm's afterok."""
+    out = []
+    for item in filter(None, (x.strip() for x in after.split(","))):
+        jid, _, kind = item.partition(":")
+        if not jid.isdigit() or kind not in ("", "ok", "any"):
+            raise UsageError(f"invalid --after {item!r} (JOB, JOB:ok or JOB:any)")
+        out.append((jid, kind or "ok"))
+    return out
+
+
+def _order(info: JobInfo) -> tuple[int, int]:
+    """Jobs by id, array tasks (ID.T, or ID.T-U:S for the pending rest) by task."""
+    base, _, task = info.id.partition(".")
+    return int(base), int(re.match(r"\d*", task).group() or 0)  # type: ignore[union-attr]
 
 
 def _directive(script: str, opt: str) -> str | None:
@@ -215,7 +265,20 @@ class GridEngineScheduler:
         s = self.cfg.sched
         state = self._state_dir()
         args = ["-terse", "-C", PREFIX, "-notify", "-V", "-S", "/bin/bash", "-wd", spec.cwd, "-j", "y",
-                "-o", f"{state}/$JOB_ID.out"]
+                "-o", f"{state}/$JOB_ID.$TASK_ID.out" if spec.array else f"{state}/$JOB_ID.out"]
+        if spec.array:
+            m = ARRAY.fullmatch(spec.array.strip())
+            if not m:
+                raise UsageError(f"invalid --array {spec.array!r} (e.g. 1-100, 1-100:2 or 1-100%10)")
+            first, last, step = _task_range(spec.array)
+            if first < 1 or last < first:
+                raise UsageError(f"invalid --array {spec.array!r}: task ids start at 1")
+            args += ["-t", f"{first}-{last}:{step}"] + (["-tc", m.group(4)] if m.group(4) else [])
+        deps = _deps(spec.after)
+        for jid, _kind in deps:
+            self.status(jid)                # yours and known: another user's job is not a dependency
+        if deps:
+            args += ["-hold_jid", ",".join(j for j, _ in deps)]
         if _directive(spec.script, "-N") is None:  # a `#$ -N` of the script wins over the default name
             args += ["-N", _name(spec.name or "nagaya")]
         if spec.nodes > 1:
@@ -241,7 +304,8 @@ class GridEngineScheduler:
         job_id = r.stdout.strip().splitlines()[-1].split(".")[0]      # after any warnings
         name = _directive(spec.script, "-N") or _name(spec.name or "nagaya")
         rec = {"id": job_id, "name": name, "digest": spec.digest, "image": spec.ref,
-               "command": spec.command or [spec.script_name], "time_limit": spec.time_limit, "cwd": spec.cwd}
+               "command": spec.command or [spec.script_name], "time_limit": spec.time_limit, "cwd": spec.cwd,
+               "array": spec.array, "after": spec.after}
         tmp = self.state / f".{job_id}.job.tmp"
         tmp.write_text(json.dumps(rec) + "\n")
         tmp.replace(self.state / f"{job_id}.job")
@@ -261,7 +325,7 @@ class GridEngineScheduler:
         except OSError:
             return "", {}, False
         ending = lines[0].split()[0] if lines and lines[0].split()[0] in ("CANCELLED", "TIMEOUT") else ""
-        facts = dict(x.split(" ", 1) for x in lines if x.startswith(("exit ", "host ", "slots ", "end ")))
+        facts = dict(x.split(" ", 1) for x in lines if x.startswith(("exit ", "host ", "slots ", "end ", "why ")))
         return ending, facts, "exit" in facts or lines[:1] == ["CANCELLED pending"]
 
     def _ending(self, job_id: str) -> str:
@@ -279,63 +343,59 @@ class GridEngineScheduler:
     def _info(self, j: dict[str, str]) -> JobInfo:
         jid = j.get("JB_job_number", "")
         rec = self._record(jid) if j.get("JB_owner") == self.me else {}
+        task = j.get("tasks", "") if rec.get("array") else ""
+        key = f"{jid}.{task}" if task else jid
         state = _state(j.get("state", ""))
         queue = j.get("queue_name", "")
         start = j.get("JAT_start_time", "")
-        return JobInfo(id=jid, user=j.get("JB_owner", ""), state=state, name=j.get("JB_name", ""),
+        return JobInfo(id=key, user=j.get("JB_owner", ""), state=state, name=j.get("JB_name", ""),
                        image=str(rec.get("image", "")), digest=str(rec.get("digest", "")),
                        command=list(rec.get("command", [])), nodes=queue.split("@", 1)[-1] if queue else "",
-                       submit_time=j.get("JB_submission_time", "").replace("T", "T")[:19],
+                       submit_time=j.get("JB_submission_time", "")[:19],
                        start_time=start[:19] if state != "PENDING" else "",
                        time_limit=int(rec.get("time_limit", 0)), cpus=int(j.get("slots") or 1),
-                       reason="error" if "E" in j.get("state", "") else "", backend=self.name,
-                       log=str(self.state / f"{jid}.out") if rec else "")
+                       reason=("error" if "E" in j.get("state", "") else "") or
+                       ("waiting for " + rec["after"] if state == "PENDING" and rec.get("after") else ""),
+                       backend=self.name, log=str(self.state / f"{key}.out") if rec else "")
 
-    def _accounting(self, job_id: str) -> dict[str, str]:
+    def _accounting(self, job_id: str) -> dict[str, dict[str, str]]:
+        """qacct's records of the job by task id ("" for a plain job); an id's newest record wins."""
         r = self._run("qacct", "-j", job_id)
+        out: dict[str, dict[str, str]] = {}
         if r.returncode != 0 or not r.stdout.strip():
-            return {}
+            return out
         d: dict[str, str] = {}
-        for line in r.stdout.splitlines():     # records are separated by =====; an id's newest record is last
+        for line in [*r.stdout.splitlines(), "====="]:      # records are separated by =====
             if line.startswith("====="):
+                if d.get("jobnumber") == job_id:
+                    out[d.get("taskid", "undefined").replace("undefined", "")] = d
                 d = {}
                 continue
             k, _, v = line.partition(" ")
             if k:
                 d[k] = v.strip()
-        return d
+        return out
 
-    def status(self, job_id: str) -> JobInfo:
-        if not job_id.isdigit():
-            raise UsageError(f"invalid job id {job_id!r}")
-        for j in self._qstat(all_users=os.geteuid() == 0):
-            if j.get("JB_job_number") == job_id:
-                if j.get("JB_owner") != self.me and os.geteuid() != 0:
-                    break
-                return self._info(j)
-        rec = self._record(job_id)
-        a = self._accounting(job_id)
-        if not a or (a.get("owner") != self.me and os.geteuid() != 0):
-            if rec and not a:
-                # Out of qstat, not yet in the accounting file (written every flush_time), or deleted pending.
-                ending, facts, ended = self._end(job_id)
-                code = int(facts["exit"]) if facts.get("exit", "").isdigit() else None
-                state = (ending or ("COMPLETED" if code == 0 else "FAILED")) if ended else "RUNNING"
-                return JobInfo(id=job_id, user=self.me, state=state, exit_code=code, name=str(rec.get("name", "")),
-                               nodes=facts.get("host", ""), end_time=iso(float(facts.get("end") or 0)),
-                               cpus=int(facts["slots"]) if facts.get("slots", "").isdigit() else 1,
-                               reason="" if ended else "finishing", image=str(rec.get("image", "")),
-                               digest=str(rec.get("digest", "")), command=list(rec.get("command", [])),
-                               time_limit=int(rec.get("time_limit", 0)), backend=self.name,
-                               log=str(self.state / f"{job_id}.out"))
-            # Another user's job is reported exactly like a missing one: its existence is not ours to know.
-            raise NotFound(f"job {job_id} not found")
+    def _finished(self, key: str, rec: dict[str, Any], a: dict[str, str]) -> JobInfo:
+        """A job (or array task) that has left qstat: qacct's record, else the wrapper's own."""
+        ending, facts, ended = self._end(key)
+        common = {"id": key, "image": str(rec.get("image", "")), "digest": str(rec.get("digest", "")),
+                  "command": list(rec.get("command", [])), "time_limit": int(rec.get("time_limit", 0)),
+                  "backend": self.name, "log": str(self.state / f"{key}.out") if rec else ""}
+        if not a:
+            # Out of qstat, not yet in the accounting file (written every flush_time), or deleted pending.
+            code = int(facts["exit"]) if facts.get("exit", "").isdigit() else None
+            state = (ending or ("COMPLETED" if code == 0 else "FAILED")) if ended else "RUNNING"
+            return JobInfo(**common, user=self.me, state=state, exit_code=code, name=str(rec.get("name", "")),
+                           nodes=facts.get("host", ""), end_time=iso(float(facts.get("end") or 0)),
+                           cpus=int(facts["slots"]) if facts.get("slots", "").isdigit() else 1,
+                           reason=("dependency not satisfied" if ending == "CANCELLED" and
+                                   facts.get("why") == "dependency" else "") if ended else "finishing")
         failed = a.get("failed", "0").split()[0]
         try:
             code: int | None = int(a.get("exit_status", "").split()[0])
         except (ValueError, IndexError):
             code = None
-        ending = self._ending(job_id)
         if ending:
             state = ending
         elif failed != "0":
@@ -344,13 +404,62 @@ class GridEngineScheduler:
                 "CANCELLED" if "after job" in text and code == 137 else "FAILED"
         else:
             state = "COMPLETED" if code == 0 else "FAILED"
-        return JobInfo(id=job_id, user=a.get("owner", ""), state=state, name=a.get("jobname", ""),
+        return JobInfo(**common, user=a.get("owner", ""), state=state, name=a.get("jobname", ""),
+                       nodes=a.get("hostname", ""), exit_code=code, submit_time=_qacct_time(a.get("qsub_time", "")),
+                       start_time=_qacct_time(a.get("start_time", "")), end_time=_qacct_time(a.get("end_time", "")),
+                       cpus=int(a.get("slots") or 1),
+                       reason="dependency not satisfied" if facts.get("why") == "dependency" else
+                       "" if failed == "0" else a.get("failed", ""))
+
+    def status(self, job_id: str) -> JobInfo:
+        base, _, task = job_id.partition(".")
+        if not base.isdigit() or (task and not task.isdigit()):
+            raise UsageError(f"invalid job id {job_id!r} (ID, or ID.TASK for an array task)")
+        rec = self._record(base)
+        if rec.get("array") and not task:
+            return self._array(base, rec)
+        for j in self._qstat(all_users=os.geteuid() == 0):
+            if j.get("JB_job_number") == base and (not task or _in_range(task, j.get("tasks", ""))):
+                if j.get("JB_owner") != self.me and os.geteuid() != 0:
+                    break
+                info = self._info(j)
+                info.id = job_id
+                info.log = str(self.state / f"{job_id}.out") if rec else ""
+                return info
+        acct = self._accounting(base)
+        a = acct.get(task, {})
+        if (a and a.get("owner") != self.me and os.geteuid() != 0) or (not a and not rec):
+            # Another user's job is reported exactly like a missing one: its existence is not ours to know.
+            raise NotFound(f"job {job_id} not found")
+        return self._finished(job_id, rec, a)
+
+    def _array(self, base: str, rec: dict[str, Any]) -> JobInfo:
+        """An array job as a whole: one state from its tasks' (listed in `reason`), logs from all of them."""
+        first, last, step = _task_range(str(rec["array"]))
+        active = {t: j for j in self._qstat(all_users=False) if j.get("JB_job_number") == base
+                  for t in range(first, last + 1, step) if _in_range(str(t), j.get("tasks", ""))}
+        acct = self._accounting(base)
+        states: dict[str, int] = {}
+        codes = []
+        for t in range(first, last + 1, step):
+            if t in active:
+                st = _state(active[t].get("state", ""))
+            else:
+                info = self._finished(f"{base}.{t}", rec, acct.get(str(t), {}))
+                st = info.state
+                if info.exit_code is not None:
+                    codes.append(info.exit_code)
+            states[st] = states.get(st, 0) + 1
+        order = ("RUNNING", "SUSPENDED", "PENDING", "CANCELLED", "TIMEOUT", "FAILED", "COMPLETED")
+        state = next(x for x in order if x in states)
+        if state == "SUSPENDED" and "PENDING" in states:
+            state = "RUNNING"
+        return JobInfo(id=base, user=self.me, state=state, name=str(rec.get("name", "")),
                        image=str(rec.get("image", "")), digest=str(rec.get("digest", "")),
-                       command=list(rec.get("command", [])), nodes=a.get("hostname", ""), exit_code=code,
-                       submit_time=_qacct_time(a.get("qsub_time", "")), start_time=_qacct_time(a.get("start_time", "")),
-                       end_time=_qacct_time(a.get("end_time", "")), time_limit=int(rec.get("time_limit", 0)),
-                       cpus=int(a.get("slots") or 1), reason="" if failed == "0" else a.get("failed", ""),
-                       backend=self.name, log=str(self.state / f"{job_id}.out") if rec else "")
+                       command=list(rec.get("command", [])), time_limit=int(rec.get("time_limit", 0)),
+                       exit_code=max(codes) if codes and state not in ACTIVE else None, backend=self.name,
+                       reason="tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
+                       log=str(self.state / f"{base}.{first}.out"))
 
     def list(self, all_users: bool = False) -> list[JobInfo]:
         if all_users:
@@ -359,7 +468,7 @@ class GridEngineScheduler:
             if not is_admin(self.cfg):
                 raise PermissionDenied("only administrators may list all users' jobs")
         jobs = [self._info(j) for j in self._qstat(all_users)]
-        return sorted(jobs, key=lambda x: int(x.id))
+        return sorted(jobs, key=_order)
 
     # -- control ------------------------------------------------------------------------------------------------
     def _control(self, job_id: str, tool: str, *args: str) -> JobInfo:
@@ -373,10 +482,22 @@ class GridEngineScheduler:
 
     def cancel(self, job_id: str) -> None:
         info = self.status(job_id)
-        if info.state == "PENDING" and info.user == self.me:
-            with contextlib.suppress(OSError):      # never started: no wrapper to record it
-                (self.state / f"{job_id}.end").write_text("CANCELLED pending\n")
-        self._control(job_id, "qdel")
+        rec = self._record(job_id.partition(".")[0])
+        pending = [job_id] if info.state == "PENDING" and info.user == self.me else []
+        if rec.get("array") and "." not in job_id:
+            first, last, step = _task_range(str(rec["array"]))
+            pending = [f"{job_id}.{t}" for t in range(first, last + 1, step)
+                       if self._pending_task(job_id, str(t))]
+        for key in pending:                     # never started: no wrapper to record it
+            with contextlib.suppress(OSError):
+                (self.state / f"{key}.end").write_text("CANCELLED pending\n")
+        self._control(job_id, "qdel")      # GE takes ID.TASK for one array task
+
+    def _pending_task(self, base: str, task: str) -> bool:
+        if (self.state / f"{base}.{task}.end").exists():
+            return False
+        return any(j.get("JB_job_number") == base and _in_range(task, j.get("tasks", ""))
+                   and _state(j.get("state", "")) == "PENDING" for j in self._qstat(all_users=False))
 
     def suspend(self, job_id: str) -> None:
         self._control(job_id, "qmod", "-sj")
@@ -386,6 +507,12 @@ class GridEngineScheduler:
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
         info = self.status(job_id)
+        rec = self._record(job_id)
+        if rec.get("array") and "." not in job_id:      # every task's log in turn (each to its end with -f)
+            first, last, step = _task_range(str(rec["array"]))
+            for t in range(first, last + 1, step):
+                yield from self.logs(f"{job_id}.{t}", follow)
+            return
         path = Path(info.log) if info.log else None
         pos = 0
         while True:

@@ -33,6 +33,8 @@ class JobSpec(Record):
     env: dict[str, str] = Factory(dict)
     user: str = ""
     compose: str = ""                   # `submit --compose`: the job runs `nagaya compose up -f` this file
+    array: str = ""                     # `submit --array 1-100%10`: task ids 1..100, at most 10 at once
+    after: str = ""                     # `submit --after JOB[:ok|:any],...`: start after those jobs end
 
 
 class JobInfo(Record):

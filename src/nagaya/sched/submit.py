@@ -26,6 +26,8 @@ class SubmitRequest(Record):
     name: str | None = None
     compose: str | None = None
     backend: str | None = None
+    array: str | None = None
+    after: str | None = None
 
 
 def find_script(args: list[str]) -> tuple[Path, str] | None:
@@ -107,13 +109,17 @@ def submit_job(req: SubmitRequest, cfg: Any = None) -> dict[str, Any]:
                    compose=str(compose.resolve()) if compose is not None else "")
     if script:
         spec.command = args[1:]             # the script's own arguments
+    if (req.array or req.after) and sched.name != "gridengine":
+        raise UsageError(f"--array and --after are not available on the {sched.name} backend yet (gridengine only)")
+    spec.array, spec.after = req.array or "", req.after or ""
     job_id = sched.submit(spec)
     ev = audit.AuditEvent(action="submit", user=me, uid=os.getuid(), image=image, digest=digest,
                           command=spec.command if not script else [str(script[0]), *args[1:]],
                           cwd=spec.cwd, details={"job": job_id, "backend": sched.name,
                                                  "nodes": spec.nodes, "ntasks": spec.ntasks,
                                                  "cpus": spec.cpus, "mem": spec.mem, "gpus": spec.gpus,
-                                                 "time_limit": spec.time_limit})
+                                                 "time_limit": spec.time_limit, "array": spec.array,
+                                                 "after": spec.after})
     audit.record(ev, cfg)
     from nagaya.client.site_audit import forward
 
