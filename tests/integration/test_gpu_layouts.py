@@ -135,3 +135,24 @@ def test_cdi_specs_nvidia_and_amd(alice: User, backend: str, workdir: Path) -> N
     assert r.stdout.splitlines()[:3] == ["nvidia0 nvidiactl ", "nvidia", f"nvidia-smi {V}"]
     r = alice.nagaya("run", "--backend", backend, "--device", "nvidia.com/gpu=5", "bb", "true", env=env)
     assert r.returncode == 2 and "has no device '5'" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def merged_usr(alice: User, rootfs: Path, shared_tmp: Path) -> str:
+    """The busybox image with /lib -> usr/lib, as Debian 12, Ubuntu 22.04 and RHEL 9 images have it."""
+    d = shared_tmp / "merged-usr"
+    subprocess.run(["cp", "-a", str(rootfs), str(d)], check=True)
+    (d / "usr/lib").mkdir(parents=True, exist_ok=True)
+    subprocess.run(["rm", "-rf", str(d / "lib")], check=True)
+    (d / "lib").symlink_to("usr/lib")
+    r = alice.nagaya("image", "import", str(d), "--name", "merged-usr")
+    assert r.returncode == 0, r.stderr
+    return "merged-usr"
+
+
+def test_firmware_through_a_merged_usr_link(alice: User, backend: str, merged_usr: str) -> None:
+    env = layout(L.debian, "merged", alice, count=1)
+    r = alice.nagaya("run", "--backend", backend, "--gpus", merged_usr, "sh", "-c",
+                     "ls /lib/firmware/nvidia /usr/lib/firmware/nvidia; readlink /lib", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["/lib/firmware/nvidia:", V, "/usr/lib/firmware/nvidia:", V, "usr/lib"]

@@ -277,7 +277,9 @@ class Launcher:
         # Directories already looked at, each a lookup in the image (a FUSE round trip): a driver's
         # libraries are a dozen binds into one directory the image lacks.
         seen: dict[str, str] = {}
-        for dst, is_dir in targets:
+        hops = 0
+        while targets:
+            dst, is_dir = targets.pop(0)
             parts = [p for p in dst.split("/") if p]
             cur = ""
             for i, p in enumerate(parts):
@@ -285,8 +287,6 @@ class Launcher:
                 last = i == len(parts) - 1
                 if not last and seen.get(cur) == "dir":
                     continue
-                if seen.get(cur) == "link":
-                    break
                 if seen.get(parent) == "made":      # below a directory we made: nothing in the image
                     target = upper + cur
                     if last and not is_dir:
@@ -303,8 +303,12 @@ class Launcher:
                     _create_empty(upper + cur)
                     break
                 if resolved is not None and resolved != cur:
-                    seen[cur] = "link"
-                    break                   # a symlink in the image: the backend follows it
+                    # A symlink in the image (/lib -> usr/lib): the backend follows it, so the mount point
+                    # is made at the link's target, which may be missing (/usr/lib/firmware/nvidia/V).
+                    hops += 1
+                    if not last and hops <= 40:
+                        targets.append(("/".join([resolved.rstrip("/"), *parts[i + 1:]]), is_dir))
+                    break
                 host_lower = lower_view.host_path(cur)
                 if os.path.lexists(host_lower) and (not last or os.path.isdir(host_lower) == is_dir):
                     if not last:
