@@ -117,7 +117,11 @@ def test_cdi_specs_nvidia_and_amd(alice: User, backend: str, workdir: Path) -> N
             "mounts": [{"hostPath": f"{root}/usr/bin/nvidia-smi", "containerPath": "/usr/bin/nvidia-smi",
                         "options": ["ro", "nosuid", "nodev", "bind"]}],
             "hooks": [{"hookName": "createContainer", "path": "/bin/sh", "env": ["PATH=/usr/bin:/bin"],
-                       "args": ["sh", "-c", f"id -u > {hook_out}; cat > {hook_out}.state"]}]}}, yaml_text=True)
+                       "args": ["sh", "-c", f"id -u > {hook_out}; cat > {hook_out}.state"]},
+                      # as nvidia-ctk's update-ldcache fails without root: reported, and the run goes on
+                      {"hookName": "createContainer", "path": "/bin/sh",
+                       "args": ["sh", "-c", "echo cannot write /etc/ld.so.cache >&2; exit 1"]},
+                      {"hookName": "poststop", "path": "/bin/true"}]}}, yaml_text=True)
     (root / "dev/amd").mkdir()
     L.cdi_spec(root, "amd.json", {
         "cdiVersion": "0.8.0", "kind": "amd.com/gpu",
@@ -128,6 +132,8 @@ def test_cdi_specs_nvidia_and_amd(alice: User, backend: str, workdir: Path) -> N
     assert r.stdout.splitlines() == ["nvidia1 nvidiactl ", "nvidia", f"nvidia-smi {V}"]
     assert hook_out.read_text().strip() == str(alice.uid)                 # the hook ran as the user
     assert '"status": "creating"' in hook_out.with_suffix(".state").read_text()
+    assert "nagaya: warning: CDI createContainer hook /bin/sh failed: cannot write /etc/ld.so.cache" in r.stderr
+    assert "nagaya: note: CDI poststop hook /bin/true not run" in r.stderr
     r = run(alice, backend, env, "--device", "amd.com/gpu=all", script="ls /dev | grep -c kfd; echo $FROM_CDI")
     assert r.stdout.split() == ["1", "amd"]
     # --gpus takes the site's NVIDIA spec: its devices and mounts, no discovery of its own

@@ -235,26 +235,31 @@ def apply_cdi(out: GpuPlan, specs: list[dict[str, Any]], requests: list[str], no
                                   "timeout": int(h.get("timeout") or 30)})
 
 
-def run_hooks(hooks: list[dict[str, Any]], names: tuple[str, ...], state: dict[str, Any]) -> None:
+def run_hooks(hooks: list[dict[str, Any]], names: tuple[str, ...], state: dict[str, Any]) -> list[str]:
     """Run the CDI hooks of these kinds as the user (never as root: nagaya has no more rights than the
-    user, and an exec by a non-root uid drops the namespace's capabilities), the OCI state on stdin."""
+    user, and an exec by a non-root uid drops the namespace's capabilities), the OCI state on stdin.
+    A hook that fails is reported, not fatal: hooks are written for a runtime running as root (nvidia-ctk's
+    update-ldcache rewrites the image's /etc/ld.so.cache), which nagaya never is. Returns the warnings."""
     todo = [h for h in hooks if h["hookName"] in names]
     if not todo:
-        return
+        return []
     import json
     import subprocess
 
     data = json.dumps(state).encode()
+    warnings = []
     for h in todo:
         try:
             r = subprocess.run(h["args"], executable=h["path"], input=data, env=dict(e.partition("=")[::2]
                                for e in h["env"]), capture_output=True, timeout=h["timeout"],
                                preexec_fn=_unblock_signals)
         except (OSError, subprocess.SubprocessError) as e:
-            raise UsageError(f"CDI {h['hookName']} hook {h['path']} failed: {e}") from None
+            warnings.append(f"CDI {h['hookName']} hook {h['path']} failed: {e}")
+            continue
         if r.returncode != 0:
             err = r.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {r.returncode}"]
-            raise UsageError(f"CDI {h['hookName']} hook {h['path']} failed: {err[0]}")
+            warnings.append(f"CDI {h['hookName']} hook {h['path']} failed: {err[0]}")
+    return warnings
 
 
 def _unblock_signals() -> None:

@@ -504,8 +504,10 @@ class Launcher:
             for h in gp.hooks:
                 if h["hookName"] in ("startContainer", "poststop"):
                     os.write(2, f"nagaya: note: CDI {h['hookName']} hook {h['path']} not run\n".encode())
-        gpu.run_hooks(gp.hooks, names, {"ociVersion": "1.0.2", "id": f"nagaya-{os.getpid()}", "status": status,
-                                        "pid": os.getpid(), "bundle": bundle, "annotations": {}})
+        for w in gpu.run_hooks(gp.hooks, names, {"ociVersion": "1.0.2", "id": f"nagaya-{os.getpid()}",
+                                                 "status": status, "pid": os.getpid(), "bundle": bundle,
+                                                 "annotations": {}}):
+            os.write(2, f"nagaya: warning: {w}\n".encode())
 
     def _hold_image(self) -> int:
         """A shared lock on the image for as long as the container runs: `cache gc` skips it."""
