@@ -4,6 +4,7 @@ gets, and which it does not (tests/helpers/gpu_layouts.py builds the trees)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -134,6 +135,12 @@ def test_cdi_specs_nvidia_and_amd(alice: User, backend: str, workdir: Path) -> N
     assert '"status": "creating"' in hook_out.with_suffix(".state").read_text()
     assert "nagaya: warning: CDI createContainer hook /bin/sh failed: cannot write /etc/ld.so.cache" in r.stderr
     assert "nagaya: note: CDI poststop hook /bin/true not run" in r.stderr
+    # the audit record keeps the devices, and `reproduce --run` asks for them again
+    audit = alice.home / ".local/share/nagaya/audit.jsonl"
+    rec = [json.loads(x) for x in audit.read_text().splitlines() if x.strip()][-1]
+    assert rec["action"] == "run" and rec["details"]["devices"] == ["nvidia.com/gpu=1"]
+    again = alice.nagaya("reproduce", "--run", rec["id"], env=env, cwd=workdir)
+    assert again.returncode == 0 and again.stdout.splitlines()[:2] == ["nvidia1 nvidiactl ", "nvidia"], again.stderr
     r = run(alice, backend, env, "--device", "amd.com/gpu=all", script="ls /dev | grep -c kfd; echo $FROM_CDI")
     assert r.stdout.split() == ["1", "amd"]
     # --gpus takes the site's NVIDIA spec: its devices and mounts, no discovery of its own

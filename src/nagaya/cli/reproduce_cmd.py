@@ -149,6 +149,8 @@ def run_argv(rec: dict[str, Any], name: str) -> list[str]:
         argv += ["--overlay", str(d["overlay_dir"])]
     if d.get("gpus"):
         argv += ["--gpus", str(d["gpus"])]
+    for dev in d.get("devices") or []:
+        argv += ["--device", str(dev)]
     if d.get("backend") in ("bwrap", "runc"):
         argv += ["--backend", str(d["backend"])]
     command = [str(x) for x in rec.get("command") or []]
