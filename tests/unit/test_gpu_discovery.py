@@ -281,3 +281,21 @@ def test_cdi_device_names() -> None:
     assert cdi.is_device_name("nvidia.com/gpu=0") and cdi.is_device_name("amd.com/gpu=all")
     assert not cdi.is_device_name("gpu=0") and not cdi.is_device_name("nvidia.com/gpu") and \
         not cdi.is_device_name("nvidia/gpu=0")
+
+
+@root_only
+def test_gpus_falls_back_to_discovery_when_the_spec_names_devices_otherwise(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "deb"
+    env = L.debian(root, 2)
+    uuid = "GPU-4f3a9c2e-0000-1111-2222-333344445555"
+    L.cdi_spec(root, "nvidia.json", {"cdiVersion": "0.7.0", "kind": "nvidia.com/gpu", "devices": [
+        {"name": uuid, "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0",
+                                                           "hostPath": f"{root}/dev/nvidia0"}]}}]})
+    c = cfg_for(env, monkeypatch)
+    p = gpu.plan("0", c, env={"PATH": "/usr/bin"}, cache_root=str(tmp_path / "cache"))
+    assert p.paths and p.source == "nvidia"
+    assert p.notes[0] == (f"the CDI spec for nvidia.com/gpu names no device 0 (it has {uuid}): "
+                          "--gpus finds the driver itself")
+    p = gpu.device_plan([f"nvidia.com/gpu={uuid}"], c, str(tmp_path / "cache"))
+    assert [b.dst for b in p.binds] == ["/dev/nvidia0"]

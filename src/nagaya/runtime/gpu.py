@@ -119,12 +119,16 @@ def plan(request: str, cfg: GpuConfig, env: dict[str, str] | None = None, cache_
     kind = f"{vendor}.com/gpu"
     if cfg.cdi:
         specs, notes = load_cdi(cfg, cache_root)
-        if any(s["kind"] == kind for s in specs):
-            whole = request in ("all", "") and allocation(env_map, vendor) is None
-            names = [f"{kind}=all"] if whole else [f"{kind}={i}" for i in chosen]
-            apply_cdi(out, specs, names, notes)
+        have = {d["name"] for s in specs if s["kind"] == kind for d in s["devices"]}
+        whole = request in ("all", "") and allocation(env_map, vendor) is None
+        names = ["all"] if whole else [str(i) for i in chosen]
+        if have and (whole or all(n in have for n in names)):
+            apply_cdi(out, specs, [f"{kind}={n}" for n in names], notes)
             _visible_env(out, vendor, chosen)
             return out
+        if have:                            # e.g. a spec naming devices by UUID only: our own discovery
+            out.notes.append(f"the CDI spec for {kind} names no device {', '.join(n for n in names if n not in have)}"
+                             f" (it has {', '.join(sorted(have))}): --gpus finds the driver itself")
     if vendor == "amd":
         out.binds.append(Bind(f"{dev_dir}/kfd", "/dev/kfd", device=True))
         for i in chosen:
