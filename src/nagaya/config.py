@@ -37,6 +37,7 @@ DEFAULT_GPU_LIBS = (
     "libnvidia-eglcore.so", "libnvidia-glcore.so", "libnvidia-tls.so", "libnvidia-glsi.so",
     "libnvidia-rtcore.so", "libnvoptix.so", "libnvidia-encode.so", "libnvcuvid.so", "libnvidia-opticalflow.so",
     "libGLX_nvidia.so", "libEGL_nvidia.so", "libGLESv2_nvidia.so", "libGLESv1_CM_nvidia.so",
+    "libnvidia-glvkspirv.so", "libnvidia-fbc.so", "libnvidia-ngx.so", "libnvidia-api.so", "libnvidia-nscq.so",
 )
 DEFAULT_AMD_LIBS = ("libamdhip64.so", "libhsa-runtime64.so", "libhsakmt.so", "libamd_comgr.so", "libhiprtc.so",
                     "librocm_smi64.so", "librocm-core.so", "libdrm_amdgpu.so", "libdrm.so")
