@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from nagaya.errors import AuthError, Conflict, NotFound, PermissionDenied, TooManyAttempts, UsageError
-from nagaya.server import images
 from nagaya.server.jobs import JobsBusy, JobsUnavailable
+from nagaya.server.registry_client import SiteRegistry
 from nagaya.server.status import http_status
 from tests.helpers.inproc import basic, cli, login, portal_csrf, portal_login, push, server
 
@@ -79,12 +79,11 @@ def test_image_delete_from_api_cli_and_portal(site: tuple[TestClient, dict[str, 
     c, ada = site
     calls: list[tuple[str, str, str]] = []
 
-    def registry(_site: Any, method: str, path: str, subject: str, repository: str, actions: list[str],
-                 **kw: Any) -> httpx.Response:
-        calls.append((method, f"{repository}/{path}", subject))
+    def registry(reg: SiteRegistry, method: str, path: str, **kw: Any) -> httpx.Response:
+        calls.append((method, f"{reg.repository}/{path}", reg.subject))
         return httpx.Response(202)
 
-    monkeypatch.setattr(images, "registry_call", registry)
+    monkeypatch.setattr(SiteRegistry, "request", registry)
     c.post("/api/projects/lab/members", json={"name": "bob", "role": "developer"}, headers=ada)
     bob = login(c, "bob")
     for tag in ("1", "2"):

@@ -24,6 +24,7 @@ from starlette.types import Scope as AsgiScope
 from nagaya.errors import AuthError, NotFound, TooManyAttempts, UsageError
 from nagaya.server.authn import Authenticator, Identity, make_authenticator
 from nagaya.server.ratelimit import DEVICE_PREFIX, Devices, LoginLimiter
+from nagaya.server.registry_client import SiteRegistry
 from nagaya.server.settings import ServerSettings
 from nagaya.server.tokens import TokenIssuer
 from nagaya.store import Database, Principal, lifecycle
@@ -224,14 +225,17 @@ class Site:
         if notes is not None and warning:
             notes["warning"] = warning
 
+    def registry(self, repository: str, subject: str, actions: list[str], timeout: float = 30,
+                 http: httpx.Client | None = None) -> SiteRegistry:
+        """The site registry for one repository, with tokens this server issues to `subject` for `actions`."""
+        return SiteRegistry(self.issuer, self.settings.registry, repository, subject, actions, timeout, http)
+
     def manifest_size(self, repository: str, digest: str, media_type: str) -> int | None:
         """Bytes an image occupies (config + layers), read back from the registry with a server token."""
         if not self.settings.registry or media_type not in MANIFEST_TYPES:
             return None
-        tok = self.issuer.issue(INTERNAL, [{"type": "repository", "name": repository, "actions": ["pull"]}])
         try:
-            r = httpx.get(f"http://{self.settings.registry}/v2/{repository}/manifests/{digest}", timeout=5,
-                          headers={"Authorization": f"Bearer {tok['token']}", "Accept": ", ".join(MANIFEST_TYPES)})
+            r = self.registry(repository, INTERNAL, ["pull"], timeout=5).get_manifest(digest)
             r.raise_for_status()
             m = r.json()
         except (httpx.HTTPError, ValueError) as e:

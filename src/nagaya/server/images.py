@@ -3,7 +3,7 @@ pages and the JSON API (and so the CLI)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -13,16 +13,6 @@ from nagaya.store.service import SiteService, forget_manifest
 
 if TYPE_CHECKING:
     from nagaya.server.base import Site
-
-
-def registry_call(site: Site, method: str, path: str, subject: str, repository: str, actions: list[str],
-                  **kw: Any) -> httpx.Response:
-    """The registry, as the server on the user's behalf: a token for exactly what authz granted, issued to
-    the user's name so the registry's notification records who did it."""
-    tok = site.issuer.issue(subject, [{"type": "repository", "name": repository, "actions": actions}])
-    headers = {"Authorization": f"Bearer {tok['token']}", **kw.pop("headers", {})}
-    return httpx.request(method, f"http://{site.settings.registry}/v2/{repository}/{path}", headers=headers,
-                         timeout=30, **kw)
 
 
 def delete_image(site: Site, principal: Principal, repository: str, digest: str) -> int:
@@ -35,7 +25,8 @@ def delete_image(site: Site, principal: Principal, repository: str, digest: str)
     if not digest.startswith("sha256:") or len(digest) != 71:
         raise UsageError("bad digest")
     try:
-        resp = registry_call(site, "DELETE", f"manifests/{digest}", principal.name, repository, ["delete"])
+        # a token for exactly what authz granted, issued to the caller: the registry's notification says who
+        resp = site.registry(repository, principal.name, ["delete"]).delete_manifest(digest)
     except httpx.HTTPError as e:
         raise UsageError(f"the registry did not answer: {e}") from None
     if resp.status_code not in (202, 404):

@@ -210,18 +210,14 @@ def gc_shared_caches(cfg: Config, dry_run: bool) -> list[dict[str, Any]]:
 
 
 def _registry_get(site: Any, repository: str, path: str, accept: str = "") -> bytes:
-    tok = site.issuer.issue(ACTOR, [{"type": "repository", "name": repository, "actions": ["pull"]}])
-    headers = {"Authorization": f"Bearer {tok['token']}"} | ({"Accept": accept} if accept else {})
-    r = httpx.get(f"http://{site.settings.registry}/v2/{repository}/{path}", headers=headers, timeout=300,
-                  follow_redirects=True)
+    r = site.registry(repository, ACTOR, ["pull"], timeout=300).request(
+        "GET", path, headers={"Accept": accept} if accept else {}, follow_redirects=True)
     r.raise_for_status()
-    return r.content
+    return bytes(r.content)
 
 
 def _delete_manifest(site: Any, repository: str, digest: str) -> bool:
-    tok = site.issuer.issue(ACTOR, [{"type": "repository", "name": repository, "actions": ["delete"]}])
-    r = httpx.delete(f"http://{site.settings.registry}/v2/{repository}/manifests/{digest}",
-                     headers={"Authorization": f"Bearer {tok['token']}"}, timeout=30)
+    r = site.registry(repository, ACTOR, ["delete"]).delete_manifest(digest)
     return r.status_code in (202, 404)           # 404: already gone (an earlier, interrupted run)
 
 

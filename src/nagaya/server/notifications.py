@@ -17,7 +17,7 @@ from nagaya.errors import AuthError, UsageError
 from nagaya.server.base import INTERNAL, Site
 from nagaya.store import lifecycle
 from nagaya.store.models import Repository, Tag
-from nagaya.store.service import MANIFEST_TYPES, SiteService
+from nagaya.store.service import SiteService
 
 log = logging.getLogger("nagaya.server")
 
@@ -69,16 +69,11 @@ def router(site: Site) -> APIRouter:
             if old is None or old.digest == digest:
                 return False                                  # a first push, or the same image again
             old_digest, old_type = old.digest, old.media_type
-        tok = site.issuer.issue(INTERNAL, [{"type": "repository", "name": repo, "actions": ["pull", "push"]}])
-        base = f"http://{settings.registry}/v2/{repo}/manifests"
-        hdr = {"Authorization": f"Bearer {tok['token']}"}
+        registry = site.registry(repo, INTERNAL, ["pull", "push"], timeout=10)
         try:
-            r = httpx.get(f"{base}/{old_digest}", headers={**hdr, "Accept": old_type or ", ".join(MANIFEST_TYPES)},
-                          timeout=10)
+            r = registry.get_manifest(old_digest, old_type)
             r.raise_for_status()
-            put = httpx.put(f"{base}/{tag}", content=r.content, timeout=10,
-                            headers={**hdr, "Content-Type": r.headers.get("content-type", old_type)})
-            put.raise_for_status()
+            registry.put_manifest(tag, r.content, r.headers.get("content-type", old_type)).raise_for_status()
         except httpx.HTTPError as e:
             log.error("cannot restore immutable tag %s:%s: %s", repo, tag, e)
             return False

@@ -18,7 +18,7 @@ from nagaya.server import images as images_ops
 from nagaya.server.offload import offload
 from nagaya.server.portal.base import Portal, check_ref, client_address
 from nagaya.store import authorize
-from nagaya.store.service import MANIFEST_TYPES, SiteService
+from nagaya.store.service import SiteService
 
 
 def router(portal: Portal) -> APIRouter:
@@ -67,8 +67,7 @@ def router(portal: Portal) -> APIRouter:
             if "pull" not in authorize(db, p, repository, ["pull"]):
                 raise NotFound(f"repository {repository} not found")
         try:
-            resp = images_ops.registry_call(site, "GET", f"manifests/{ref}", s.user, repository, ["pull"],
-                                            headers={"Accept": ", ".join(MANIFEST_TYPES)})
+            resp = site.registry(repository, s.user, ["pull"]).get_manifest(ref)
         except httpx.HTTPError as e:
             raise UsageError(f"the registry did not answer: {e}") from None
         if resp.status_code == 404:
@@ -94,14 +93,10 @@ def router(portal: Portal) -> APIRouter:
                 raise NotFound(f"repository {repository} not found")
         tag = re.sub(r"[^A-Za-z0-9._-]", "_", tag)[:128] or "latest"
 
-        def auth() -> dict[str, str]:
-            tok = site.issuer.issue(s.user, [{"type": "repository", "name": repository, "actions": ["pull"]}])
-            return {"Authorization": f"Bearer {tok['token']}"}
-
         http = httpx.Client(timeout=60, follow_redirects=True)
-        base = f"http://{settings.registry}/v2/{repository}"
+        registry = site.registry(repository, s.user, ["pull"], timeout=60, http=http)
         try:
-            resp = http.get(f"{base}/manifests/{ref}", headers={**auth(), "Accept": ", ".join(MANIFEST_TYPES)})
+            resp = registry.get_manifest(ref)
             if resp.status_code == 404:
                 raise NotFound(f"{repository}@{ref} not found")
             if resp.status_code != 200:
@@ -110,7 +105,7 @@ def router(portal: Portal) -> APIRouter:
             if ref.startswith("sha256:") and ref != digest:
                 raise UsageError("the registry sent a manifest that does not match its digest")
             media_type = resp.headers.get("content-type", "").split(";")[0].strip()
-            archive = Archive(http, base, auth, resp.content, media_type, digest, tag)
+            archive = Archive(http, registry.base, registry.auth, resp.content, media_type, digest, tag)
         except (httpx.HTTPError, NagayaError) as e:
             http.close()
             if isinstance(e, NagayaError):
