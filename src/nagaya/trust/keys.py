@@ -71,30 +71,41 @@ def encrypt_private(der: bytes, passphrase: bytes) -> bytes:
     return _pem(PEM_TYPES[0], json.dumps(doc).encode())
 
 
-def decrypt_private(pem: bytes, passphrase: bytes, where: str) -> ec.EllipticCurvePrivateKey:
+# go-securesystemslib accepts exactly these scrypt parameter sets (Legacy, Standard, OWASP); so do we
+KNOWN_SCRYPT = ((32768, 8, 1), (65536, 8, 1), (131072, 8, 1))
+
+
+def open_sealed(doc_bytes: bytes, passphrase: bytes, where: str) -> bytes:
+    """go-securesystemslib's `encrypted.Decrypt`: the JSON {kdf, cipher, ciphertext} -> plaintext."""
     from nacl.exceptions import CryptoError
     from nacl.secret import SecretBox
 
-    kind, body = _unpem(pem, where)
-    if kind not in PEM_TYPES:
-        raise TrustError(f"{where}: not an encrypted cosign/sigstore private key (PEM type {kind!r})")
     try:
-        doc = json.loads(body)
+        doc = json.loads(doc_bytes)
         kdf, cipher = doc["kdf"], doc["cipher"]
         if kdf["name"] != "scrypt" or cipher["name"] != "nacl/secretbox":
             raise TrustError(f"{where}: unsupported key encryption {kdf['name']}/{cipher['name']}")
         params = {k: int(kdf["params"][k]) for k in ("N", "r", "p")}
-        if not (1 << 10 <= params["N"] <= 1 << 20 and params["r"] <= 32 and params["p"] <= 16):
-            raise TrustError(f"{where}: unreasonable scrypt parameters {params}")
         salt, nonce = base64.b64decode(kdf["salt"]), base64.b64decode(cipher["nonce"])
         ct = base64.b64decode(doc["ciphertext"])
     except (ValueError, KeyError, TypeError):
         raise TrustError(f"{where}: malformed encrypted private key") from None
+    if (params["N"], params["r"], params["p"]) not in KNOWN_SCRYPT:
+        raise TrustError(f"{where}: unsupported scrypt parameters {params}")
     try:
-        der = SecretBox(_kdf(passphrase, salt, params)).decrypt(ct, nonce)
+        return SecretBox(_kdf(passphrase, salt, params)).decrypt(ct, nonce)
     except CryptoError:
         raise TrustError(f"{where}: wrong passphrase (or a corrupt key)") from None
-    key = serialization.load_der_private_key(der, None)
+
+
+def decrypt_private(pem: bytes, passphrase: bytes, where: str) -> ec.EllipticCurvePrivateKey:
+    kind, body = _unpem(pem, where)
+    if kind not in PEM_TYPES:
+        raise TrustError(f"{where}: not an encrypted cosign/sigstore private key (PEM type {kind!r})")
+    try:
+        key = serialization.load_der_private_key(open_sealed(body, passphrase, where), None)
+    except ValueError:
+        raise TrustError(f"{where}: the decrypted key is not PKCS#8") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TrustError(f"{where}: only ECDSA keys are supported")
     return key

@@ -128,7 +128,7 @@ def verify(reg: Registry, ref_name: str, digest: str,
             continue
         signer = next(((n, k) for n, k in trusted if keys.verify(k, body, sig)), None)
         if signer is None:
-            reasons.append("signed, but not by a trusted key")
+            reasons.append("a signature that does not verify with the trusted keys (another key, or tampered)")
             continue
         try:
             crit = json.loads(body)["critical"]
