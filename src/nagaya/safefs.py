@@ -22,7 +22,6 @@ Stdlib only (os, stat): the run path uses the user-side checks.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 
@@ -30,7 +29,7 @@ from nagaya.errors import NagayaError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -190,8 +189,10 @@ def mkdir_at(dirfd: int, name: str, mode: int, uid: int = -1, gid: int = -1,
     """Create (or open) the subdirectory `name` of `dirfd` and set its owner and mode through its fd. An
     existing one must already belong to one of `owners` (default: `uid`, or ourselves): a directory that
     someone else made first is refused, never adopted."""
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(name, mode & 0o777, dir_fd=dirfd)
+    except FileExistsError:
+        pass
     allowed = set(owners) if owners is not None else {uid if uid != -1 else os.geteuid(), os.geteuid()}
     fd = open_dir_at(dirfd, name, allowed)
     try:
@@ -285,8 +286,10 @@ def write_at(dirfd: int, name: str, data: bytes, mode: int = 0o644, uid: int = -
             os.fsync(fd)
         os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except BaseException:
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(tmp, dir_fd=dirfd)
+        except OSError:
+            pass
         raise
     finally:
         os.close(fd)
@@ -336,21 +339,28 @@ def append_own(where: str | int, names: Iterable[str], data: bytes) -> str | Non
             os.close(dfd)
 
 
-@contextlib.contextmanager
-def as_account(uid: int, gid: int, groups: list[int] | None = None) -> Iterator[None]:
+class as_account:                   # lower case: used like a function, `with safefs.as_account(...)`
     """Root acts with the rights of a less privileged account (effective ids only, restored afterwards):
     whatever that account planted can then lead nowhere it could not write itself. A no-op when not root.
-    Single-threaded callers only (the effective ids are per process)."""
-    if os.geteuid() != 0:
-        yield
-        return
-    old_groups = os.getgroups()
-    os.setgroups(groups if groups is not None else [gid])
-    os.setegid(gid)
-    os.seteuid(uid)
-    try:
-        yield
-    finally:
+    Single-threaded callers only (the effective ids are per process). A class, not contextlib's decorator:
+    this module is on the run path, and contextlib costs milliseconds to import."""
+
+    def __init__(self, uid: int, gid: int, groups: list[int] | None = None) -> None:
+        self.uid, self.gid, self.groups = uid, gid, groups
+        self.saved: list[int] | None = None
+
+    def __enter__(self) -> None:
+        if os.geteuid() != 0:
+            return
+        self.saved = os.getgroups()
+        os.setgroups(self.groups if self.groups is not None else [self.gid])
+        os.setegid(self.gid)
+        os.seteuid(self.uid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is None:
+            return
         os.seteuid(0)
         os.setegid(0)
-        os.setgroups(old_groups)
+        os.setgroups(self.saved)
+        self.saved = None
