@@ -17,7 +17,7 @@ from nagaya.server.pki import ensure_signing_files
 from nagaya.server.portal.sessions import Sessions
 from nagaya.server.ratelimit import LoginLimiter
 from nagaya.server.settings import ServerSettings
-from nagaya.store import Database
+from nagaya.store import SiteDatabase
 from nagaya.store.models import PortalSession
 
 pytestmark = pytest.mark.e2e
@@ -112,14 +112,14 @@ class Clock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    d = Database(f"sqlite:///{tmp_path}/sessions.sqlite")
+def db(tmp_path: Path) -> Iterator[SiteDatabase]:
+    d = SiteDatabase(f"sqlite:///{tmp_path}/sessions.sqlite")
     d.migrate()
     yield d
     d.dispose()
 
 
-def test_sessions_expire(db: Database) -> None:
+def test_sessions_expire(db: SiteDatabase) -> None:
     clock = Clock()
     idle = Sessions(db, idle=600, absolute=3600, clock=clock)
     a = idle.create("ann", frozenset({"lab"}), False)
@@ -136,7 +136,7 @@ def test_sessions_expire(db: Database) -> None:
     assert idle.get("") is None and idle.get("nonsense") is None and idle.get("x" * 5000) is None
 
 
-def test_session_ids_are_stored_hashed_and_seen_is_written_sparingly(db: Database) -> None:
+def test_session_ids_are_stored_hashed_and_seen_is_written_sparingly(db: SiteDatabase) -> None:
     clock = Clock()
     sessions = Sessions(db, idle=7200, absolute=43200, clock=clock)
     s = sessions.create("ann", frozenset(), False)
@@ -154,7 +154,7 @@ def test_session_ids_are_stored_hashed_and_seen_is_written_sparingly(db: Databas
     assert sessions.get(s.sid) is not None and seen() == clock.t         # at most a resolution behind
 
 
-def test_rate_limit_is_per_user_and_address(db: Database) -> None:
+def test_rate_limit_is_per_user_and_address(db: SiteDatabase) -> None:
     clock = Clock()
     lim = LoginLimiter(db, limit=3, window=60, clock=clock)
     for _ in range(3):

@@ -44,10 +44,10 @@ def test_project_named_after_an_account_is_refused(site: Site, users: dict[str, 
 PLANT = """
 import json, sys
 from nagaya.server.settings import ServerSettings
-from nagaya.store import Database
+from nagaya.store import SiteDatabase
 from nagaya.store.models import Membership, Project, User
 from sqlalchemy import select
-db = Database(ServerSettings.load(__import__('pathlib').Path(sys.argv[1])).database)
+db = SiteDatabase(ServerSettings.load(__import__('pathlib').Path(sys.argv[1])).database)
 with db.session() as s:
     owner = s.scalar(select(User).where(User.name == sys.argv[2]))
     p = Project(name=sys.argv[3], kind="group", owner_id=owner.id)

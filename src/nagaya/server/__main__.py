@@ -20,12 +20,12 @@ def main(argv: list[str]) -> int:
 
     from nagaya.server.app import SETTINGS_ENV
     from nagaya.server.settings import ServerSettings
-    from nagaya.store import Database
+    from nagaya.store import SiteDatabase
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = Path(argv[0]).absolute()
     settings = ServerSettings.load(path)
-    db = Database(settings.database)
+    db = SiteDatabase(settings.database)
     db.migrate()                          # once, before any server process opens the database
     db.dispose()
     os.environ[SETTINGS_ENV] = str(path)

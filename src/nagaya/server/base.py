@@ -27,7 +27,7 @@ from nagaya.server.ratelimit import DEVICE_PREFIX, Devices, LoginLimiter
 from nagaya.server.registry_client import SiteRegistry
 from nagaya.server.settings import ServerSettings
 from nagaya.server.tokens import TokenIssuer
-from nagaya.store import Database, Principal, lifecycle
+from nagaya.store import Principal, SiteDatabase, lifecycle
 from nagaya.store.models import utcnow
 from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, MemberInfo, SiteService
 
@@ -95,7 +95,7 @@ class Site:
 
     def __init__(self, settings: ServerSettings, authenticator: Authenticator | None = None) -> None:
         self.settings = settings
-        self.db = Database(settings.database)
+        self.db = SiteDatabase(settings.database)
         self.authn = authenticator or make_authenticator(settings.auth, settings.pam_service, settings.ldap)
         self.limiter = LoginLimiter(self.db)
         # Device tokens are signed with a key every server process shares: derived from the signing key.

@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select
 
-from nagaya.store import Database
+from nagaya.store import SiteDatabase
 from nagaya.store.models import LoginFailure
 
 MAX_FAILURES = 5                   # per user+IP (or device) within FAILURE_WINDOW, then 429 until it passes
@@ -37,7 +37,7 @@ DEVICE_PREFIX = "device:"          # in LoginFailure.address: a device's own bud
 class LoginLimiter:
     """Failed (and in-flight) logins per (user, client address or device): MAX_FAILURES per window."""
 
-    def __init__(self, db: Database, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW,
+    def __init__(self, db: SiteDatabase, limit: int = MAX_FAILURES, window: float = FAILURE_WINDOW,
                  clock: Callable[[], float] = time.time) -> None:
         self.db, self.limit, self.window, self.clock = db, limit, window, clock
 

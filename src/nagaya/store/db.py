@@ -30,7 +30,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class Database:
+class SiteDatabase:
+    """The site database (SQLite or PostgreSQL): engine, sessions, Alembic migrations."""
+
     def __init__(self, url: str) -> None:
         self.url = normalize_url(url)
         kw: dict[str, Any] = {"future": True}

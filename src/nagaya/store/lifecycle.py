@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 
 from nagaya.errors import NotFound, PermissionDenied, UsageError
+from nagaya.store.auditlog import ImageRef, parse_image
 from nagaya.store.authz import Principal, split_repository
 from nagaya.store.models import AuditEvent, Membership, Project, Repository, Tag, User, utcnow
 from nagaya.store.service import SiteService
@@ -30,57 +31,6 @@ CLI_ACTION_RE = re.compile(r"^(run|exec|shell|pull|push|submit|build|import|expo
 def _require_admin(principal: Principal) -> None:
     if not (principal.kind == "user" and principal.is_admin):
         raise PermissionDenied("only site admins may do this")
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    repository: str      # project/name, without the registry host
-    tag: str
-    digest: str
-
-
-def parse_image(ref: str) -> ImageRef:
-    """`[HOST[:PORT]/]project/name[:tag][@sha256:...]` or a bare digest -> its parts."""
-    ref = ref.strip()
-    if ref.startswith("sha256:"):
-        return ImageRef("", "", ref)
-    name, _, digest = ref.partition("@")
-    first, _, rest = name.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        name = rest                                    # drop the registry host
-    tag = ""
-    last = name.rsplit("/", 1)[-1]
-    if ":" in last:
-        name, _, tag = name.rpartition(":")
-    return ImageRef(name, tag, digest)
-
-
-def query_audit(svc: SiteService, principal: Principal, *, user: str = "", since: datetime | None = None,
-                until: datetime | None = None, image: str = "", action: str = "",
-                limit: int = 1000) -> list[AuditEvent]:
-    """The one audit trail (server events, registry notifications, CLI reports), oldest first."""
-    _require_admin(principal)
-    q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(max(1, min(limit, 100000)))
-    if user:
-        q = q.where(AuditEvent.actor == user)
-    if since is not None:
-        q = q.where(AuditEvent.time >= since)
-    if until is not None:
-        q = q.where(AuditEvent.time < until)
-    if action:
-        q = q.where(AuditEvent.action.startswith(action, autoescape=True))
-    if image:
-        ref = parse_image(image)
-        if ref.digest:
-            q = q.where(AuditEvent.digest == ref.digest)
-        if ref.repository:
-            q = q.where(AuditEvent.repository == ref.repository)
-        if ref.tag and not ref.digest:
-            # a tag names whatever digest it pointed to at the time: match the tag or those digests
-            digests = select(AuditEvent.digest).where(AuditEvent.repository == ref.repository,
-                                                      AuditEvent.tag == ref.tag, AuditEvent.digest != "")
-            q = q.where(or_(AuditEvent.tag == ref.tag, AuditEvent.digest.in_(digests)))
-    return list(reversed(list(svc.s.scalars(q))))
 
 
 def cli_event_id(actor: str, ev: dict[str, Any]) -> str:
@@ -162,7 +112,23 @@ def push_refusal(svc: SiteService, repository: str) -> str | None:
     return None
 
 
-def set_quota(svc: SiteService, principal: Principal, name: str, quota: int | None) -> dict[str, Any]:
+@dataclass
+class Quota:
+    project: str
+    quota_bytes: int | None         # None: no quota
+    used_bytes: int                 # store/usage.py: what the quota check counts
+
+
+@dataclass
+class Policy:
+    project: str
+    keep_newest: int | None
+    keep_pattern: str
+    immutable_pattern: str
+    quota_bytes: int | None
+
+
+def set_quota(svc: SiteService, principal: Principal, name: str, quota: int | None) -> Quota:
     _require_admin(principal)
     p = svc.s.scalar(select(Project).where(Project.name == name))
     if p is None:
@@ -174,8 +140,8 @@ def set_quota(svc: SiteService, principal: Principal, name: str, quota: int | No
     return quota_info(svc, p)
 
 
-def quota_info(svc: SiteService, p: Project) -> dict[str, Any]:
-    return {"project": p.name, "quota_bytes": p.quota_bytes, "used_bytes": project_used(svc.s, p)}
+def quota_info(svc: SiteService, p: Project) -> Quota:
+    return Quota(project=p.name, quota_bytes=p.quota_bytes, used_bytes=project_used(svc.s, p))
 
 
 # ---- retention and immutable tags ---------------------------------------------------------------------
@@ -194,7 +160,7 @@ def is_immutable(svc: SiteService, repository: str, tag: str) -> bool:
     return bool(project and tag and matches(project.immutable_pattern, tag))
 
 
-def set_policy(svc: SiteService, principal: Principal, name: str, body: dict[str, Any]) -> dict[str, Any]:
+def set_policy(svc: SiteService, principal: Principal, name: str, body: dict[str, Any]) -> Policy:
     """Retention and immutability of a project (site admins); keys absent from `body` stay as they are."""
     _require_admin(principal)
     p = svc.s.scalar(select(Project).where(Project.name == name))
@@ -211,13 +177,14 @@ def set_policy(svc: SiteService, principal: Principal, name: str, body: dict[str
             if not isinstance(v, str) or len(v) > 255:
                 raise UsageError(f"{key} must be comma-separated globs (at most 255 characters)")
             setattr(p, key, ",".join(_globs(v)))
-    svc.audit("admin.policy", principal.name, details={"project": name, **policy_info(p)})
-    return policy_info(p)
+    policy = policy_info(p)
+    svc.audit("admin.policy", principal.name, details=asdict(policy))
+    return policy
 
 
-def policy_info(p: Project) -> dict[str, Any]:
-    return {"project": p.name, "keep_newest": p.keep_newest, "keep_pattern": p.keep_pattern,
-            "immutable_pattern": p.immutable_pattern, "quota_bytes": p.quota_bytes}
+def policy_info(p: Project) -> Policy:
+    return Policy(project=p.name, keep_newest=p.keep_newest, keep_pattern=p.keep_pattern,
+                  immutable_pattern=p.immutable_pattern, quota_bytes=p.quota_bytes)
 
 
 @dataclass

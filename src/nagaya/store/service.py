@@ -17,7 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
 from nagaya.errors import AuthError, Conflict, NotFound, PermissionDenied, UsageError
-from nagaya.store import credentials
+from nagaya.store import auditlog, credentials
+from nagaya.store.auditlog import AuditQuery
 from nagaya.store.authz import (
     PROJECT_KINDS,
     PROJECT_RE,
@@ -518,12 +519,9 @@ class SiteService:
         return True
 
     def audit_events(self, principal: Principal, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
-        if not (principal.kind == "user" and principal.is_admin):
-            raise PermissionDenied("only site admins read the audit table")
-        q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(max(1, min(limit, 10000)))
-        if action:
-            q = q.where(AuditEvent.action == action)
-        return list(self.s.scalars(q))
+        """The newest events (at most 10000), of exactly one action if given."""
+        return auditlog.search(self.s, principal, AuditQuery(action=action or "", exact_action=True,
+                                                             limit=min(limit, 10000)))
 
 
 # ---- portal additions: rotation, index pruning after a delete, admin views ---------------------------------
@@ -557,26 +555,6 @@ def forget_manifest(svc: SiteService, repository: str, digest: str) -> int:
     svc.s.execute(delete(Tag).where(Tag.repository_id == repo.id, Tag.digest == digest))
     svc.s.expire(repo)
     return n
-
-
-def search_audit(svc: SiteService, principal: Principal, *, action: str = "", actor: str = "", repository: str = "",
-                 since: datetime | None = None, until: datetime | None = None,
-                 limit: int = 500) -> list[AuditEvent]:
-    """The audit trail with the admin pages' filters (prefix match on action, exact actor, substring repo)."""
-    if not (principal.kind == "user" and principal.is_admin):
-        raise PermissionDenied("only site admins read the audit table")
-    q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(max(1, min(limit, 100000)))
-    if action:
-        q = q.where(AuditEvent.action.startswith(action, autoescape=True))
-    if actor:
-        q = q.where(AuditEvent.actor == actor)
-    if repository:
-        q = q.where(AuditEvent.repository.contains(repository, autoescape=True))
-    if since is not None:
-        q = q.where(AuditEvent.time >= since)
-    if until is not None:
-        q = q.where(AuditEvent.time < until)
-    return list(svc.s.scalars(q))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nagaya.errors import Conflict, NotFound, PermissionDenied
-from nagaya.store import Database, Principal, authorize
+from nagaya.store import Principal, SiteDatabase, authorize
 from nagaya.store.models import Base, Tag, utcnow
 from nagaya.store.service import SiteService
 
@@ -19,19 +19,19 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SiteDatabase]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'store.db'}"
     else:
         pg = request.getfixturevalue("postgres")
         url = pg.createdb("t_" + uuid.uuid4().hex[:12])
-    d = Database(url)
+    d = SiteDatabase(url)
     d.migrate()
     yield d
     d.dispose()
 
 
-def test_migrations_match_models_and_are_idempotent(db: Database) -> None:
+def test_migrations_match_models_and_are_idempotent(db: SiteDatabase) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
@@ -48,7 +48,7 @@ def test_migrations_match_models_and_are_idempotent(db: Database) -> None:
     assert diff == []
 
 
-def _world(db: Database) -> dict[str, Principal]:
+def _world(db: SiteDatabase) -> dict[str, Principal]:
     with db.session() as s:
         svc = SiteService(s)
         users = {n: svc.login(n, 1000 + i, n == "root-ish") for i, n in
@@ -63,7 +63,7 @@ def _world(db: Database) -> dict[str, Principal]:
     return p
 
 
-def test_authorize_rules(db: Database) -> None:
+def test_authorize_rules(db: SiteDatabase) -> None:
     p = _world(db)
     want = ["pull", "push", "delete", "list"]
     expected = {"alice": {"pull", "push", "delete", "list"}, "bob": {"pull", "push", "delete", "list"},
@@ -88,7 +88,7 @@ def test_authorize_rules(db: Database) -> None:
             assert authorize(s, p["alice"], bad, want) == set()
 
 
-def test_membership_rules(db: Database) -> None:
+def test_membership_rules(db: SiteDatabase) -> None:
     p = _world(db)
     with db.session() as s:
         svc = SiteService(s)
@@ -107,7 +107,7 @@ def test_membership_rules(db: Database) -> None:
         assert authorize(s, p["carol"], "proj/app", ["pull"]) == set()
 
 
-def test_robot_tokens_expire_and_revoke(db: Database) -> None:
+def test_robot_tokens_expire_and_revoke(db: SiteDatabase) -> None:
     p = _world(db)
     with db.session() as s:
         svc = SiteService(s)
@@ -133,7 +133,7 @@ def test_robot_tokens_expire_and_revoke(db: Database) -> None:
         assert svc.robots(p["dave"]) == []
 
 
-def test_registry_events_index_and_dedupe(db: Database) -> None:
+def test_registry_events_index_and_dedupe(db: SiteDatabase) -> None:
     p = _world(db)
     ev = {"id": "e1", "action": "push", "actor": {"name": "carol"}, "request": {"addr": "127.0.0.1:1"},
           "target": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "repository": "proj/app",

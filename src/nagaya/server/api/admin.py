@@ -24,7 +24,7 @@ def router(site: Site) -> APIRouter:
         with site.db.session() as s:
             svc = SiteService(s)
             p = svc.project(site.principal(svc, credentials(request)), name)
-            return lifecycle.quota_info(svc, p)
+            return to_json(lifecycle.quota_info(svc, p))
 
     @r.get("/api/admin/usage", tags=["admin"], summary="Every project's storage use and quota (site admins)")
     def usage(request: Request) -> list[dict[str, Any]]:
@@ -38,14 +38,14 @@ def router(site: Site) -> APIRouter:
             raise UsageError("quota_bytes must be an integer or null")
         with site.db.session() as s:
             svc = SiteService(s)
-            return lifecycle.set_quota(svc, site.principal(svc, credentials(request)), name, q)
+            return to_json(lifecycle.set_quota(svc, site.principal(svc, credentials(request)), name, q))
 
     @r.put("/api/admin/projects/{name}/policy", tags=["admin"],
              summary="Retention (keep_newest, keep_pattern) and immutable tag patterns of a project")
     def put_policy(request: Request, name: str, body: dict[str, Any]) -> dict[str, Any]:
         with site.db.session() as s:
             svc = SiteService(s)
-            return lifecycle.set_policy(svc, site.principal(svc, credentials(request)), name, body)
+            return to_json(lifecycle.set_policy(svc, site.principal(svc, credentials(request)), name, body))
 
     @r.put("/api/admin/users/{name}/expiry", tags=["admin"],
              summary="Set (or clear) when an account expires; dry_run shows the consequences only")

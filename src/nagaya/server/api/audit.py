@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from nagaya.server.base import Site, credentials
-from nagaya.store import lifecycle
-from nagaya.store.auditlog import as_row
+from nagaya.store import auditlog, lifecycle
+from nagaya.store.auditlog import AuditQuery, as_row
 from nagaya.store.service import SiteService
 from nagaya.units import naive_utc
 
@@ -39,8 +39,8 @@ def router(site: Site) -> APIRouter:
         with site.db.session() as s:
             svc = SiteService(s)
             p = site.principal(svc, credentials(request))
-            rows = lifecycle.query_audit(svc, p, user=user, since=naive_utc(since), until=naive_utc(until),
-                                         image=image, action=action, limit=limit)
+            rows = auditlog.search(s, p, AuditQuery(actor=user, since=naive_utc(since), until=naive_utc(until),
+                                                    image=image, action=action, limit=limit, oldest_first=True))
             return [as_row(e) for e in rows]
 
     return r

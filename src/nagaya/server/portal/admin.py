@@ -17,9 +17,9 @@ from nagaya.server.jobs import REPLY_TIMEOUT, JobsUnavailable
 from nagaya.server.offload import job_pool, offload
 from nagaya.server.portal.base import Portal
 from nagaya.server.portal.sessions import WebSession
-from nagaya.store import Principal
+from nagaya.store import Principal, auditlog
 from nagaya.store import service as svcmod
-from nagaya.store.auditlog import COLUMNS, as_row
+from nagaya.store.auditlog import COLUMNS, AuditQuery, as_row
 from nagaya.store.service import SiteService
 from nagaya.store.usage import usage_overview
 from nagaya.units import parse_day
@@ -58,8 +58,8 @@ def router(portal: Portal) -> APIRouter:
             jobs.gw()
             with site.db.session() as db:
                 # only the users who ever submitted through the portal or the API: one query each
-                names = sorted({e.actor for e in svcmod.search_audit(SiteService(db), p, action="job.submit",
-                                                                     limit=100000)})
+                names = sorted({e.actor for e in auditlog.search(db, p, AuditQuery(action="job.submit",
+                                                                                   limit=100000))})
             pool = ThreadPoolExecutor(4)
             futures = {pool.submit(jobs.call, n, "list", {}): n for n in names}
             done, _late = wait(futures, timeout=REPLY_TIMEOUT + 1)
@@ -80,9 +80,9 @@ def router(portal: Portal) -> APIRouter:
         filters = {k: q.get(k, "").strip() for k in ("action", "actor", "repository", "since", "until")}
 
         with site.db.session() as db:
-            rows = svcmod.search_audit(SiteService(db), p, action=filters["action"], actor=filters["actor"],
-                                       repository=filters["repository"], since=parse_day(filters["since"]),
-                                       until=parse_day(filters["until"], end=True), limit=limit)
+            rows = auditlog.search(db, p, AuditQuery(
+                action=filters["action"], actor=filters["actor"], repository=filters["repository"],
+                since=parse_day(filters["since"]), until=parse_day(filters["until"], end=True), limit=limit))
             out = [as_row(e, timespec="seconds") for e in rows]
         return out, filters
 

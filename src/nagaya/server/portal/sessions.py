@@ -11,7 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 
-from nagaya.store import Database, Principal
+from nagaya.store import Principal, SiteDatabase
 from nagaya.store.models import PortalSession
 
 COOKIE = "nagaya_session"
@@ -48,7 +48,7 @@ class Sessions:
 
     SEEN_RESOLUTION = 60.0
 
-    def __init__(self, db: Database, idle: float = IDLE_TIMEOUT, absolute: float = ABSOLUTE_TIMEOUT,
+    def __init__(self, db: SiteDatabase, idle: float = IDLE_TIMEOUT, absolute: float = ABSOLUTE_TIMEOUT,
                  clock: Callable[[], float] = time.time) -> None:
         self.db, self.idle, self.absolute, self.clock = db, idle, absolute, clock
         self.resolution = min(self.SEEN_RESOLUTION, idle / 4)

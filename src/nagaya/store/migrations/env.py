@@ -1,4 +1,4 @@
-"""Alembic environment: always run with a connection handed over by `Database.migrate` (or a URL for
+"""Alembic environment: always run with a connection handed over by `SiteDatabase.migrate` (or a URL for
 `alembic revision --autogenerate` during development, via sqlalchemy.url)."""
 
 from __future__ import annotations
