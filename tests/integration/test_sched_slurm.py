@@ -20,6 +20,7 @@ from tests.integration.sched_helpers import (
     ensure_users,
     import_images,
     live_processes,
+    nagaya_json,
     show,
     wait_for,
     wait_state,
@@ -240,3 +241,23 @@ def test_gpus_requested_are_the_gpus_the_container_sees(alice: User, cluster: Sl
                   "echo $(ls /dev | grep -c 'nvidia[0-9]') $CUDA_VISIBLE_DEVICES", env=env)
     assert wait_state(alice, both, timeout=30)["state"] == "COMPLETED"
     assert logs(alice, both).split() == ["2", "0,1"]
+
+
+def test_arrays_and_dependencies(alice: User, bob: User) -> None:
+    arr = submit(alice, "--image", "bb", "--array", "1-4%2", "--", "sh", "-c",
+                 "echo task $NAGAYA_ARRAY_TASK_ID; exit $((NAGAYA_ARRAY_TASK_ID == 3))")
+    ok = submit(alice, "--image", "bb", "--after", f"{arr}:ok", "--", "echo", "not me")
+    anyway = submit(alice, "--image", "bb", "--after", f"{arr}:any", "--", "echo", "after any")
+    info = wait_state(alice, arr, timeout=60)
+    assert info["state"] == "FAILED" and info["reason"] == "tasks: 3 COMPLETED, 1 FAILED", info
+    assert show(alice, f"{arr}.3")["exit_code"] == 1 and show(alice, f"{arr}.2")["state"] == "COMPLETED"
+    assert [x for x in logs(alice, arr).splitlines() if x.startswith("task")] == [f"task {i}" for i in range(1, 5)]
+    assert logs(alice, f"{arr}.2") == "task 2\n"
+    assert {f"{arr}.{i}" for i in range(1, 5)} <= {j["id"] for j in nagaya_json(alice, "jobs")}
+    assert wait_state(alice, anyway, timeout=30)["state"] == "COMPLETED"
+    assert logs(alice, anyway) == "after any\n"
+    # Slurm's own terms: a job whose afterok can never be met stays pending with the reason (scancel it).
+    wait_for(lambda: show(alice, ok)["reason"] == "DependencyNeverSatisfied", 30, "Slurm to give up on it")
+    assert alice.nagaya("cancel", ok).returncode == 0
+    r = bob.nagaya("submit", "--image", "bb", "--after", arr, "--", "true", cwd=CWD[bob.name])
+    assert r.returncode != 0 and "not found" in r.stderr, r.stderr

@@ -36,6 +36,7 @@ from typing import Any
 
 from nagaya.errors import Conflict, NagayaError, NotFound, PermissionDenied, UsageError
 from nagaya.sched.models import ACTIVE, JobInfo, JobSpec, iso
+from nagaya.sched.models import parse_after as _deps
 from nagaya.sched.slurm import nagaya_exe
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -201,17 +202,6 @@ def _in_range(task: str, tasks: str) -> bool:
     return first <= t <= last and (t - first) % step == 0
 
 
-def _deps(after: str) -> list[tuple[str, str]]:
-    """--after JOB[:ok|:any][,JOB...] as (id, ok|any); ok is the default, as Slurm's afterok."""
-    out = []
-    for item in filter(None, (x.strip() for x in after.split(","))):
-        jid, _, kind = item.partition(":")
-        if not jid.isdigit() or kind not in ("", "ok", "any"):
-            raise UsageError(f"invalid --after {item!r} (JOB, JOB:ok or JOB:any)")
-        out.append((jid, kind or "ok"))
-    return out
-
-
 def _order(info: JobInfo) -> tuple[int, int]:
     """Jobs by id, array tasks (ID.T, or ID.T-U:S for the pending rest) by task."""
     base, _, task = info.id.partition(".")
@@ -278,7 +268,7 @@ class GridEngineScheduler:
         for jid, _kind in deps:
             self.status(jid)                # yours and known: another user's job is not a dependency
         if deps:
-            args += ["-hold_jid", ",".join(j for j, _ in deps)]
+            args += ["-hold_jid", ",".join(dict.fromkeys(j.partition(".")[0] for j, _ in deps))]
         if _directive(spec.script, "-N") is None:  # a `#$ -N` of the script wins over the default name
             args += ["-N", _name(spec.name or "nagaya")]
         if spec.nodes > 1:

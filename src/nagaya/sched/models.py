@@ -93,6 +93,20 @@ def parse_time(text: str) -> int:
     return ((days * 24 + h) * 60 + m) * 60 + s
 
 
+def parse_after(after: str) -> list[tuple[str, str]]:
+    """`submit --after JOB[:ok|:any][,JOB...]` as (id, ok|any); ok is the default, as Slurm's afterok.
+    JOB may be an array task, ID.TASK."""
+    import re
+
+    out = []
+    for item in filter(None, (x.strip() for x in after.split(","))):
+        jid, _, kind = item.partition(":")
+        if not re.fullmatch(r"\d+(\.\d+)?", jid) or kind not in ("", "ok", "any"):
+            raise UsageError(f"invalid --after {item!r} (JOB, JOB:ok or JOB:any)")
+        out.append((jid, kind or "ok"))
+    return out
+
+
 def format_time(seconds: int) -> str:
     """The Slurm form of a limit (H:MM:SS); Slurm rounds sub-minute limits up to a minute itself."""
     h, rest = divmod(seconds, 3600)

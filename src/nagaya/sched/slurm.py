@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nagaya.errors import Conflict, NagayaError, NotFound, PermissionDenied, UsageError
-from nagaya.sched.models import ACTIVE, JobInfo, JobSpec, format_time, iso
+from nagaya.sched.models import ACTIVE, JobInfo, JobSpec, format_time, iso, parse_after
 
 _STATE = {"COMPLETING": "RUNNING", "CONFIGURING": "RUNNING", "REQUEUED": "PENDING", "RESIZING": "RUNNING",
           "STAGE_OUT": "RUNNING", "SIGNALING": "RUNNING", "PREEMPTED": "CANCELLED", "DEADLINE": "TIMEOUT"}
@@ -85,6 +86,8 @@ def batch_script(spec: JobSpec, nagaya: str, prologue: tuple[str, ...] = ()) -> 
     if spec.script:                         # the user's directives first: sbatch reads them; options win
         lines += [x for x in spec.script.splitlines() if x.strip().startswith("#SBATCH")]
     lines += [f"# nagaya: {spec.image} pinned to {spec.digest}", "set -e", *prologue]
+    if spec.array:
+        lines.append('export NAGAYA_ARRAY_TASK_ID="$SLURM_ARRAY_TASK_ID"')
     if spec.compose:                        # the stack's supervisor runs on the batch host; it sruns the replicas
         lines.append("exec " + shlex.join([nagaya, "compose", "up", "-f", spec.compose]))
     elif spec.script:
@@ -106,7 +109,12 @@ def job_info(j: dict[str, Any]) -> JobInfo:
     digest, image = (words[1], words[2]) if len(words) >= 3 and words[0] == "nagaya" else ("", "")
     state = _state(str(j.get("job_state", "")))
     limit = j.get("time_limit")
-    return JobInfo(id=str(j.get("job_id")), user=str(j.get("user_name", "")), state=state,
+    jid = str(j.get("job_id"))
+    if isinstance(j.get("array_task_id"), int):     # an array task: ID.TASK, as nagaya names them
+        jid = f"{j.get('array_job_id')}.{j['array_task_id']}"
+    elif j.get("array_task_string"):                # the array's tasks not started yet
+        jid = f"{j.get('array_job_id')}.{j['array_task_string']}"
+    return JobInfo(id=jid, user=str(j.get("user_name", "")), state=state,
                    name=str(j.get("name", "")), image=image, digest=digest,
                    command=[str(j["command"])] if j.get("command") else [], nodes=str(j.get("nodes", "")),
                    exit_code=None if state in ACTIVE else _wait_status(j.get("exit_code")),
@@ -115,6 +123,13 @@ def job_info(j: dict[str, Any]) -> JobInfo:
                    time_limit=limit * 60 if isinstance(limit, int) and 0 < limit < 2**31 else 0,
                    cpus=int(j.get("cpus") or 1), reason="" if j.get("state_reason") in (None, "None")
                    else str(j["state_reason"]), backend="slurm", log=str(j.get("standard_output") or ""))
+
+
+def _order(info: JobInfo) -> tuple[int, int]:
+    """Jobs by id, array tasks (ID.T, or ID.T-U%N for the pending rest) by task."""
+    base, _, task = info.id.partition(".")
+    m = re.match(r"\d*", task)
+    return int(base), int(m.group() or 0) if m else 0
 
 
 class SlurmScheduler:
@@ -153,20 +168,31 @@ class SlurmScheduler:
                 args.append(f"{opt}={val}")
         if spec.time_limit:
             args.append(f"--time={format_time(spec.time_limit)}")
+        if spec.array:
+            if not re.fullmatch(r"\d+(-\d+(:\d+)?)?(%\d+)?", spec.array.strip()):
+                raise UsageError(f"invalid --array {spec.array!r} (e.g. 1-100, 1-100:2 or 1-100%10)")
+            args.append(f"--array={spec.array.strip()}")
+        deps = parse_after(spec.after)
+        for jid, _kind in deps:
+            self.status(jid)                # yours and known: another user's job is not a dependency
+        if deps:
+            args.append("--dependency=" + ",".join(f"after{k}:{j.replace('.', '_')}" for j, k in deps))
         r = self._run("sbatch", *args, input=self.batch_script(spec))
         if r.returncode != 0:
             raise NagayaError(f"sbatch: {r.stderr.strip() or r.stdout.strip()}")
         return r.stdout.strip().split(";")[0]
 
     # -- queries ------------------------------------------------------------------------------------------------
-    def _raw(self, job_id: str) -> dict[str, str]:
-        if not job_id.isdigit():
-            raise UsageError(f"invalid job id {job_id!r}")
+    def _lines(self, job_id: str) -> list[dict[str, str]]:
+        """scontrol's records of the job: one, or one per task (and the pending rest) of an array."""
         r = self._run("scontrol", "show", "job", "-o", job_id)
-        if r.returncode == 0 and r.stdout.strip():
-            d = parse_scontrol(r.stdout.splitlines()[0])
-        else:
-            d = self._accounting(job_id)    # slurmctld forgets finished jobs after MinJobAge
+        return [parse_scontrol(x) for x in r.stdout.splitlines() if x.strip()] if r.returncode == 0 else []
+
+    def _raw(self, job_id: str) -> dict[str, str]:
+        if not re.fullmatch(r"\d+(_\d+)?", job_id):
+            raise UsageError(f"invalid job id {job_id!r} (ID, or ID.TASK for an array task)")
+        lines = self._lines(job_id)
+        d = lines[0] if lines else self._accounting(job_id)    # slurmctld forgets finished jobs after MinJobAge
         # Another user's job is reported exactly like a missing one: its existence is not ours to know.
         if d.get("UserId", "").split("(")[0] != self.me and os.geteuid() != 0:
             raise NotFound(f"job {job_id} not found")
@@ -210,7 +236,12 @@ class SlurmScheduler:
 
             secs = parse_time(limit)
         state = _state(d.get("JobState", ""))
-        return JobInfo(id=d.get("JobId", ""), user=d.get("UserId", "").split("(")[0], state=state,
+        task = d.get("ArrayTaskId", "")
+        jid = f"{d['ArrayJobId']}.{task}" if task and d.get("ArrayJobId") else d.get("JobId", "")
+        log = d.get("StdOut", "")
+        if task.isdigit():
+            log = log.replace("%A", d["ArrayJobId"]).replace("%a", task)
+        return JobInfo(id=jid, user=d.get("UserId", "").split("(")[0], state=state,
                        name=d.get("JobName", ""), image=image, digest=digest, command=[d.get("Command", "")],
                        nodes="" if d.get("NodeList") in (None, "(null)") else d["NodeList"],
                        exit_code=None if state in ACTIVE else _exit_code(d.get("ExitCode", "")),
@@ -219,10 +250,33 @@ class SlurmScheduler:
                        end_time=_ts(d.get("EndTime", "")) if state not in ACTIVE else "",
                        time_limit=secs, cpus=int(d.get("NumCPUs", "1").split("-")[0] or 1),
                        reason=d.get("Reason", "") if d.get("Reason") != "None" else "", backend="slurm",
-                       log=d.get("StdOut", ""))
+                       log=log)
 
     def status(self, job_id: str) -> JobInfo:
-        return self._info(self._raw(job_id))
+        base, _, task = job_id.partition(".")
+        if not task and base.isdigit():
+            lines = self._lines(base)
+            if lines and lines[0].get("ArrayJobId") == base and lines[0].get("ArrayTaskId"):
+                self._raw(base)                 # the owner check
+                return self._array(base, [self._info(d) for d in lines])
+        info = self._info(self._raw(f"{base}_{task}" if task else base))
+        info.id = job_id
+        return info
+
+    def _array(self, base: str, tasks: list[JobInfo]) -> JobInfo:
+        """An array job as a whole: one state from its tasks' (listed in `reason`)."""
+        states: dict[str, int] = {}
+        for t in tasks:
+            states[t.state] = states.get(t.state, 0) + 1
+        order = ("RUNNING", "SUSPENDED", "PENDING", "CANCELLED", "TIMEOUT", "FAILED", "COMPLETED")
+        state = next(x for x in order if x in states)
+        codes = [t.exit_code for t in tasks if t.exit_code is not None]
+        first = tasks[0]
+        return JobInfo(id=base, user=first.user, state=state, name=first.name, image=first.image,
+                       digest=first.digest, command=first.command, submit_time=first.submit_time,
+                       time_limit=first.time_limit, exit_code=max(codes) if codes and state not in ACTIVE else None,
+                       reason="tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())), backend="slurm",
+                       log="\n".join(t.log for t in sorted(tasks, key=_order) if t.id.partition(".")[2].isdigit()))
 
     def list(self, all_users: bool = False) -> list[JobInfo]:
         if all_users:
@@ -235,7 +289,7 @@ class SlurmScheduler:
             raise NagayaError(f"squeue: {r.stderr.strip()}")
         jobs = json.loads(r.stdout).get("jobs", [])
         out = [job_info(j) for j in jobs if all_users or j.get("user_name") == self.me]
-        return sorted(out, key=lambda x: int(x.id))
+        return sorted(out, key=_order)
 
     # -- control ------------------------------------------------------------------------------------------------
     def _control(self, job_id: str, *argv: str) -> None:
@@ -243,7 +297,7 @@ class SlurmScheduler:
         if info.state not in ACTIVE:
             raise Conflict(f"job {job_id} has already finished ({info.state})")
         tool, *rest = argv
-        r = self._run(tool, *rest, job_id)
+        r = self._run(tool, *rest, job_id.replace(".", "_"))
         if r.returncode != 0:
             msg = r.stderr.strip() or r.stdout.strip()
             if "Access/permission denied" in msg or "Operation not permitted" in msg:
@@ -261,6 +315,11 @@ class SlurmScheduler:
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
         info = self.status(job_id)
+        if info.reason.startswith("tasks: ") and "." not in job_id:    # an array: each task's log in turn
+            for t in sorted(self._lines(job_id), key=lambda d: int(d.get("ArrayTaskId", "0").split("-")[0] or 0)):
+                if t.get("ArrayTaskId", "").isdigit():
+                    yield from self.logs(f"{job_id}.{t['ArrayTaskId']}", follow)
+            return
         path = Path(info.log.replace("%j", info.id)) if info.log else None
         pos = 0
         while True:

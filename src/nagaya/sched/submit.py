@@ -84,6 +84,10 @@ def submit_job(req: SubmitRequest, cfg: Any = None) -> dict[str, Any]:
         from nagaya.sched import pin_image
 
         ref, digest = pin_image(cfg, image)
+        if cfg.image.policy:                # refused now rather than on the node (where `nagaya run` checks again)
+            from nagaya.trust.gate import admit
+
+            admit(cfg, ref, digest)
     else:
         ref, digest = str(compose.resolve()), ""
 
@@ -109,8 +113,8 @@ def submit_job(req: SubmitRequest, cfg: Any = None) -> dict[str, Any]:
                    compose=str(compose.resolve()) if compose is not None else "")
     if script:
         spec.command = args[1:]             # the script's own arguments
-    if (req.array or req.after) and sched.name != "gridengine":
-        raise UsageError(f"--array and --after are not available on the {sched.name} backend yet (gridengine only)")
+    if (req.array or req.after) and sched.name == "local":
+        raise UsageError("--array and --after are not available on the local backend yet (slurm, gridengine)")
     spec.array, spec.after = req.array or "", req.after or ""
     job_id = sched.submit(spec)
     ev = audit.AuditEvent(action="submit", user=me, uid=os.getuid(), image=image, digest=digest,
