@@ -98,6 +98,10 @@ class ImageConfig(Record):
     insecure_registries: list[str] = Factory(list)  # HOST[:PORT] spoken to over plain HTTP (loopback always is)
     pull_jobs: int = 4                          # parallel layer downloads/uploads
     cache_max_size: str = ""                    # e.g. "50G": `nagaya cache gc` and `admin maintain` shrink caches to it
+    # Site only (a user's config and NAGAYA_IMAGE_* cannot change them): which images may run, and where
+    # root keeps the public keys rules name (README "Signed images"; nagaya.trust.gate).
+    policy: list[Any] = Factory(list)           # [{scope, require = "signed", keys} | {scope, allow = "unsigned"}]
+    keys_dir: str = "/etc/nagaya/keys"          # "project" in a rule's keys: KEYS_DIR/projects/PROJECT/*.pub
 
 
 class GpuConfig(Record):
@@ -267,7 +271,7 @@ def _coerce(current: Any, value: Any, where: str) -> Any:
             return [v for v in value.split(":") if v]
         if not isinstance(value, list):
             raise UsageError(f"config {where}: expected a list, got {value!r}")
-        return [str(v) for v in value]
+        return [v if isinstance(v, dict) else str(v) for v in value]     # tables: [image] policy rules
     if not isinstance(value, str):
         raise UsageError(f"config {where}: expected a string, got {value!r}")
     return value
@@ -302,6 +306,84 @@ def _plain_string(text: str) -> tuple[str, str] | None:
     return text[1:end], text[end + 1:].lstrip(" \t")
 
 
+def _plain_table(text: str) -> tuple[dict[str, Any], str] | None:
+    """A one-line inline table of bare keys and plain strings or arrays of them (a policy rule): (value, rest)."""
+    if text[:1] != "{":
+        return None
+    out: dict[str, Any] = {}
+    rest = text[1:].lstrip(" \t")
+    if rest[:1] == "}":
+        return out, rest[1:].lstrip(" \t")
+    while True:
+        key, eq, rest = rest.partition("=")
+        key, rest = key.strip(" \t"), rest.lstrip(" \t")
+        if not eq or not key or not _BARE_KEY.issuperset(key) or key in out:
+            return None
+        value: Any
+        if rest[:1] == "[":
+            value, rest = [], rest[1:].lstrip(" \t")
+            while rest[:1] != "]":
+                item = _plain_string(rest)
+                if item is None:
+                    return None
+                value.append(item[0])
+                rest = item[1]
+                if rest[:1] == ",":
+                    rest = rest[1:].lstrip(" \t")
+                elif rest[:1] != "]":
+                    return None
+            rest = rest[1:].lstrip(" \t")
+        else:
+            item = _plain_string(rest)
+            if item is None:
+                return None
+            value, rest = item
+        out[key] = value
+        if rest[:1] == "}":
+            return out, rest[1:].lstrip(" \t")
+        if rest[:1] != ",":
+            return None
+        rest = rest[1:].lstrip(" \t")
+
+
+def _code_depth(line: str) -> tuple[str, int]:
+    """The line without its comment, and how many brackets it leaves open (quotes respected)."""
+    depth, quote = 0, ""
+    for i, c in enumerate(line):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c == "#":
+            return line[:i], depth
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+    return line, depth
+
+
+def _logical_lines(text: str) -> list[str] | None:
+    """Lines, with a multi-line array value joined into its key's line (comments inside dropped)."""
+    out: list[str] = []
+    buf: str | None = None
+    depth = 0
+    for raw in text.split("\n"):
+        code, d = _code_depth(raw)
+        if buf is not None:
+            buf, depth = buf + " " + code.strip(" \t"), depth + d
+            if depth <= 0:
+                out.append(buf)
+                buf = None
+            continue
+        line = raw.strip(" \t")
+        if line and line[0] not in "[#" and "=" in line and d > 0:
+            buf, depth = code.strip(" \t"), d
+            continue
+        out.append(raw)
+    return out if buf is None else None
+
+
 def _parse_plain(text: str) -> dict[str, Any] | None:
     """The TOML config files use, without importing tomllib (and the `re` it pulls in): [table] headers,
     bare keys, and as values strings without escapes, integers, booleans and one-line arrays of such
@@ -310,7 +392,10 @@ def _parse_plain(text: str) -> dict[str, Any] | None:
         return None
     doc: dict[str, Any] = {}
     table = doc
-    for raw in text.split("\n"):
+    lines = _logical_lines(text)
+    if lines is None:
+        return None
+    for raw in lines:
         line = raw.strip(" \t")
         if not line or line[0] == "#":
             continue
@@ -329,7 +414,7 @@ def _parse_plain(text: str) -> dict[str, Any] | None:
         if rest[0] == "[":
             value, rest = [], rest[1:].lstrip(" \t")
             while rest[:1] != "]":
-                item = _plain_string(rest)
+                item = _plain_string(rest) or _plain_table(rest)
                 if item is None:
                     return None
                 value.append(item[0])
@@ -391,14 +476,17 @@ def _read_toml(path: str | Path) -> dict[str, Any] | None:
         raise UsageError(f"{path}: invalid TOML: {e}") from None
 
 
+SITE_ONLY = frozenset({"image.policy", "image.keys_dir"})     # what a user may not loosen for themselves
+
+
 def load() -> Config:
     cfg = Config()
-    locked: set[str] = set()
+    locked: set[str] = set(SITE_ONLY)
     site_path = globals().get("SITE_CONFIG", _SITE_CONFIG)
     site = _read_toml(site_path)
     if site:
         _apply(cfg, site, str(site_path), set())
-        locked = {str(x) for x in site.get("locked", [])}
+        locked = {str(x) for x in site.get("locked", [])} | SITE_ONLY
     user_file = os.path.join(_user_dir_strs()[1], "nagaya", "nagaya.toml")
     user = _read_toml(user_file)
     if user:

@@ -44,8 +44,8 @@ COSIGN_SIG = "MEYCIQDmtamqYPjMg81nqeBhptrPls44aA/r7PwLmspINJY4MwIhANKRpqe2E9UCBt
 COSIGN_DIGEST = "sha256:634a8f35b5f16dcf4aaa0822adc0b1964bb786fca12f6831de8ddc45e5986a00"
 
 
-@pytest.mark.parametrize(("sealed", "plain"), zip(GO_SEALED, [b"reallyimportant", b'"cmVhbGx5aW1wb3J0YW50"'],
-                                                    strict=True))
+@pytest.mark.parametrize(("sealed", "plain"), list(zip(GO_SEALED, [b"reallyimportant", b'"cmVhbGx5aW1wb3J0YW50"'],
+                                                         strict=True)))
 def test_go_sealed_vectors_open(sealed: bytes, plain: bytes) -> None:
     assert keys.open_sealed(sealed, b"supersecret", "v") == plain
     with pytest.raises(TrustError, match="wrong passphrase"):

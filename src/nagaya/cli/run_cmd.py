@@ -204,6 +204,10 @@ def _main(cmd: str, args: list[str]) -> int:
         store = open_store(cfg)
         meta = resolve_image(store, ns.image, cfg)
         digest, image_config, squashfs = meta.digest, meta.config, str(store.squashfs_path(meta.digest))
+    if cfg.image.policy:                    # the site's signing policy, by digest (a cached verdict: a few stats)
+        from nagaya.trust.gate import admit
+
+        admit(cfg, ns.image, digest)
     binds = [b for item in ns.bind for b in parse_bind(item)]
     spec = RunSpec(image_ref=ns.image, digest=digest, squashfs=squashfs,
                    argv=list(ns.command), entrypoint=(None if cmd == "shell" or ns.entrypoint is None

@@ -218,3 +218,106 @@ def test_refusals(site: Site, users: dict[str, SiteUser], keys: dict[str, Path],
         reg.upload_blob(tmp, layer["digest"], len(body))
         reg.put_manifest(signing.sig_tag(d1), json.dumps(man).encode(), mt)
     refused(alice.nagaya("verify", ref, "--key", "main"), "do", "not verify", "tampered")
+
+
+# ---- the site policy ------------------------------------------------------------------------------------------
+
+def site_config(work: Path, name: str, rules: list[str]) -> Path:
+    """A root-owned site config (in a root-owned directory) with these policy rules."""
+    d = work / "etc"
+    d.mkdir(exist_ok=True)
+    d.chmod(0o755)
+    body = (f'[runtime]\nbackend = "bwrap"\nstaging_dir = "/var/lib/nagaya/mnt"\n\n[image]\n'
+            f'keys_dir = "{d / "keys"}"\npolicy = [  # the longest matching scope decides\n'
+            + "".join(f"  {r},\n" for r in rules) + "]\n")
+    p = d / name
+    p.write_text(body)
+    p.chmod(0o644)
+    return p
+
+
+@pytest.fixture(scope="module")
+def policy(site: Site, users: dict[str, SiteUser], keys: dict[str, Path], work: Path) -> dict[str, object]:
+    """Alice's images: one signed by her key (installed by root as her project's key), one unsigned, one unsigned
+    under a scope the policy leaves open; the site config requires signatures for her project."""
+    alice = users["alice"]
+    pdir = work / "etc" / "keys" / "projects" / alice.name
+    pdir.mkdir(parents=True, exist_ok=True)
+    for p in (work / "etc", work / "etc" / "keys", work / "etc" / "keys" / "projects", pdir):
+        p.chmod(0o755)
+    shutil.copy(keys["main.pub"], pdir / "alice.pub")
+    (pdir / "alice.pub").chmod(0o644)
+    base = f"{site.registry}/{alice.name}"
+    refs = {k: f"{base}/{k}:1" for k in ("pol-signed", "pol-unsigned")} | {"open": f"{base}/open/x:1"}
+    digests = {k: push(alice, work, r) for k, r in refs.items()}
+    ok(alice.nagaya("sign", refs["pol-signed"], "--key", "main", env=env()))
+    conf = site_config(work, "nagaya.toml", [
+        '{ scope = "*", allow = "unsigned" }',
+        f'{{ scope = "{base}", require = "signed", keys = ["{work}/etc/keys/none.pub", "project"] }}',
+        f'{{ scope = "{base}/open", allow = "unsigned" }}'])
+    return {"refs": refs, "digests": digests, "env": {"NAGAYA_SITE_CONFIG": str(conf)}, "base": base}
+
+
+def test_policy_on_run(users: dict[str, SiteUser], policy: dict, work: Path) -> None:
+    alice = users["alice"]
+    refs, digests, penv = policy["refs"], policy["digests"], policy["env"]
+    r = refused(alice.nagaya("run", refs["pol-unsigned"], "/bin/busybox", "true", env=penv),
+                "refused by the site's image policy", "rule 2", "not signed")
+    assert policy["base"] in r
+    ok(alice.nagaya("run", refs["pol-signed"], "/bin/busybox", "true", env=penv))
+    verdict = alice.u.home / ".cache" / "nagaya" / "trust" / digests["pol-signed"][7:]
+    assert verdict.exists() and verdict.stat().st_mode & 0o077 == 0
+    ok(alice.nagaya("run", refs["pol-signed"], "/bin/busybox", "true", env=penv))       # the cached verdict
+    ok(alice.nagaya("run", refs["open"], "/bin/busybox", "true", env=penv))             # longest scope wins
+    # by digest, as a job's node runs it, and a pulled image run from the cache by its digest alone
+    refused(alice.nagaya("run", f"{refs['pol-unsigned'].rsplit(':', 1)[0]}@{digests['pol-unsigned']}",
+                         "/bin/busybox", "true", env=penv), "rule 2")
+    # (in a cache that got them by pulling: alice's own cache has them from her import, a local origin)
+    fresh = {"XDG_CACHE_HOME": str(alice.u.mkdir(alice.u.home / f"cache-{uuid.uuid4().hex[:6]}"))}
+    for k in ("pol-unsigned", "pol-signed"):
+        ok(alice.nagaya("pull", refs[k], env=fresh))
+    refused(alice.nagaya("run", digests["pol-unsigned"], "/bin/busybox", "true", env={**penv, **fresh}), "rule 2")
+    ok(alice.nagaya("run", digests["pol-signed"], "/bin/busybox", "true", env={**penv, **fresh}))
+    # without the policy the unsigned image runs
+    ok(alice.nagaya("run", refs["pol-unsigned"], "/bin/busybox", "true"))
+    # a site that requires signatures everywhere refuses a local-only image: it has nothing to verify
+    strict = site_config(work, "strict.toml", [f'{{ scope = "*", require = "signed", keys = ["{work}/etc/k.pub"] }}'])
+    local = f"loc-{uuid.uuid4().hex[:6]}:1"
+    ok(alice.nagaya("image", "import", str(archive(work, "local-only")), "--name", local))
+    refused(alice.nagaya("run", local, "/bin/busybox", "true", env={"NAGAYA_SITE_CONFIG": str(strict)}),
+            "rule 1", "came from no registry")
+    # a user's own config cannot loosen the site's policy
+    cfg = alice.u.mkdir(alice.u.home / ".config" / "nagaya") / "nagaya.toml"
+    cfg.write_text("[image]\npolicy = []\n")
+    os.chown(cfg, alice.u.uid, alice.u.gid)
+    try:
+        refused(alice.nagaya("run", refs["pol-unsigned"], "/bin/busybox", "true",
+                             env={**penv, "NAGAYA_IMAGE_POLICY": ""}), "rule 2")
+    finally:
+        cfg.unlink()
+
+
+def test_policy_on_submit(users: dict[str, SiteUser], policy: dict) -> None:
+    alice = users["alice"]
+    refs, penv = policy["refs"], policy["env"]
+    refused(alice.nagaya("submit", "--backend", "local", "--image", refs["pol-unsigned"], "--", "/bin/busybox",
+                         "true", env=penv), "refused by the site's image policy", "rule 2")
+    r = ok(alice.nagaya("submit", "--backend", "local", "--json", "--image", refs["pol-signed"], "--",
+                        "/bin/busybox", "true", env=penv))
+    assert json.loads(r.stdout)["digest"] == policy["digests"]["pol-signed"]
+
+
+def test_policy_rejects_keys_not_roots(users: dict[str, SiteUser], policy: dict, work: Path) -> None:
+    """A key file a user could have written is no site key."""
+    alice = users["alice"]
+    own = alice.u.home / "mine.pub"
+    shutil.copy(policy_key(alice), own)
+    os.chown(own, alice.u.uid, alice.u.gid)
+    rule = f'{{ scope = "{policy["base"]}", require = "signed", keys = ["{own}"] }}'
+    conf = site_config(work, "userkey.toml", [rule])
+    refused(alice.nagaya("run", policy["refs"]["pol-signed"], "/bin/busybox", "true",
+                         env={"NAGAYA_SITE_CONFIG": str(conf)}), "rule 1", "no usable trusted keys")
+
+
+def policy_key(u: SiteUser) -> Path:
+    return u.u.home / ".config" / "nagaya" / "keys" / "main.pub"

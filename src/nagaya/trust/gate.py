@@ -1,0 +1,136 @@
+"""The site's image policy where an image is about to run: `nagaya run` (and so compose, reproduce and every
+job's `nagaya run NAME@DIGEST` on the node) and `nagaya submit`.
+
+`[image] policy` in the site config is a list of rules; the one with the longest `scope` that matches the
+image's origin (`REGISTRY/PATH` it was pulled from; "*" matches everything, local-only images included)
+decides: `allow = "unsigned"`, or `require = "signed"` with `keys` (root's .pub files, or "project": root's
+KEYS_DIR/projects/PROJECT/*.pub). No matching rule: no requirement. A verdict is cached per user and digest,
+valid only while the rule, the origin and the key files (inode, size, times) are those it was made under.
+
+This module is on `nagaya run`'s start-up path: stdlib `os` only (no pathlib, json, typing, hashing); a
+cached verdict costs a few stat calls and one small read. Verification itself (registry, crypto) is in
+policy.py, imported only on a miss.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nagaya.errors import PermissionDenied, UsageError
+
+
+class PolicyRefused(PermissionDenied):
+    """The site's image policy refuses this image: one line naming the rule."""
+
+
+def _valid(i: int, rule: object) -> dict:  # -> the rule
+    if not isinstance(rule, dict) or not isinstance(rule.get("scope"), str) or not rule["scope"]:
+        raise UsageError(f"site config [image] policy rule {i + 1}: needs a scope (REGISTRY/PROJECT[/REPO] or *)")
+    allow, require, keys = rule.get("allow"), rule.get("require"), rule.get("keys")
+    if allow == "unsigned" and require is None:
+        return rule
+    if require == "signed" and allow is None and isinstance(keys, list) and keys and \
+            all(isinstance(k, str) and (k == "project" or k.startswith("/")) for k in keys):
+        return rule
+    raise UsageError(f"site config [image] policy rule {i + 1}: either allow = \"unsigned\", or require = \"signed\" "
+                     "with keys = [absolute .pub paths and/or \"project\"]")
+
+
+def match(rules: list, name: str) -> tuple[int, dict] | None:
+    """The rule for an image from `name` (REGISTRY/PATH; "" for a local-only image): the longest scope."""
+    best: tuple[int, dict] | None = None
+    best_len = -1
+    for i, rule in enumerate(rules):
+        rule = _valid(i, rule)
+        scope = rule["scope"].rstrip("/")
+        if scope == "*":
+            n = 0
+        elif name and (name == scope or name.startswith(scope + "/")):
+            n = len(scope)
+        else:
+            continue
+        if n > best_len:
+            best, best_len = (i, rule), n
+    return best
+
+
+def project_of(name: str) -> str:
+    parts = name.split("/")
+    return parts[1] if len(parts) > 2 else ""
+
+
+def _stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_uid}"
+
+
+def context(cfg, index: int, rule: dict, name: str, digest: str) -> str:
+    """What a cached verdict is valid for: digest, origin, the rule, and the key files as they are now."""
+    parts = [digest, name, str(index), repr(sorted(rule.items()))]
+    for k in rule.get("keys") or ():
+        if k == "project":
+            d = os.path.join(cfg.image.keys_dir, "projects", project_of(name))
+            try:
+                entries = sorted(os.listdir(d))
+            except OSError:
+                entries = []
+            parts.append(d + "=" + _stamp(d) + "".join(f";{e}={_stamp(os.path.join(d, e))}" for e in entries))
+        else:
+            parts.append(k + "=" + _stamp(k))
+    return "|".join(parts)
+
+
+def origin(cfg, text: str, digest: str) -> str:
+    """REGISTRY/PATH the image comes from: the reference's own, else what the cache recorded at pull time."""
+    from nagaya.image.reference import parse
+
+    try:
+        ref = parse(text.split("@", 1)[0] if "@" in text else text)
+        if ref.registry:
+            return ref.name
+    except UsageError:
+        pass
+    from nagaya.runtime.fastjson import loads
+
+    for base in [cfg.cache_root, *cfg.image.shared_cache_dirs]:
+        try:
+            with open(os.path.join(base, "images", digest[7:] + ".json"), "rb") as f:
+                meta = loads(f.read())
+        except (OSError, ValueError):
+            continue
+        src = meta.get("source") if isinstance(meta, dict) else None
+        if isinstance(src, str) and "@sha256:" in src and not src.startswith("/"):
+            try:
+                ref = parse(src)
+            except UsageError:
+                return ""
+            # only a source recorded for this very digest counts (an index's platform manifest: its own)
+            return ref.name if ref.registry and ref.digest == digest else ""
+        return ""
+    return ""
+
+
+def admit(cfg, text: str, digest: str) -> None:
+    """Return if the policy lets the image `text` (resolved to `digest`) run here; PolicyRefused otherwise."""
+    rules = cfg.image.policy
+    if not rules:
+        return
+    name = origin(cfg, text, digest)
+    m = match(rules, name)
+    if m is None or m[1].get("allow") == "unsigned":
+        return
+    index, rule = m
+    ctx = context(cfg, index, rule, name, digest)
+    path = os.path.join(cfg.cache_root, "trust", digest[7:])
+    try:
+        with open(path) as f:
+            if f.readline().rstrip("\n") == ctx:
+                return
+    except (OSError, ValueError):
+        pass
+    from nagaya.trust.policy import verify_for_rule
+
+    verify_for_rule(cfg, index, rule, name, digest, text, ctx, path)
