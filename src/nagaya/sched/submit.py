@@ -88,10 +88,6 @@ def submit_job(req: SubmitRequest, cfg: Any = None) -> dict[str, Any]:
             from nagaya.trust.gate import admit
 
             admit(cfg, ref, digest)
-        if cfg.image.policy:                # refused now rather than on the node (where `nagaya run` checks again)
-            from nagaya.trust.gate import admit
-
-            admit(cfg, ref, digest)
     else:
         ref, digest = str(compose.resolve()), ""
 
