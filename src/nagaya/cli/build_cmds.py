@@ -22,6 +22,9 @@ def build(context: Path = typer.Argument(..., help="build context: the directory
           build_arg: list[str] = typer.Option([], "--build-arg", help="K=V for ARG K (repeatable)"),
           no_cache: bool = typer.Option(False, "--no-cache", help="run every step again"),
           push: bool = typer.Option(False, "--push", help="push the image to its registry afterwards"),
+          sign: bool = typer.Option(False, "--sign", help="with --push: sign the pushed digest (nagaya sign)"),
+          key: str = typer.Option("default", "--key", "-k", help="--sign: key name or cosign .key path"),
+          passphrase_file: str = typer.Option(None, "--passphrase-file", help="--sign: the key's passphrase file"),
           json_out: bool = typer.Option(False, "--json", help="machine-readable result on stdout")) -> None:
     """Build an image rootless (buildah) from a Dockerfile or an Apptainer definition file into your cache.
 
@@ -38,6 +41,13 @@ def build(context: Path = typer.Argument(..., help="build context: the directory
             from nagaya.image.pull import parse_remote
 
             parse_remote(tag)                   # fail before building: a name without a registry cannot be pushed
+        if sign and not push:
+            raise UsageError("--sign signs what --push pushed: give both")
+        private = None
+        if sign:                                # the passphrase now: a wrong one fails before the build, not after
+            from nagaya.trust import keys
+
+            private = keys.load_private(key, keys.passphrase(passphrase_file, confirm=False))
         cfg = config.load()
         store = open_store(cfg)
         with byte_progress("importing the built image", not json_out) as progress:
@@ -47,6 +57,11 @@ def build(context: Path = typer.Argument(..., help="build context: the directory
                                       image=result.ref, digest=result.meta.digest,
                                       details={"file": result.file, "context": str(context)}), cfg)
         pushed = _push(result.ref, cfg, json_out) if push else None
+        if private is not None and pushed is not None:
+            from nagaya.cli.trust_cmds import sign_with
+            from nagaya.image.pull import parse_remote
+
+            pushed["signed"] = sign_with(f"{parse_remote(result.ref).name}@{pushed['digest']}", private, key)
     except NagayaError as e:
         fail(e)
     if json_out:
@@ -57,6 +72,8 @@ def build(context: Path = typer.Argument(..., help="build context: the directory
     else:
         console.print(f"{result.ref} {result.meta.digest} ({format_size(result.meta.squashfs_size)}, "
                       f"{result.cached_steps}/{result.steps} steps cached, {result.seconds:.1f} s)", highlight=False)
+        if pushed is not None and pushed.get("signed"):
+            console.print(f"pushed and signed with {key}", highlight=False)
 
 
 def _push(ref: str, cfg: config.Config, json_out: bool) -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 
@@ -86,9 +87,15 @@ def sign(ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG|@DIG
 
 def sign_ref(text: str, key: str, passphrase_file: str | None) -> dict[str, str]:
     from nagaya.trust import keys
+
+    return sign_with(text, keys.load_private(key, keys.passphrase(passphrase_file, confirm=False)), key)
+
+
+def sign_with(text: str, private: Any, key: str) -> dict[str, str]:
+    """Sign the image `text` names with an unlocked key (`nagaya sign`, `nagaya build --push --sign`)."""
+    from nagaya.trust import keys
     from nagaya.trust import sign as signing
 
-    private = keys.load_private(key, keys.passphrase(passphrase_file, confirm=False))
     ref = _ref(text)
     cfg = config.load()
     with signing.open_for(ref, cfg, push=True) as reg:

@@ -321,3 +321,25 @@ def test_policy_rejects_keys_not_roots(users: dict[str, SiteUser], policy: dict,
 
 def policy_key(u: SiteUser) -> Path:
     return u.u.home / ".config" / "nagaya" / "keys" / "main.pub"
+
+
+def test_build_push_sign(site: Site, users: dict[str, SiteUser], keys: dict[str, Path], work: Path) -> None:
+    """`nagaya build --push --sign`: one step, and the pushed digest verifies."""
+    require(shutil.which("buildah") is not None, "buildah is not installed")
+    alice = users["alice"]
+    subprocess.run(["usermod", "--add-subuids", "720000-785535", "--add-subgids", "720000-785535", alice.name],
+                   check=True, capture_output=True)
+    base = f"{site.registry}/{alice.name}/base:1"
+    push(alice, work, base)
+    c = alice.u.mkdir(alice.u.home / f"ctx-{uuid.uuid4().hex[:6]}")
+    (c / "built.txt").write_text("built\n")
+    (c / "Containerfile").write_text(f"FROM {base}\nCOPY built.txt /built\n")
+    alice.u.chown_tree(c)
+    target = f"{site.registry}/{alice.name}/built:1"
+    fresh = {"XDG_CACHE_HOME": str(alice.u.mkdir(alice.u.home / f"cache-{uuid.uuid4().hex[:6]}"))}
+    refused(alice.nagaya("build", "-t", target, "--sign", str(c), env=fresh), "--sign", "--push")
+    res = json.loads(ok(alice.nagaya("build", "-t", target, "--push", "--sign", "--key", "main", "--json", str(c),
+                                     env={**fresh, **env()}, timeout=600)).stdout)
+    assert res["pushed"]["signed"]["digest"] == res["digest"]
+    v = json.loads(ok(alice.nagaya("verify", target, "--key", "main", "--json")).stdout)
+    assert v["digest"] == res["digest"]
