@@ -216,3 +216,25 @@ def test_users_cannot_see_each_others_jobs(alice: User, bob: User, tmp_path: Pat
     assert r.returncode == 0 and "alices" in r.stdout
     assert alice.nagaya("cancel", job).returncode == 0
     assert wait_state(alice, job)["state"] == "CANCELLED"
+
+
+def test_dependencies(alice: User, bob: User) -> None:
+    release = alice.home / "dep-release"
+    first = submit(alice, "--image", "bb", "--", "sh", "-c",
+                   f"while [ ! -e {release} ]; do sleep 0.1; done; exit 4")
+    ok = submit(alice, "--image", "bb", "--after", f"{first}:ok", "--", "echo", "not me")
+    anyway = submit(alice, "--image", "bb", "--after", first + ":any", "--", "echo", "after any")
+    free = submit(alice, "--image", "bb", "--", "echo", "not held up")     # a held job blocks no one
+    assert wait_state(alice, free)["state"] == "COMPLETED"
+    assert show(alice, ok)["state"] == "PENDING" and show(alice, anyway)["state"] == "PENDING"
+    os.close(os.open(release, os.O_CREAT | os.O_WRONLY, 0o644))
+    assert wait_state(alice, first)["state"] == "FAILED"
+    info = wait_state(alice, ok)
+    assert info["state"] == "CANCELLED" and info["reason"] == "dependency not satisfied", info
+    assert wait_state(alice, anyway)["state"] == "COMPLETED"
+    assert alice.nagaya("logs", anyway).stdout == "after any\n"
+    os.unlink(release)
+    r = bob.nagaya("submit", "--image", "bb", "--after", first, "--", "true")
+    assert r.returncode != 0 and "not found" in r.stderr, r.stderr
+    r = alice.nagaya("submit", "--image", "bb", "--array", "1-2", "--", "true")
+    assert r.returncode != 0 and "not available on the local backend" in r.stderr, r.stderr

@@ -203,7 +203,16 @@ class Runner:
         nrun = len(running)
         used_n = sum(x["ntasks"] * x["cpus"] for x in running)
         used = {int(c) for x in running for c in x["cpu_list"].split(",") if c}
-        for r in conn.execute("SELECT id, ntasks, cpus FROM jobs WHERE state = 'PENDING' ORDER BY id").fetchall():
+        for r in conn.execute("SELECT id, ntasks, cpus, depends FROM jobs WHERE state = 'PENDING' ORDER BY id"
+                              ).fetchall():
+            if r["depends"]:                    # --after: held jobs wait aside, they hold no one up
+                verdict = self.dependencies(conn, json.loads(r["depends"]))
+                if verdict == "wait":
+                    continue
+                if verdict == "never":
+                    conn.execute("UPDATE jobs SET state = 'CANCELLED', end_time = ?, reason = 'dependency not "
+                                 "satisfied' WHERE id = ? AND state = 'PENDING'", (time.time(), r["id"]))
+                    continue
             need = r["ntasks"] * r["cpus"]
             if nrun >= self.max_jobs or used_n + need > self.max_cpus:
                 break                           # first in, first out: no job jumps the queue
@@ -217,6 +226,18 @@ class Runner:
             used_n += need
             used |= set(cpus)
         return todo
+
+    @staticmethod
+    def dependencies(conn: sqlite3.Connection, deps: list[list[str]]) -> str:
+        """--after: "wait" while a job it names is active, "never" once an :ok one ended otherwise, else "go"."""
+        for jid, kind in deps:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (int(jid),)).fetchone()
+            state = row["state"] if row else "CANCELLED"
+            if state in ("PENDING", "HELD", "RUNNING", "SUSPENDED"):
+                return "wait"
+            if kind == "ok" and state != "COMPLETED":
+                return "never"
+        return "go"
 
     def start(self, job_id: int, cpus: list[int]) -> None:
         pid = os.fork()

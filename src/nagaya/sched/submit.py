@@ -113,8 +113,6 @@ def submit_job(req: SubmitRequest, cfg: Any = None) -> dict[str, Any]:
                    compose=str(compose.resolve()) if compose is not None else "")
     if script:
         spec.command = args[1:]             # the script's own arguments
-    if (req.array or req.after) and sched.name == "local":
-        raise UsageError("--array and --after are not available on the local backend yet (slurm, gridengine)")
     spec.array, spec.after = req.array or "", req.after or ""
     job_id = sched.submit(spec)
     ev = audit.AuditEvent(action="submit", user=me, uid=os.getuid(), image=image, digest=digest,
