@@ -343,3 +343,21 @@ def test_build_push_sign(site: Site, users: dict[str, SiteUser], keys: dict[str,
     assert res["pushed"]["signed"]["digest"] == res["digest"]
     v = json.loads(ok(alice.nagaya("verify", target, "--key", "main", "--json")).stdout)
     assert v["digest"] == res["digest"]
+
+
+def test_policy_on_compose(users: dict[str, SiteUser], policy: dict) -> None:
+    """compose runs its services through `nagaya run`: the same refusal, and the signed stack comes up."""
+    alice = users["alice"]
+    d = alice.u.mkdir(alice.u.home / f"stack-{uuid.uuid4().hex[:6]}")
+    for name, ref in (("unsigned", policy["refs"]["pol-unsigned"]), ("signed", policy["refs"]["pol-signed"])):
+        (d / "compose.yaml").write_text(f"services:\n  app:\n    image: {ref}\n"
+                                        "    command: [\"/bin/busybox\", \"true\"]\n")
+        alice.u.chown_tree(d)
+        r = alice.nagaya("compose", "up", cwd=d, env=policy["env"], timeout=120)
+        if name == "unsigned":                 # the service fails; its own log has the one-line refusal
+            assert r.returncode != 0 and "service app failed" in r.stderr, r.stderr
+            logs = alice.nagaya("compose", "logs", "app", cwd=d, env=policy["env"], timeout=60)
+            assert "refused by the site's image policy, rule 2" in logs.stdout + logs.stderr, logs
+        else:
+            assert r.returncode == 0, r.stderr
+        alice.nagaya("compose", "down", cwd=d, env=policy["env"], timeout=60)
