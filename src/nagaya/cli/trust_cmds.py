@@ -88,6 +88,7 @@ def sign(ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG|@DIG
 def sign_ref(text: str, key: str, passphrase_file: str | None) -> dict[str, str]:
     from nagaya.trust import keys
 
+    _ref(text)                              # a bad reference fails before the passphrase is asked for
     return sign_with(text, keys.load_private(key, keys.passphrase(passphrase_file, confirm=False)), key)
 
 
