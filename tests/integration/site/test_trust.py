@@ -6,6 +6,7 @@ signed one, and match scopes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -361,3 +362,34 @@ def test_policy_on_compose(users: dict[str, SiteUser], policy: dict) -> None:
         else:
             assert r.returncode == 0, r.stderr
         alice.nagaya("compose", "down", cwd=d, env=policy["env"], timeout=60)
+
+
+def test_robot_token_signs_with_a_project_key(site: Site, users: dict[str, SiteUser], work: Path) -> None:
+    """CI: a push-scoped robot token of the project and the project's key (a file and its passphrase) sign;
+    a pull-only token cannot store a signature."""
+    alice, ci = users["alice"], users["bob"]
+    project = f"trci{uuid.uuid4().hex[:6]}"
+    ok(alice.nagaya("project", "create", project))
+    r = ok(alice.nagaya("key", "create", "--project", project, "--json", env=env()))
+    key = json.loads(r.stdout)
+    ref = f"{site.registry}/{project}/app:1"
+    digest = push(alice, work, ref)
+    ci_key = ci.u.home / "project.key"
+    shutil.copy(key["private"], ci_key)
+    os.chown(ci_key, ci.u.uid, ci.u.gid)
+    ci_key.chmod(0o600)
+    for scope in ("pull", "push"):
+        tok = json.loads(ok(alice.nagaya("token", "create", "--project", project, "--scope", scope,
+                                         "--expires", "1d", "--json")).stdout)
+        auth = ci.u.home / f"ci-auth-{scope}.json"
+        raw = base64.b64encode(f"{tok['username']}:{tok['secret']}".encode()).decode()
+        auth.write_text(json.dumps({"auths": {site.registry: {"auth": raw}}}))
+        os.chown(auth, ci.u.uid, ci.u.gid)
+        auth.chmod(0o600)
+        r = ci.nagaya("sign", ref, "--key", str(ci_key), env={**env(), "NAGAYA_AUTH_FILE": str(auth)})
+        if scope == "pull":
+            refused(r, "denied")
+        else:
+            ok(r)
+    v = json.loads(ok(alice.nagaya("verify", ref, "--key", project, "--json")).stdout)
+    assert v["digest"] == digest
