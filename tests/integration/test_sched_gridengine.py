@@ -248,5 +248,3 @@ def test_arrays_and_dependencies(alice: User, bob: User) -> None:
     assert logs(alice, anyway) == "after any\n"
     r = bob.nagaya("submit", "--image", "bb", "--after", arr, "--", "true", cwd=CWD[bob.name])
     assert r.returncode != 0 and "not found" in r.stderr, r.stderr
-    r = alice.nagaya("submit", "--backend", "local", "--array", "1-2", "--image", "bb", "--", "true")
-    assert r.returncode != 0 and "not available on the local backend" in r.stderr, r.stderr

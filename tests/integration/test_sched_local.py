@@ -18,6 +18,7 @@ from tests.integration.sched_helpers import (
     import_images,
     job_processes,
     live_processes,
+    nagaya_json,
     reset_user,
     show,
     state_dir,
@@ -236,5 +237,26 @@ def test_dependencies(alice: User, bob: User) -> None:
     os.unlink(release)
     r = bob.nagaya("submit", "--image", "bb", "--after", first, "--", "true")
     assert r.returncode != 0 and "not found" in r.stderr, r.stderr
-    r = alice.nagaya("submit", "--image", "bb", "--array", "1-2", "--", "true")
-    assert r.returncode != 0 and "not available on the local backend" in r.stderr, r.stderr
+
+
+def test_arrays(alice: User) -> None:
+    release = alice.home / "arr-release"
+    arr = submit(alice, "--image", "bb", "--array", "1-4%2", "--", "sh", "-c",
+                 f"echo task $NAGAYA_ARRAY_TASK_ID; while [ ! -e {release} ]; do sleep 0.1; done; "
+                 "exit $((NAGAYA_ARRAY_TASK_ID == 3))")
+    after = submit(alice, "--image", "bb", "--after", f"{arr}:any", "--", "echo", "after the array")
+    wait_for(lambda: show(alice, arr)["reason"] == "tasks: 2 PENDING, 2 RUNNING", 20, "two tasks to run (%2)")
+    ids = {j["id"]: j["state"] for j in nagaya_json(alice, "jobs") if j["id"].startswith(f"{arr}.")}
+    assert sorted(ids) == [f"{arr}.{i}" for i in range(1, 5)] and sorted(ids.values()).count("RUNNING") == 2, ids
+    os.close(os.open(release, os.O_CREAT | os.O_WRONLY, 0o644))
+    info = wait_state(alice, arr, timeout=30)
+    assert info["state"] == "FAILED" and info["reason"] == "tasks: 3 COMPLETED, 1 FAILED", info
+    assert show(alice, f"{arr}.3")["exit_code"] == 1
+    assert alice.nagaya("logs", arr).stdout.splitlines() == [f"task {i}" for i in range(1, 5)]
+    assert alice.nagaya("logs", f"{arr}.2").stdout == "task 2\n"
+    assert wait_state(alice, after)["state"] == "COMPLETED"
+    os.unlink(release)
+    many = submit(alice, "--image", "bb", "--array", "1-3", "--", "sleep", "30")
+    wait_for(lambda: show(alice, many)["state"] == "RUNNING", 20, "the array to start")
+    assert alice.nagaya("cancel", many).returncode == 0
+    assert wait_state(alice, many, timeout=30)["state"] == "CANCELLED"

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import pwd
+import re
 import signal
 import sqlite3
 import subprocess
@@ -39,9 +40,14 @@ CREATE TABLE IF NOT EXISTS jobs (
   pid INTEGER, pid_start TEXT,
   cancel_requested INTEGER NOT NULL DEFAULT 0, want_suspended INTEGER NOT NULL DEFAULT 0,
   suspended_total REAL NOT NULL DEFAULT 0,
-  depends TEXT NOT NULL DEFAULT ''
+  depends TEXT NOT NULL DEFAULT '',
+  array_id INTEGER, array_task INTEGER, array_limit INTEGER NOT NULL DEFAULT 0
 );
 """
+
+
+NEWER_COLUMNS = (("depends", "TEXT NOT NULL DEFAULT ''"), ("array_id", "INTEGER"), ("array_task", "INTEGER"),
+                 ("array_limit", "INTEGER NOT NULL DEFAULT 0"))
 
 
 def ensure_state_dir(path: Path) -> Path:
@@ -64,10 +70,12 @@ def connect(state_dir: Path, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(db, timeout=30, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
-        if "depends" not in {c[1] for c in conn.execute("PRAGMA table_info(jobs)")}:
-            # A database from before `submit --after`: the column is added once (a racing twin may win).
-            with contextlib.suppress(sqlite3.OperationalError):
-                conn.execute("ALTER TABLE jobs ADD COLUMN depends TEXT NOT NULL DEFAULT ''")
+        have = {c[1] for c in conn.execute("PRAGMA table_info(jobs)")}
+        for col, decl in NEWER_COLUMNS:
+            if col not in have:
+                # A database from before `submit --after/--array`: added once (a racing twin may win).
+                with contextlib.suppress(sqlite3.OperationalError):
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -97,8 +105,15 @@ def poke(pid: int | None, start: str | None) -> bool:
     return False
 
 
+def task_id(r: sqlite3.Row) -> str:
+    """A job's id as users see it: ID, or ARRAY.TASK for an array task."""
+    if "array_task" in r.keys() and r["array_task"] is not None:  # noqa: SIM118 (Row's `in` tests values)
+        return f"{r['array_id']}.{r['array_task']}"
+    return str(r["id"])
+
+
 def row_info(r: sqlite3.Row) -> JobInfo:
-    return JobInfo(id=str(r["id"]), user=r["user"], state=r["state"], name=r["name"], image=r["image"],
+    return JobInfo(id=task_id(r), user=r["user"], state=r["state"], name=r["name"], image=r["image"],
                    digest=r["digest"], command=json.loads(r["command"]), nodes=r["host"] or "",
                    exit_code=r["exit_code"], submit_time=iso(r["submit_time"]), start_time=iso(r["start_time"]),
                    end_time=iso(r["end_time"]), time_limit=r["time_limit"], cpus=r["cpus"] * r["ntasks"],
@@ -144,14 +159,24 @@ class LocalScheduler:
         return connect(self.dir)
 
     def _row(self, conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
-        try:
-            n = int(job_id)
-        except ValueError:
-            raise UsageError(f"invalid job id {job_id!r}") from None
-        r = conn.execute("SELECT * FROM jobs WHERE id = ?", (n,)).fetchone()
+        base, _, task = job_id.partition(".")
+        if not base.isdigit() or (task and not task.isdigit()):
+            raise UsageError(f"invalid job id {job_id!r} (ID, or ID.TASK for an array task)")
+        if task:
+            r = conn.execute("SELECT * FROM jobs WHERE array_id = ? AND array_task = ?", (int(base), int(task))
+                             ).fetchone()
+        else:
+            r = conn.execute("SELECT * FROM jobs WHERE id = ?", (int(base),)).fetchone()
         if r is None:
             raise NotFound(f"job {job_id} not found")
         return r
+
+    def _tasks(self, conn: sqlite3.Connection, job_id: str) -> list[sqlite3.Row] | None:
+        """An array's task rows when `job_id` names a whole array, else None."""
+        r = self._row(conn, job_id)
+        if "." in job_id or r["array_task"] is None or r["array_id"] != r["id"]:
+            return None
+        return conn.execute("SELECT * FROM jobs WHERE array_id = ? ORDER BY array_task", (r["id"],)).fetchall()
 
     def limits(self) -> tuple[int, int]:
         cpus = self.cfg.sched.max_cpus or len(usable_cpus())
@@ -199,8 +224,14 @@ class LocalScheduler:
             raise UsageError(f"the job asks for {need} CPUs; the local backend has {max_cpus}")
         if spec.ntasks > 1:
             raise UsageError("the local backend runs one task per job: --ntasks must be 1")
+        tasks: list[int | None] = [None]
+        limit = 0
         if spec.array:
-            raise UsageError("--array is not available on the local backend yet (slurm, gridengine)")
+            m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?(?:%(\d+))?", spec.array.strip())
+            if not m or int(m.group(1)) < 1 or int(m.group(2) or m.group(1)) < int(m.group(1)):
+                raise UsageError(f"invalid --array {spec.array!r} (e.g. 1-100, 1-100:2 or 1-100%10)")
+            tasks = list(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1, int(m.group(3) or 1)))
+            limit = int(m.group(4) or 0)
         deps = parse_after(spec.after)
         for jid, _kind in deps:
             if "." in jid:
@@ -211,16 +242,23 @@ class LocalScheduler:
             run_args += ["--gpus", ",".join(str(i) for i in range(int(spec.gpus)))
                          if spec.gpus.isdigit() else spec.gpus]
         with contextlib.closing(self._db()) as conn:
-            cur = conn.execute(
-                "INSERT INTO jobs (name, user, state, image, ref, digest, command, run_args, cwd, env, ntasks, cpus,"
-                " mem, gpus, time_limit, partition, submit_time, depends)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (spec.name, spec.user, "PENDING" if not spec.script else "HELD", spec.image, spec.ref, spec.digest,
-                 json.dumps(spec.command), json.dumps(run_args), spec.cwd, json.dumps(spec.env), spec.ntasks,
-                 spec.cpus, spec.mem, spec.gpus, spec.time_limit, spec.partition, time.time(),
-                 json.dumps(deps) if deps else ""))
-            job_id = cur.lastrowid
-            assert job_id is not None
+            job_id = None
+            held = bool(spec.script) or len(tasks) > 1     # PENDING once complete: the runner never sees half
+            for t in tasks:
+                env = spec.env if t is None else {**spec.env, "NAGAYA_ARRAY_TASK_ID": str(t)}
+                cur = conn.execute(
+                    "INSERT INTO jobs (name, user, state, image, ref, digest, command, run_args, cwd, env, ntasks,"
+                    " cpus, mem, gpus, time_limit, partition, submit_time, depends, array_id, array_task,"
+                    " array_limit) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (spec.name, spec.user, "HELD" if held else "PENDING", spec.image, spec.ref, spec.digest,
+                     json.dumps(spec.command), json.dumps(run_args), spec.cwd, json.dumps(env), spec.ntasks,
+                     spec.cpus, spec.mem, spec.gpus, spec.time_limit, spec.partition, time.time(),
+                     json.dumps(deps) if deps else "", job_id, t, limit))
+                if job_id is None:
+                    job_id = cur.lastrowid
+                    assert job_id is not None
+                    if t is not None:
+                        conn.execute("UPDATE jobs SET array_id = ? WHERE id = ?", (job_id, job_id))
             if spec.script:
                 # The script is the job's command inside the container: keep a private copy (the user may
                 # edit theirs before the job starts) and bind its directory read-only.
@@ -230,16 +268,33 @@ class LocalScheduler:
                     f.write(spec.script)
                 cmd = [str(path)] if spec.script.startswith("#!") else ["/bin/sh", str(path)]
                 cmd += spec.command             # the script's own arguments
-                conn.execute("UPDATE jobs SET command = ?, run_args = ?, state = 'PENDING' WHERE id = ?",
+                conn.execute("UPDATE jobs SET command = ?, run_args = ? WHERE id = ? OR array_id = ?",
                              (json.dumps(cmd), json.dumps([*run_args, "--bind", f"{path.parent}:{path.parent}:ro"]),
-                              job_id))
+                              job_id, job_id))
+            if held:
+                conn.execute("UPDATE jobs SET state = 'PENDING' WHERE (id = ? OR array_id = ?) AND state = 'HELD'",
+                             (job_id, job_id))
         self.ensure_runner()
         return str(job_id)
 
     def status(self, job_id: str) -> JobInfo:
         with contextlib.closing(self._db()) as conn:
-            info = row_info(self._row(conn, job_id))
-        info.log = str(self.dir / "logs" / f"{info.id}.out")
+            r = self._row(conn, job_id)
+            tasks = self._tasks(conn, job_id)
+        info = row_info(r)
+        info.log = str(self.dir / "logs" / f"{r['id']}.out")
+        if tasks:                               # the array as a whole: one state from its tasks'
+            states: dict[str, int] = {}
+            for t in tasks:
+                states[t["state"]] = states.get(t["state"], 0) + 1
+            order = ("RUNNING", "SUSPENDED", "PENDING", "HELD", "CANCELLED", "TIMEOUT", "FAILED", "COMPLETED")
+            info.id = job_id
+            info.state = next(x for x in order if x in states).replace("HELD", "PENDING")
+            codes = [t["exit_code"] for t in tasks if t["exit_code"] is not None]
+            info.exit_code = max(codes) if codes and info.state not in ACTIVE else None
+            info.reason = "tasks: " + ", ".join(f"{n} {st}" for st, n in sorted(states.items()))
+            info.end_time = "" if info.state in ACTIVE else iso(max((t["end_time"] or 0) for t in tasks))
+            info.nodes = ""
         self._kick(info.state)
         return info
 
@@ -278,6 +333,16 @@ class LocalScheduler:
 
     def cancel(self, job_id: str) -> None:
         with contextlib.closing(self._db()) as conn:
+            tasks = self._tasks(conn, job_id)
+        if tasks:                               # every task of the array that has not ended
+            live = [task_id(t) for t in tasks if t["state"] in (*ACTIVE, "HELD")]
+            if not live:
+                raise Conflict(f"job {job_id} has already finished")
+            for t in live:
+                with contextlib.suppress(Conflict):
+                    self.cancel(t)
+            return
+        with contextlib.closing(self._db()) as conn:
             r = self._row(conn, job_id)
             if conn.execute("UPDATE jobs SET state = 'CANCELLED', end_time = ?, reason = 'cancelled before start'"
                             " WHERE id = ? AND state = 'PENDING'", (time.time(), r["id"])).rowcount:
@@ -290,6 +355,16 @@ class LocalScheduler:
         poke(r["pid"], r["pid_start"])
 
     def _control(self, job_id: str, suspend: bool) -> None:
+        with contextlib.closing(self._db()) as conn:
+            tasks = self._tasks(conn, job_id)
+        if tasks:                               # the array's running tasks
+            running = [task_id(t) for t in tasks if t["state"] in ("RUNNING", "SUSPENDED")]
+            if not running:
+                raise Conflict(f"job {job_id} has no running task")
+            for t in running:
+                with contextlib.suppress(Conflict):
+                    self._control(t, suspend)
+            return
         with contextlib.closing(self._db()) as conn:
             r = self._row(conn, job_id)
             if r["state"] not in ("RUNNING", "SUSPENDED"):
@@ -305,6 +380,12 @@ class LocalScheduler:
         self._control(job_id, False)
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
+        with contextlib.closing(self._db()) as conn:
+            tasks = self._tasks(conn, job_id)
+        if tasks:                               # every task's log in turn
+            for t in tasks:
+                yield from self.logs(task_id(t), follow)
+            return
         info = self.status(job_id)
         path = Path(info.log)
         pos = 0

@@ -199,12 +199,18 @@ class Runner:
     def schedule(self, conn: sqlite3.Connection) -> list[tuple[int, list[int]]]:
         """Mark the jobs that fit as RUNNING; the caller starts them once the connection is closed."""
         todo: list[tuple[int, list[int]]] = []
-        running = conn.execute(f"SELECT ntasks, cpus, cpu_list FROM jobs WHERE {ACTIVE_SQL}").fetchall()
+        running = conn.execute(f"SELECT ntasks, cpus, cpu_list, array_id FROM jobs WHERE {ACTIVE_SQL}").fetchall()
+        per_array: dict[int, int] = {}          # --array ...%N: running tasks of each array
+        for x in running:
+            if x["array_id"] is not None:
+                per_array[x["array_id"]] = per_array.get(x["array_id"], 0) + 1
         nrun = len(running)
         used_n = sum(x["ntasks"] * x["cpus"] for x in running)
         used = {int(c) for x in running for c in x["cpu_list"].split(",") if c}
-        for r in conn.execute("SELECT id, ntasks, cpus, depends FROM jobs WHERE state = 'PENDING' ORDER BY id"
-                              ).fetchall():
+        for r in conn.execute("SELECT id, ntasks, cpus, depends, array_id, array_limit FROM jobs "
+                              "WHERE state = 'PENDING' ORDER BY id").fetchall():
+            if r["array_limit"] and per_array.get(r["array_id"], 0) >= r["array_limit"]:
+                continue                        # its array's limit: later jobs may still go
             if r["depends"]:                    # --after: held jobs wait aside, they hold no one up
                 verdict = self.dependencies(conn, json.loads(r["depends"]))
                 if verdict == "wait":
@@ -222,6 +228,8 @@ class Runner:
                             (time.time(), self.host, ",".join(map(str, cpus)), r["id"])).rowcount != 1:
                 continue                        # cancelled meanwhile
             todo.append((r["id"], cpus))
+            if r["array_id"] is not None:
+                per_array[r["array_id"]] = per_array.get(r["array_id"], 0) + 1
             nrun += 1
             used_n += need
             used |= set(cpus)
@@ -231,11 +239,11 @@ class Runner:
     def dependencies(conn: sqlite3.Connection, deps: list[list[str]]) -> str:
         """--after: "wait" while a job it names is active, "never" once an :ok one ended otherwise, else "go"."""
         for jid, kind in deps:
-            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (int(jid),)).fetchone()
-            state = row["state"] if row else "CANCELLED"
-            if state in ("PENDING", "HELD", "RUNNING", "SUSPENDED"):
-                return "wait"
-            if kind == "ok" and state != "COMPLETED":
+            states = {x["state"] for x in conn.execute("SELECT state FROM jobs WHERE id = ? OR array_id = ?",
+                                                          (int(jid), int(jid)))} or {"CANCELLED"}
+            if states & {"PENDING", "HELD", "RUNNING", "SUSPENDED"}:
+                return "wait"                   # an array: every task
+            if kind == "ok" and states != {"COMPLETED"}:
                 return "never"
         return "go"
 
