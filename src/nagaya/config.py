@@ -369,6 +369,9 @@ def _logical_lines(text: str) -> list[str] | None:
     buf: str | None = None
     depth = 0
     for raw in text.split("\n"):
+        if buf is None and "[" not in raw:
+            out.append(raw)                 # nothing opens here: skip the character scan (every run parses this)
+            continue
         code, d = _code_depth(raw)
         if buf is not None:
             buf, depth = buf + " " + code.strip(" \t"), depth + d
