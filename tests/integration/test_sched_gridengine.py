@@ -96,11 +96,11 @@ def test_job_runs_and_reports(alice: User) -> None:
     info = wait_state(alice, job, timeout=30)
     assert info["state"] == "FAILED" and info["exit_code"] == 3, info
     assert info["digest"] == digest_of(alice, "bb") and info["nodes"] and info["name"] == "one"
-    assert info["backend"] == "gridengine" and info["end_time"], info
+    assert info["backend"] == "gridengine" and info["end_time"] and info["submit_time"], info
     assert set(logs(alice, job).splitlines()) == {"out", "err"}
     assert wait_state(alice, ok, timeout=30)["state"] == "COMPLETED"
     running = submit(alice, "--image", "bb", "--name", "listed", "--", "sleep", "30")
-    wait_state(alice, running, ("RUNNING",), 30)
+    assert wait_state(alice, running, ("RUNNING",), 30)["submit_time"]
     r = alice.nagaya("jobs")
     assert r.returncode == 0 and running in r.stdout and "listed" in r.stdout, r.stdout
     assert alice.nagaya("cancel", running).returncode == 0

@@ -295,7 +295,7 @@ class GridEngineScheduler:
         name = _directive(spec.script, "-N") or _name(spec.name or "nagaya")
         rec = {"id": job_id, "name": name, "digest": spec.digest, "image": spec.ref,
                "command": spec.command or [spec.script_name], "time_limit": spec.time_limit, "cwd": spec.cwd,
-               "array": spec.array, "after": spec.after}
+               "array": spec.array, "after": spec.after, "submit_time": iso(time.time())}
         tmp = self.state / f".{job_id}.job.tmp"
         tmp.write_text(json.dumps(rec) + "\n")
         tmp.replace(self.state / f"{job_id}.job")
@@ -341,7 +341,7 @@ class GridEngineScheduler:
         return JobInfo(id=key, user=j.get("JB_owner", ""), state=state, name=j.get("JB_name", ""),
                        image=str(rec.get("image", "")), digest=str(rec.get("digest", "")),
                        command=list(rec.get("command", [])), nodes=queue.split("@", 1)[-1] if queue else "",
-                       submit_time=j.get("JB_submission_time", "")[:19],
+                       submit_time=j.get("JB_submission_time", "")[:19] or str(rec.get("submit_time", "")),
                        start_time=start[:19] if state != "PENDING" else "",
                        time_limit=int(rec.get("time_limit", 0)), cpus=int(j.get("slots") or 1),
                        reason=("error" if "E" in j.get("state", "") else "") or
@@ -377,6 +377,7 @@ class GridEngineScheduler:
             code = int(facts["exit"]) if facts.get("exit", "").isdigit() else None
             state = (ending or ("COMPLETED" if code == 0 else "FAILED")) if ended else "RUNNING"
             return JobInfo(**common, user=self.me, state=state, exit_code=code, name=str(rec.get("name", "")),
+                           submit_time=str(rec.get("submit_time", "")),
                            nodes=facts.get("host", ""), end_time=iso(float(facts.get("end") or 0)),
                            cpus=int(facts["slots"]) if facts.get("slots", "").isdigit() else 1,
                            reason=("dependency not satisfied" if ending == "CANCELLED" and
