@@ -60,6 +60,10 @@ class PermissionDenied(NagayaError):
     exit_code = 6
 
 
+class PolicyRefused(PermissionDenied):
+    """The site's image policy refuses this image: one line naming the rule (trust/gate.py)."""
+
+
 class NotFound(NagayaError):
     """A project, member, token or repository that does not exist (or that the caller may not see)."""
 

@@ -112,3 +112,9 @@ def parse(text: str) -> Reference:
     if len(rest) + len(registry) > MAX_NAME:
         raise UsageError(f"invalid image reference {text!r}: name longer than {MAX_NAME} characters")
     return Reference(registry, rest, tag, digest)
+
+
+def project_of(name: str) -> str:
+    """The project of REGISTRY/PROJECT/REPO ("" when there is none): what site policy and keys are per."""
+    parts = name.split("/")
+    return parts[1] if len(parts) > 2 else ""

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import os
 
-from nagaya.errors import PermissionDenied, UsageError
+from nagaya.errors import PolicyRefused, UsageError
+from nagaya.image.reference import project_of
 
-
-class PolicyRefused(PermissionDenied):
-    """The site's image policy refuses this image: one line naming the rule."""
+__all__ = ["PolicyRefused", "admit", "match", "project_of"]
 
 
 def _valid(i: int, rule: object) -> dict:  # -> the rule
@@ -54,9 +53,6 @@ def match(rules: list, name: str) -> tuple[int, dict] | None:
     return best
 
 
-def project_of(name: str) -> str:
-    parts = name.split("/")
-    return parts[1] if len(parts) > 2 else ""
 
 
 def _stamp(path: str) -> str:

@@ -10,9 +10,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nagaya import safefs
-from nagaya.errors import NagayaError, RegistryUnreachable
+from nagaya.errors import NagayaError, PolicyRefused, RegistryUnreachable
+from nagaya.image.reference import project_of
 from nagaya.trust import keys
-from nagaya.trust.gate import PolicyRefused, project_of
 
 MAX_KEYS = 64
 
