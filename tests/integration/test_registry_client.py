@@ -395,7 +395,7 @@ def test_stale_tmp_entries_are_collected(owner: SiteUser) -> None:
     env = fresh_cache(owner)
     ok(owner.nagaya("cache", "ls", env=env))
     root = cache_root(env)
-    for d in ("tmp", "blobs/sha256"):
+    for d in ("", "tmp", "blobs", "blobs/sha256"):      # each level the owner's: a cache root made by root is refused
         owner.u.mkdir(root / d)
     old, new = root / "tmp" / "blob-old", root / "tmp" / "blob-new"
     for p in (old, new):
