@@ -162,8 +162,7 @@ def private_dir(path: str | os.PathLike[str], uid: int | None = None) -> str:
     try:
         st = os.fstat(fd)
         if st.st_uid != uid:
-            raise UnsafePath(f"{path} belongs to {_who(st.st_uid)}, not to you; remove it or choose another "
-                             "directory")
+            raise UnsafePath(f"{path} belongs to {_who(st.st_uid)}, not to you")
         return os.path.realpath(os.fspath(path))     # the same directory: no untrusted link on the way
     finally:
         os.close(fd)

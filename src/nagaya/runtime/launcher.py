@@ -112,7 +112,8 @@ class Launcher:
         try:                    # yours, and on a path nobody else can swap under you
             d = safefs.private_dir(d)
         except (OSError, safefs.UnsafePath) as e:
-            raise UsageError(f"overlay directory {d} is not yours alone: {safefs.describe(e)}") from None
+            raise UsageError(f"overlay directory {d} is not yours alone: {safefs.describe(e)}; "
+                             "choose one of your own") from None
         for sub in ("upper", "work"):
             os.makedirs(os.path.join(d, sub), mode=0o755, exist_ok=True)
         return os.path.join(d, "upper"), os.path.join(d, "work")
