@@ -12,6 +12,7 @@ quiet() { if [ "${NAGAYA_VERBOSE:-0}" = 1 ]; then "$@"; else "$@" >/tmp/nagaya-i
 echo "== system packages"
 PKGS=(
   python3 python3-venv python3-dev gcc            # the Python package and its venv
+  libc6-dev                                       # the compiled starter (src/starter): `nagaya run` without Python
   bubblewrap runc squashfs-tools squashfs-tools-ng squashfuse fuse3 uidmap   # the runtime
   busybox-static debootstrap                      # tiny base images made locally (no public registry)
   skopeo umoci podman buildah                     # peers for tests and benchmarks, OCI tooling
@@ -25,6 +26,7 @@ PKGS=(
   slurmrestd slurm-wlm-jwt-plugin acl             # the portal submits as each user through slurmrestd + JWT
   gridengine-master gridengine-exec gridengine-client   # the gridengine backend and its tests (a private cell)
   chromium                                        # portal end-to-end tests (Playwright drives Debian's build)
+  git                                             # builds from a git URL: the build job clones as the user
 )
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
@@ -38,6 +40,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive quiet apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
+echo "== OpenPBS (the pbs backend's tests: built once into /opt/pbs from ../shared/third_party, outside this tree)"
+if compgen -G "$here/../shared/third_party/openpbs-*.tar.gz" >/dev/null; then
+  bash "$here/deploy/openpbs.sh"
+else
+  echo "   no OpenPBS source tarball beside the project: skipped (the pbs backend's tests need /opt/pbs)"
+fi
+
 echo "== python package -> $PREFIX"
 if [ ! -x "$PREFIX/bin/python3" ]; then
   /usr/bin/python3 -m venv "$PREFIX"
@@ -46,15 +55,27 @@ quiet "$PREFIX/bin/pip" install --upgrade --disable-pip-version-check "$here[tes
 # The command starts Python isolated (-I: no PYTHON* variables, no user site) and without site (-S):
 # both cost start-up time on every `nagaya run`, and -I keeps a user's environment out of the launcher.
 purelib=$("$PREFIX/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-rm -f /usr/local/bin/nagaya
-cat > /usr/local/bin/nagaya <<LAUNCHER
+cat > "$PREFIX/bin/nagaya-py.new" <<LAUNCHER
 #!$PREFIX/bin/python3 -IS
 import sys
 sys.path.append("$purelib")
 from nagaya.cli.entry import main
 main()
 LAUNCHER
-chmod 0755 /usr/local/bin/nagaya
+chmod 0755 "$PREFIX/bin/nagaya-py.new"
+mv -f "$PREFIX/bin/nagaya-py.new" "$PREFIX/bin/nagaya-py"
+# /usr/local/bin/nagaya: the compiled starter (src/starter), which replays a plain `nagaya run|exec IMAGE CMD`
+# from the plan the Python launcher wrote and execs `python3 -IS nagaya-py` for everything else. Never setuid.
+# Without a C compiler the Python launcher is the command itself (a CI run treats that as an error).
+if cc -O2 -Wall -Wno-format-truncation -DNAGAYA_PYTHON="\"$PREFIX/bin/python3\"" \
+     -DNAGAYA_PYLAUNCHER="\"$PREFIX/bin/nagaya-py\"" -o /usr/local/bin/nagaya.new "$here/src/starter/nagaya-starter.c"; then
+  chmod 0755 /usr/local/bin/nagaya.new
+else
+  [ "${CI:-}" = true ] && { echo "install.sh: the starter does not compile (CI=true: an error)" >&2; exit 1; }
+  echo "   no working C compiler: /usr/local/bin/nagaya is the Python launcher (slower start-up)"
+  cp "$PREFIX/bin/nagaya-py" /usr/local/bin/nagaya.new
+fi
+mv -f /usr/local/bin/nagaya.new /usr/local/bin/nagaya
 chmod -R a+rX "$PREFIX"
 
 echo "== service account"

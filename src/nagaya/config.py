@@ -88,6 +88,11 @@ class RuntimeConfig(Record):
     staging_dir: str = "/var/lib/nagaya/mnt"
     pid_namespace: bool = True
     fuse: bool = True                           # False: always use the unpacked-directory fallback
+    # squashfuse_ll (Debian 12: 0.1.105) serves one request at a time and its directories are not cached by
+    # the kernel: a job with many CPUs runs from an unpacked copy in the user's cache instead (made once,
+    # counted in cache_max_size). auto: when the job may use >= unpack_threads CPUs; always; never.
+    unpack: str = "auto"
+    unpack_threads: int = 16
 
 
 class ImageConfig(Record):
@@ -97,11 +102,20 @@ class ImageConfig(Record):
     shared_cache_dirs: list[str] = Factory(list)  # read-only site caches, searched first
     insecure_registries: list[str] = Factory(list)  # HOST[:PORT] spoken to over plain HTTP (loopback always is)
     pull_jobs: int = 4                          # parallel layer downloads/uploads
+    pull: str = "full"                          # run/submit: full | lazy (start before the pull ends; --pull)
+    lazy_publish: bool = True                   # `nagaya push` also uploads the squashfs for lazy runs
+    # where lazily read blocks are kept ("" = CACHE/lazy); a directory on the shared file system (e.g.
+    # "$HOME/.cache/nagaya-lazy") makes every node of a job share them: each block leaves the registry once
+    lazy_cache_dir: str = ""
     cache_max_size: str = ""                    # e.g. "50G": `nagaya cache gc` and `admin maintain` shrink caches to it
     # Site only (a user's config and NAGAYA_IMAGE_* cannot change them): which images may run, and where
     # root keeps the public keys rules name (README "Signed images"; nagaya.trust.gate).
     policy: list[Any] = Factory(list)           # [{scope, require = "signed", keys} | {scope, allow = "unsigned"}]
     keys_dir: str = "/etc/nagaya/keys"          # "project" in a rule's keys: KEYS_DIR/projects/PROJECT/*.pub
+    # Site only too: the vulnerability database scans read, and which images it blocks (nagaya.scan)
+    vulndb: str = "/var/lib/nagaya/vulndb.sqlite"   # `nagaya admin vulndb update` writes it
+    vuln_block: list[Any] = Factory(list)       # [{scope, severity = "high", except = ["CVE-..."]}]
+    vuln_allow: list[str] = Factory(list)       # CVEs the admin lets run everywhere
 
 
 class GpuConfig(Record):
@@ -167,7 +181,7 @@ class LdapConfig(Record):
 class SchedConfig(Record):
     """`nagaya submit` and friends: which scheduler backend, and the local executor's limits."""
 
-    backend: str = "local"                      # local | slurm | gridengine
+    backend: str = "local"                      # local | slurm | gridengine | pbs
     state_dir: str = ""                         # local: default $XDG_DATA_HOME/nagaya/jobs (one per user, 0700)
     max_jobs: int = 0                           # local: concurrent jobs; 0 = number of usable CPUs
     max_cpus: int = 0                           # local: CPUs handed out to jobs; 0 = all usable CPUs
@@ -181,14 +195,38 @@ class SchedConfig(Record):
     sge_root: str = "/var/lib/gridengine"       # SGE_ROOT and SGE_CELL for those commands
     sge_cell: str = "default"
     gridengine_pe: str = "smp"                  # the parallel environment that gives a job CPUs (slots) on one host
+    gridengine_pe_hosts: str = "mpi"            # the one for --nodes > 1 ($round_robin: one slot per host in turn);
+                                                # both need control_slaves TRUE (qrsh -inherit: other hosts, job exec)
     gridengine_mem: str = "h_vmem"              # the complex for --mem (per slot, as Grid Engine counts it)
     gridengine_gpu: str = "gpu"                 # the consumable for --gpus
     gpu_lock_dir: str = "/var/lib/nagaya/gpu-locks"   # per node, made by root: jobs flock a file per GPU
+    pbs_bin: str = "/opt/pbs/bin"               # where OpenPBS's qsub/qstat/qdel/qsig live (never PATH: Grid
+                                                # Engine's qsub has the same name)
     portal_submit: str = "dispatcher"           # how the portal submits for users: dispatcher (root helper,
                                                 # the user's own backend) | slurmrestd (JWT per user, no root)
     slurmrestd_url: str = ""                    # http://127.0.0.1:6820 or unix:/run/slurmrestd.socket
     slurmrestd_jwt_key: str = ""                # Slurm's jwt_key file (HS256), readable by the service account
     portal_pull_hours: int = 24                 # slurmrestd: the job's own pull token lives this long
+
+
+class AppsConfig(Record):
+    """The portal's interactive sessions (Jupyter, web apps, terminals): the site's limits, shown on the
+    Sessions page and enforced by the server's cull pass."""
+
+    idle_minutes: int = 60                      # no proxy traffic and no kernel activity this long: ended
+    max_hours: int = 12                         # a session's whole life, extensions included (its job's limit)
+    warn_minutes: int = 10                      # the page warns this long before a session is ended
+
+
+class BuildsConfig(Record):
+    """Builds from the portal, /api/builds and `nagaya build --submit` (server/builds.py): the site's limits."""
+
+    upload_max: str = "256MiB"                  # an uploaded context's size at most
+    unpacked_max: str = "2GiB"                  # ... once unpacked (the build job checks as it unpacks)
+    git_hosts: str = ""                         # HOST or HOST:PORT builds may clone from, comma-separated; none: off
+    git_schemes: str = "https"                  # git URL schemes allowed (never file/ssh/ext unless listed here)
+    max_running: int = 2                        # one user's builds pending or running at once
+    hours: int = 2                              # a build job's time limit
 
 
 class BuildConfig(Record):
@@ -208,7 +246,9 @@ class Config(Record):
     server: ServerConfig = Factory(ServerConfig)
     ldap: LdapConfig = Factory(LdapConfig)
     build: BuildConfig = Factory(BuildConfig)
+    builds: BuildsConfig = Factory(BuildsConfig)
     sched: SchedConfig = Factory(SchedConfig)
+    apps: AppsConfig = Factory(AppsConfig)
 
     @property
     def cache_root(self) -> str:
@@ -249,7 +289,7 @@ class Config(Record):
         return Path("/var/lib/nagaya/site") if os.geteuid() == 0 else _user_dirs()[2] / "nagaya" / "site"
 
 
-_SECTIONS = ("runtime", "image", "gpu", "audit", "server", "ldap", "build", "sched")
+_SECTIONS = ("runtime", "image", "gpu", "audit", "server", "ldap", "build", "sched", "builds", "apps")
 
 
 def _coerce(current: Any, value: Any, where: str) -> Any:
@@ -479,7 +519,8 @@ def _read_toml(path: str | Path) -> dict[str, Any] | None:
         raise UsageError(f"{path}: invalid TOML: {e}") from None
 
 
-SITE_ONLY = frozenset({"image.policy", "image.keys_dir"})     # what a user may not loosen for themselves
+# what a user may not loosen for themselves
+SITE_ONLY = frozenset({"image.policy", "image.keys_dir", "image.vulndb", "image.vuln_block", "image.vuln_allow"})
 
 
 def load() -> Config:

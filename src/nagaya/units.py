@@ -69,7 +69,7 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
 
 
 def parse_day(text: str, end: bool = False) -> datetime | None:
-    """A form's date filter (`2026-01-31`, or a date and time), naive UTC as the store keeps it; `end`
+    """A form's date filter (`2026-01-31`, or a date and time), naive UTC as the site database keeps it; `end`
     makes a bare day inclusive (up to the next midnight). Empty: None."""
     if not text:
         return None
@@ -81,7 +81,7 @@ def parse_day(text: str, end: bool = False) -> datetime | None:
 
 
 def naive_utc(t: datetime | None) -> datetime | None:
-    """Times arrive with or without a zone; the store keeps naive UTC."""
+    """Times arrive with or without a zone; the site database keeps naive UTC."""
     if t is None or t.tzinfo is None:
         return t
     return t.astimezone(UTC).replace(tzinfo=None)

@@ -321,6 +321,18 @@ def test_job_submit_watch_cancel(as_user: Any, portal: Site, users: dict[str, Si
     page.wait_for_selector("#log:has-text('tick 2')", timeout=120000)     # the live log, polled by htmx
     assert "RUNNING" in page.inner_text("#job-state")
     p.shot("14-job-running")
+    # its CPU and memory over time: sampled every few seconds as Alice, charted as SVG when the page loads
+    tok = api_login(portal, users["alice"])
+    deadline = time.monotonic() + 60
+    while len(portal.api("GET", f"/api/jobs/{job_id}/usage", auth=tok).json()) < 2:
+        assert time.monotonic() < deadline, "no usage samples"
+        time.sleep(1)
+    page.reload()
+    # attached, not "visible": a flat line (steady memory) has no height
+    page.wait_for_selector("svg[aria-label='CPU (cores in use) over time'] polyline", state="attached", timeout=30000)
+    page.wait_for_selector("svg[aria-label='Memory (resident) over time'] polyline", state="attached", timeout=30000)
+    page.wait_for_selector("#job-state:has-text('RUNNING')", timeout=30000)
+    p.shot("14b-job-usage")
     page.on("dialog", lambda d: d.accept())
     page.click("text=Cancel job")
     page.wait_for_selector("#job-state:has-text('CANCELLED')", timeout=60000)
@@ -343,7 +355,7 @@ def test_job_submit_watch_cancel(as_user: Any, portal: Site, users: dict[str, Si
     assert "log" in portal.api("GET", f"/api/jobs/{api_job}/log", auth=alice_tok).json()
     bob_tok = api_login(portal, users["bob"])
     for method, url in (("GET", f"/api/jobs/{api_job}"), ("GET", f"/api/jobs/{api_job}/log"),
-                        ("DELETE", f"/api/jobs/{api_job}")):
+                        ("GET", f"/api/jobs/{api_job}/usage"), ("DELETE", f"/api/jobs/{api_job}")):
         assert portal.api(method, url, auth=bob_tok).status_code in (403, 404), url
     assert api_job not in {j["id"] for j in portal.api("GET", "/api/jobs", auth=bob_tok).json()}
     r = portal.api("POST", "/api/jobs", auth=bob_tok, json={

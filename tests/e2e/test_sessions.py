@@ -17,8 +17,8 @@ from nagaya.server.pki import ensure_signing_files
 from nagaya.server.portal.sessions import Sessions
 from nagaya.server.ratelimit import LoginLimiter
 from nagaya.server.settings import ServerSettings
-from nagaya.store import SiteDatabase
-from nagaya.store.models import PortalSession
+from nagaya.sitedb import SiteDatabase
+from nagaya.sitedb.models import PortalSession
 
 pytestmark = pytest.mark.e2e
 

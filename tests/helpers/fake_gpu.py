@@ -42,3 +42,14 @@ def fake_gpus(root: Path, count: int = 2) -> dict[str, str]:
     root.chmod(0o755)
     return {"NAGAYA_GPU_DEV_DIR": str(root / "dev"), "NAGAYA_GPU_LIB_DIRS": str(root / "lib"),
             "NAGAYA_GPU_BIN_DIRS": str(root / "bin")}
+
+
+def gpu_locks(env: dict[str, str], root: Path) -> dict[str, str]:
+    """The node's GPU lock directory for the fake devices in `env` (made by root, as a site's admin does once
+    with `nagaya job prepare-node`): schedulers that count GPUs hand out indices through it."""
+    env = {**env, "NAGAYA_SCHED_GPU_LOCK_DIR": str(root / "gpu-locks")}
+    r = subprocess.run(["nagaya", "job", "prepare-node"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, **env})
+    if r.returncode != 0:
+        raise RuntimeError(f"nagaya job prepare-node: {r.stderr}")
+    return env

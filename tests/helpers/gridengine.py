@@ -44,10 +44,22 @@ def _pid(path: str) -> int | None:
     return None
 
 
+SUBNET = "10.78.0"          # extra exec hosts: the host bridge is .1, host geK is .(10+K) (Slurm's tests use 10.77.0)
+BRIDGE = "nygebr0"
+HOSTS = Path("/etc/hosts")
+MARK = "# nagaya-ge-netns"
+
+
 class GridEngineCluster:
-    def __init__(self, gpus: int = 2, slots: int = 4) -> None:
+    """`extra_hosts=N`: N more exec hosts (nyge1..), each an execd in a network and UTS namespace of its own on
+    a host bridge, seeing its own /etc/hosts (`ip netns exec`'s /etc/netns/NS/hosts); the host's /etc/hosts
+    gets their names (marked lines, removed at stop) so the qmaster can resolve them (notes: multi-host)."""
+
+    def __init__(self, gpus: int = 2, slots: int = 4, extra_hosts: int = 0) -> None:
         self.gpus = gpus
         self.slots = slots
+        self.extra = [f"nyge{i}" for i in range(1, extra_hosts + 1)]
+        self.made: list[list[str]] = []
         self.host = socket.gethostname()
         self.dir = Path(tempfile.mkdtemp(prefix="nagaya-ge-"))
         self.dir.chmod(0o755)
@@ -99,13 +111,60 @@ class GridEngineCluster:
         (self.common / "host_aliases").write_text(f"{self.host} localhost localhost.localdomain\n")
         (self.common / "act_qmaster").write_text(f"{self.host}\n")
         env = {**os.environ, "SGE_ROOT": SGE_ROOT, "SGE_CELL": CELL}
+        if self.extra:
+            self._make_hosts_net()          # names first: the qmaster caches failed lookups (pitfall 9)
         subprocess.run(["/usr/sbin/sge_qmaster"], env=env, check=True, timeout=30)
         self._until(lambda: self.qconf("-sh", check=False).returncode == 0, 30, "qmaster")
         self._configure()
         self._make_gpus()
         subprocess.run(["/usr/sbin/sge_execd"], env=env, check=True, timeout=30)
-        self._until(self._queue_up, 30, "the execution host")
+        for h in self.extra:
+            subprocess.run(["ip", "netns", "exec", f"nagaya-{h}", "unshare", "--uts", "sh", "-c",
+                            f"hostname {h} && exec /usr/sbin/sge_execd"], env=env, check=True, timeout=30)
+        self._until(self._queue_up, 60, "the execution hosts")
         return self
+
+    def _sh(self, *argv: str, undo: list[str] | None = None) -> None:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
+        if undo:
+            self.made.append(undo)
+
+    def _make_hosts_net(self) -> None:
+        self._unmark_hosts()
+        self._sh("ip", "link", "add", BRIDGE, "type", "bridge", undo=["ip", "link", "del", BRIDGE])
+        self._sh("ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
+        self._sh("ip", "link", "set", BRIDGE, "up")
+        names = [f"{SUBNET}.{10 + i} {h}" for i, h in enumerate(self.extra, 1)]
+        for i, h in enumerate(self.extra, 1):
+            ns, veth = f"nagaya-{h}", f"nygev{i}"
+            self._sh("ip", "netns", "add", ns, undo=["ip", "netns", "del", ns])
+            self._sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                     undo=["ip", "link", "del", veth])
+            self._sh("ip", "link", "set", veth, "master", BRIDGE, "up")
+            self._sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{10 + i}/24", "dev", "eth0")
+            self._sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            self._sh("ip", "-n", ns, "link", "set", "lo", "up")
+            etc = Path("/etc/netns") / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text("\n".join(["127.0.0.1 localhost", f"{SUBNET}.1 {self.host}", *names]) + "\n")
+            self.made.append(["rm", "-rf", str(etc)])
+        with open(HOSTS, "r+b") as f:           # in place: /etc/hosts may be a bind mount
+            text = f.read().decode()
+            f.seek(0)
+            f.write((text.rstrip("\n") + "\n" + "".join(f"{x} {MARK}\n" for x in names)).encode())
+            f.truncate()
+
+    @staticmethod
+    def _unmark_hosts() -> None:
+        with contextlib.suppress(OSError), open(HOSTS, "r+b") as f:
+            lines = f.read().decode().splitlines(keepends=True)
+            kept = [x for x in lines if not x.rstrip().endswith(MARK)]
+            if kept != lines:
+                f.seek(0)
+                f.write("".join(kept).encode())
+                f.truncate()
 
     def _configure(self) -> None:
         g = self.dir / "global"             # qconf -Mconf takes the object's name from the file's name
@@ -132,10 +191,18 @@ class GridEngineCluster:
         self.qconf("-as", self.host, check=False)
         self._object("-ae", "-me", self.host,
                      f"s/^hostname.*/hostname {self.host}/;s/^complex_values.*/complex_values gpu={self.gpus}/")
-        self._object("-ahgrp", "-mhgrp", "@allhosts", f"s/^hostlist.*/hostlist {self.host}/")
-        self._object("-ap", "-mp", "smp", "s/^slots.*/slots 999/;s/^allocation_rule.*/allocation_rule $pe_slots/")
+        for h in self.extra:
+            self.qconf("-ah", h, check=False)
+            self._object("-ae", "-me", h, f"s/^hostname.*/hostname {h}/;s/^complex_values.*/complex_values gpu=0/")
+        self._object("-ahgrp", "-mhgrp", "@allhosts", f"s/^hostlist.*/hostlist {' '.join([self.host, *self.extra])}/")
+        # control_slaves: qrsh -inherit reaches the job's hosts (a multi-host job's tasks, nagaya job exec);
+        # job_is_first_task FALSE: the job script is not one of the tasks.
+        pe = "s/^slots.*/slots 999/;s/^control_slaves.*/control_slaves TRUE/;" \
+             "s/^job_is_first_task.*/job_is_first_task FALSE/;"
+        self._object("-ap", "-mp", "smp", pe + "s/^allocation_rule.*/allocation_rule $pe_slots/")
+        self._object("-ap", "-mp", "mpi", pe + "s/^allocation_rule.*/allocation_rule $round_robin/")
         self._object("-aq", "-mq", "all.q",
-                     f"s/^hostlist.*/hostlist @allhosts/;s/^pe_list.*/pe_list smp/;s/^slots.*/slots {self.slots}/;"
+                     f"s/^hostlist.*/hostlist @allhosts/;s/^pe_list.*/pe_list smp mpi/;s/^slots.*/slots {self.slots}/;"
                      "s/^load_thresholds.*/load_thresholds NONE/;s|^shell .*|shell /bin/bash|;"
                      "s/^shell_start_mode.*/shell_start_mode unix_behavior/;s/^notify.*/notify 00:00:05/")
 
@@ -191,5 +258,15 @@ class GridEngineCluster:
                 if r.returncode != 0 or not r.stdout.strip():
                     break
                 time.sleep(0.2)
+        if self.extra:      # out of the config, or the next qmaster cannot resolve them (pitfall 9)
+            with contextlib.suppress(OSError, subprocess.SubprocessError, RuntimeError):
+                self.qconf("-mhgrp", "@allhosts", sed=f"s/^hostlist.*/hostlist {self.host}/", check=False)
+                for h in self.extra:
+                    self.qconf("-de", h, check=False)
+                    self.qconf("-dh", h, check=False)
         self._stop_daemons()
+        for undo in reversed(self.made):
+            subprocess.run(undo, capture_output=True, timeout=30)
+        self.made.clear()
+        self._unmark_hosts()
         shutil.rmtree(self.dir, ignore_errors=True)

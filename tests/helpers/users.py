@@ -24,7 +24,10 @@ class User:
         try:
             pw = pwd.getpwnam(name)
         except KeyError:
-            subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
+            # No automatic subordinate range: the one added below is the user's only one (an automatic range
+            # that overlaps it makes buildah's uid_map invalid, depending on which users were made first).
+            subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0",
+                            name], check=True)
             pw = pwd.getpwnam(name)
         subprocess.run(["usermod", "--add-subuids", f"{subid_start}-{subid_start + 65535}",
                         "--add-subgids", f"{subid_start}-{subid_start + 65535}", name], check=False,

@@ -146,7 +146,8 @@ def test_suspend_resume_stop_and_continue_the_app(alice: User) -> None:
     wait_for(lambda: f.exists() and f.read_text().strip() not in ("", "1"), 30, "the app to count")
     assert alice.nagaya("job", "suspend", job).returncode == 0      # GE lets owners suspend their jobs
     wait_state(alice, job, ("SUSPENDED",), 10)
-    frozen = wait_for(lambda: (a := f.read_text()) == f.read_text() and a, 5, "counting to stop", every=0.3)
+    frozen = wait_for(lambda: (a := f.read_text()) == (time.sleep(0.5), f.read_text())[1] and a, 30,
+                      "counting to stop")   # generous: a loaded execd may pass the order on seconds late
     time.sleep(6)                          # past GE's own SIGSTOP ('notify' = 5 s after its USR1 warning)
     assert f.read_text() == frozen and show(alice, job)["state"] == "SUSPENDED"
     assert alice.nagaya("job", "resume", job).returncode == 0
@@ -232,11 +233,14 @@ def test_two_jobs_never_share_a_gpu(alice: User, cluster: GridEngineCluster) -> 
 
 
 def test_arrays_and_dependencies(alice: User, bob: User) -> None:
+    release = CWD[alice.name] / "release-array"     # the array ends only once its dependents are queued
     arr = submit(alice, "--image", "bb", "--array", "1-4%2", "--", "sh", "-c",
-                 "echo task $NAGAYA_ARRAY_TASK_ID; exit $((NAGAYA_ARRAY_TASK_ID == 3))")
+                 f"echo task $NAGAYA_ARRAY_TASK_ID; while [ ! -e {release} ]; do sleep 0.1; done; "
+                 "exit $((NAGAYA_ARRAY_TASK_ID == 3))")
     ok = submit(alice, "--image", "bb", "--after", f"{arr}:ok", "--", "echo", "not me")
     anyway = submit(alice, "--image", "bb", "--after", f"{arr}:any", "--", "echo", "after any")
     assert show(alice, ok)["state"] == "PENDING"
+    os.close(os.open(release, os.O_CREAT | os.O_WRONLY, 0o644))
     info = wait_state(alice, arr, timeout=60)
     assert info["state"] == "FAILED" and info["reason"] == "tasks: 3 COMPLETED, 1 FAILED", info
     assert show(alice, f"{arr}.3")["exit_code"] == 1 and show(alice, f"{arr}.2")["state"] == "COMPLETED"

@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 
+from nagaya.sched.onbehalf import USER_OPS, Bounded, JobsBusy, JobsUnavailable
+from nagaya.sched.slurmrest import SlurmRest
 from nagaya.server.job_service import default_jobs
-from nagaya.server.jobs import USER_OPS, BoundedGateway, JobsBusy, JobsUnavailable
-from nagaya.server.slurmrest import SlurmRestGateway
+from nagaya.server.jobs import Dispatched
 
 
 class Slow:
-    """A gateway whose calls wait until released."""
+    """A spool whose calls wait until released."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -29,9 +30,20 @@ class Slow:
         return []
 
 
+class Gateway:
+    """The old call(user, op, args) shape over the Scheduler protocol, so the assertions read as before."""
+
+    def __init__(self, inner: Bounded) -> None:
+        self.inner = inner
+
+    def call(self, user: str, op: str, args: dict[str, Any]) -> Any:
+        assert op == "list"
+        return self.inner.for_user(user).list()
+
+
 def test_cap_refuses_at_once_and_spares_others() -> None:
     slow = Slow()
-    gw = BoundedGateway(slow)
+    gw = Gateway(Bounded(Dispatched(slow)))
     threads = [threading.Thread(target=gw.call, args=("mallory", "list", {})) for _ in range(USER_OPS)]
     for t in threads:
         t.start()
@@ -58,7 +70,7 @@ def test_the_slurmrestd_gateway_is_capped(tmp_path: Path) -> None:
                                slurmrestd_url="http://127.0.0.1:9", slurmrestd_jwt_key=str(key), job_nagaya="",
                                job_partition="", portal_pull_hours=24)
     jobs = default_jobs(SimpleNamespace(settings=settings))          # type: ignore[arg-type]
-    assert isinstance(jobs.gateway, BoundedGateway) and isinstance(jobs.gateway.inner, SlurmRestGateway)
+    assert isinstance(jobs.schedulers, Bounded) and isinstance(jobs.schedulers.inner, SlurmRest)
 
 
 def test_a_silent_slurmrestd_costs_seconds(tmp_path: Path) -> None:
@@ -68,10 +80,10 @@ def test_a_silent_slurmrestd_costs_seconds(tmp_path: Path) -> None:
     with socket.socket() as srv:                 # accepts, never answers
         srv.bind(("127.0.0.1", 0))
         srv.listen(8)
-        gw = SlurmRestGateway(f"http://127.0.0.1:{srv.getsockname()[1]}", key, tmp_path / "logs")
+        gw = SlurmRest(f"http://127.0.0.1:{srv.getsockname()[1]}", key, tmp_path / "logs")
         gw.timeout = 1.0
         t0 = time.monotonic()
         with pytest.raises(JobsUnavailable):
             gw._request("nobody-here", "GET", "/jobs")
         assert time.monotonic() - t0 < 5
-    assert SlurmRestGateway.timeout <= 15                       # the site's own: seconds, not minutes
+    assert SlurmRest.timeout <= 15                       # the site's own: seconds, not minutes

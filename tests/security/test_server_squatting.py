@@ -44,8 +44,8 @@ def test_project_named_after_an_account_is_refused(site: Site, users: dict[str, 
 PLANT = """
 import json, sys
 from nagaya.server.settings import ServerSettings
-from nagaya.store import SiteDatabase
-from nagaya.store.models import Membership, Project, User
+from nagaya.sitedb import SiteDatabase
+from nagaya.sitedb.models import Membership, Project, User
 from sqlalchemy import select
 db = SiteDatabase(ServerSettings.load(__import__('pathlib').Path(sys.argv[1])).database)
 with db.session() as s:

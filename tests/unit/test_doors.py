@@ -79,11 +79,11 @@ def test_image_delete_from_api_cli_and_portal(site: tuple[TestClient, dict[str, 
     c, ada = site
     calls: list[tuple[str, str, str]] = []
 
-    def registry(reg: SiteRegistry, method: str, path: str, **kw: Any) -> httpx.Response:
-        calls.append((method, f"{reg.repository}/{path}", reg.subject))
+    def registry(reg: SiteRegistry, method: str, url: str, **kw: Any) -> httpx.Response:
+        calls.append((method, url.removeprefix("/v2/"), reg.subject))
         return httpx.Response(202)
 
-    monkeypatch.setattr(SiteRegistry, "request", registry)
+    monkeypatch.setattr(SiteRegistry, "_send", registry)
     c.post("/api/projects/lab/members", json={"name": "bob", "role": "developer"}, headers=ada)
     bob = login(c, "bob")
     for tag in ("1", "2"):

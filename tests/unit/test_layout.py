@@ -87,3 +87,24 @@ def test_no_import_cycles() -> None:
         if m not in state:
             walk(m)
     assert cycles == []
+
+
+def test_server_app_is_assembly_only() -> None:
+    """server/app.py builds the application from the doors (api/, portal/, token service, notifications) and
+    handles nothing itself: no route handler (no nested or decorated function), no route added by hand."""
+    path = ROOT / "server" / "app.py"
+    tree = ast.parse(path.read_text(), str(path))
+    handlers = []
+    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)):
+        if fn.decorator_list:
+            handlers.append(f"{fn.name}: decorated")
+        handlers += [f"{fn.name}.{n.name}: nested" for n in ast.walk(fn)
+                     if n is not fn and isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    routes = {"add_api_route", "add_route", "add_websocket_route", "api_route", "route", "websocket", "get", "post",
+              "put", "patch", "delete", "mount"}
+    handlers += [f"line {n.lineno}: .{n.func.attr}(...)" for n in ast.walk(tree)
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in routes
+                 and not (isinstance(n.func.value, ast.Attribute) and n.func.value.attr == "environ")]
+    assert handlers == []
+    # and it stays small: a door or a rule that grows here belongs in api/, portal/ or a part
+    assert len(path.read_text().splitlines()) <= 80

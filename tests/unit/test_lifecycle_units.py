@@ -9,7 +9,7 @@ import pytest
 
 from nagaya import audit
 from nagaya.server import audit_spool
-from nagaya.store import clock, lifecycle
+from nagaya.sitedb import auditlog, clock
 
 
 @pytest.mark.parametrize(("text", "secs"), [("0", 0), ("+10d", 864000), ("-2h", -7200), ("90", 90), ("1w", 604800)])
@@ -35,17 +35,17 @@ def test_clock_moves() -> None:
 
 def test_cli_event_ids_are_per_actor_and_record() -> None:
     rec = {"action": "run", "id": "abc123"}
-    assert lifecycle.cli_event_id("alice", rec) == lifecycle.cli_event_id("alice", {**rec, "exit_code": 1})
-    assert lifecycle.cli_event_id("alice", rec) != lifecycle.cli_event_id("bob", rec)
-    assert lifecycle.cli_event_id("alice", rec) != lifecycle.cli_event_id("alice", {**rec, "id": "abc124"})
-    assert len(lifecycle.cli_event_id("a" * 300, {"action": "run"})) <= 64          # the column's width
+    assert auditlog.cli_event_id("alice", rec) == auditlog.cli_event_id("alice", {**rec, "exit_code": 1})
+    assert auditlog.cli_event_id("alice", rec) != auditlog.cli_event_id("bob", rec)
+    assert auditlog.cli_event_id("alice", rec) != auditlog.cli_event_id("alice", {**rec, "id": "abc124"})
+    assert len(auditlog.cli_event_id("a" * 300, {"action": "run"})) <= 64          # the column's width
 
 
 def test_spool_time_is_the_records_own_but_never_future() -> None:
     now = datetime(2030, 1, 1, 12)
-    assert lifecycle.spool_time({"time": "2030-01-01T10:00:00.000Z"}, now) == datetime(2030, 1, 1, 10)
-    assert lifecycle.spool_time({"time": "2031-01-01T00:00:00Z"}, now) == now
-    assert lifecycle.spool_time({"time": "garbage"}, now) == now
+    assert auditlog.spool_time({"time": "2030-01-01T10:00:00.000Z"}, now) == datetime(2030, 1, 1, 10)
+    assert auditlog.spool_time({"time": "2031-01-01T00:00:00Z"}, now) == now
+    assert auditlog.spool_time({"time": "garbage"}, now) == now
 
 
 def test_audit_records_keep_one_id_and_time() -> None:

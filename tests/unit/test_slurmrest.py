@@ -1,4 +1,4 @@
-"""The slurmrestd gateway's pure parts: the JWT it mints, the refusals before any request, memory forms,
+"""The slurmrestd backend's pure parts: the JWT it mints, the refusals before any request, memory forms,
 and the batch script it shares with the CLI's slurm backend."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 
 from nagaya.errors import PermissionDenied, UsageError
 from nagaya.sched.models import JobSpec
+from nagaya.sched.onbehalf import JobsUnavailable
 from nagaya.sched.slurm import batch_script, job_info
-from nagaya.server.jobs import JobsUnavailable
-from nagaya.server.slurmrest import SlurmRestGateway, check_key, mem_mb, mint
+from nagaya.sched.slurmrest import SlurmRest, check_key, mem_mb, mint
 
 
 def _b64decode(part: str) -> bytes:
@@ -56,9 +56,9 @@ def test_key_readable_by_everyone_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("who", ["root", "daemon", "nobody", "no-such-user-xyz", "svc"])
 def test_no_token_for_root_system_or_service_accounts(tmp_path: Path, who: str) -> None:
     # Refused before any request: the URL leads nowhere and the key does not exist.
-    gw = SlurmRestGateway("http://127.0.0.1:9", tmp_path / "none", tmp_path, service_account="svc")
+    gw = SlurmRest("http://127.0.0.1:9", tmp_path / "none", tmp_path, service_account="svc")
     with pytest.raises(PermissionDenied):
-        gw.call(who, "list", {})
+        gw.for_user(who).list()
 
 
 def test_portal_script_pulls_before_the_step() -> None:

@@ -73,3 +73,18 @@ def test_gate_is_lean() -> None:
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_lazy_start_is_off_where_a_site_policy_applies() -> None:
+    """A lazily read image runs its squashfs artifact, which nobody signed or scanned: `covers` names the
+    rule that makes `nagaya run --pull lazy` pull in full instead."""
+    from nagaya.trust import gate
+
+    signed = {"scope": "reg:5000/lab", "require": "signed", "keys": ["project"]}
+    unsigned = {"scope": "*", "allow": "unsigned"}
+    vulns = {"scope": "reg:5000/sci", "severity": "high"}
+    cfg = SimpleNamespace(image=SimpleNamespace(policy=[unsigned, signed], vuln_block=[vulns]))
+    assert gate.covers(cfg, "reg:5000/lab/x") == "the site's signing policy (rule 2)"
+    assert gate.covers(cfg, "reg:5000/sci/y") == "the site's vulnerability policy (rule 1)"
+    assert gate.covers(cfg, "reg:5000/other/z") == ""
+    assert gate.covers(SimpleNamespace(image=SimpleNamespace(policy=[], vuln_block=[])), "reg:5000/lab/x") == ""

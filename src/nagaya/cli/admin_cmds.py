@@ -14,8 +14,8 @@ from urllib.parse import quote
 import typer
 
 from nagaya.cli.auth_cmds import REGISTRY, api_client
-from nagaya.cli.common import console, fail, print_json
-from nagaya.errors import NagayaError, UsageError
+from nagaya.cli.common import console, print_json
+from nagaya.errors import UsageError
 from nagaya.runtime import subids
 from nagaya.units import format_size, parse_size, parse_when
 
@@ -32,26 +32,26 @@ def audit(user: str = typer.Option("", "--user", help="only this actor"),
           until: str = typer.Option("", "--until", help="ISO date/time or an age"),
           image: str = typer.Option("", "--image", help="[HOST/]PROJECT/NAME[:TAG][@DIGEST] or a digest"),
           action: str = typer.Option("", "--action", help="action prefix (cli.run, registry.push, admin, ...)"),
+          repository: str = typer.Option("", "--repository", help="repositories whose name contains this"),
           limit: int = typer.Option(1000, "--limit", help="at most this many (newest) events"),
           json_out: bool = typer.Option(False, "--json", help="JSON output"),
           csv_out: bool = typer.Option(False, "--csv", help="CSV output"),
           registry: str = REGISTRY) -> None:
     """Query the site's one audit trail: logins, pushes, pulls, CLI runs and submits, admin actions."""
     params: dict[str, Any] = {"limit": limit}
-    try:
-        if user:
-            params["user"] = user
-        if since:
-            params["since"] = parse_when(since).isoformat()
-        if until:
-            params["until"] = parse_when(until).isoformat()
-        if image:
-            params["image"] = image
-        if action:
-            params["action"] = action
-        rows = api_client(registry).get("/api/admin/audit", params=params)
-    except NagayaError as e:
-        fail(e)
+    if user:
+        params["user"] = user
+    if since:
+        params["since"] = parse_when(since).isoformat()
+    if until:
+        params["until"] = parse_when(until).isoformat()
+    if image:
+        params["image"] = image
+    if action:
+        params["action"] = action
+    if repository:
+        params["repository"] = repository
+    rows = api_client(registry).get("/api/admin/audit", params=params)
     if json_out:
         print_json(rows)
         return
@@ -89,16 +89,13 @@ def quota(project: str = typer.Argument(...),
           size: str = typer.Argument(None, help="e.g. 500M, 20G; `none` removes the quota; omit to show it"),
           registry: str = REGISTRY, json_out: bool = typer.Option(False, "--json", help="JSON output")) -> None:
     """Show or set a project's storage quota; pushes are refused once its images reach it."""
-    try:
-        api = api_client(registry)
-        url = f"/api/admin/projects/{quote(project, safe='')}/quota"
-        if size is None:
-            q = api.get(url)
-        else:
-            q = api.request("PUT", url, json={"quota_bytes": None if size.lower() in ("none", "unlimited")
-                                              else parse_size(size)})
-    except NagayaError as e:
-        fail(e)
+    api = api_client(registry)
+    url = f"/api/admin/projects/{quote(project, safe='')}/quota"
+    if size is None:
+        q = api.get(url)
+    else:
+        q = api.request("PUT", url, json={"quota_bytes": None if size.lower() in ("none", "unlimited")
+                                          else parse_size(size)})
     if json_out:
         print_json(q)
         return
@@ -111,19 +108,17 @@ def usage(registry: str = REGISTRY, json_out: bool = typer.Option(False, "--json
     """Every project's storage use and quota: the figures the quota check and the admin page use."""
     from rich.table import Table
 
-    try:
-        rows = api_client(registry).get("/api/admin/usage")
-    except NagayaError as e:
-        fail(e)
+    rows = api_client(registry).get("/api/admin/usage")
     if json_out:
         print_json(rows)
         return
     t = Table(box=None, header_style="bold")
-    for c in ("PROJECT", "KIND", "OWNER", "USED", "QUOTA"):
+    for c in ("PROJECT", "KIND", "OWNER", "USED", "QUOTA", "OF USED: ATTACHMENTS"):
         t.add_column(c)
     for r in rows:
         t.add_row(r["name"], r["kind"], r["owner"] or "-", format_size(r["used"]),
-                  format_size(r["quota"]) if r["quota"] is not None else "none")
+                  format_size(r["quota"]) if r["quota"] is not None else "none",
+                  format_size(int(r.get("attachments") or 0)))
     console.print(t)
 
 
@@ -138,7 +133,7 @@ def subid(user: str = typer.Argument(..., help="user name"),
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
-        fail(UsageError(f"no such user {user!r}"))
+        raise UsageError(f"no such user {user!r}") from None
     have_u = subids.ranges("/etc/subuid", pw.pw_name, pw.pw_uid)
     have_g = subids.ranges("/etc/subgid", pw.pw_name, pw.pw_uid)
     line = subids.suggest_line(pw.pw_name)
@@ -167,21 +162,18 @@ def policy(project: str = typer.Argument(...),
            registry: str = REGISTRY, json_out: bool = typer.Option(False, "--json", help="JSON output")) -> None:
     """Set a project's retention (applied by `nagaya admin maintain`) and immutable tag patterns."""
     body: dict[str, Any] = {}
-    try:
-        if keep is not None:
-            if keep.lower() in ("all", "none"):
-                body["keep_newest"] = None
-            elif keep.isdigit():
-                body["keep_newest"] = int(keep)
-            else:
-                raise UsageError(f"--keep takes a number or `all`, not {keep!r}")
-        if keep_pattern is not None:
-            body["keep_pattern"] = keep_pattern
-        if immutable is not None:
-            body["immutable_pattern"] = immutable
-        p = api_client(registry).request("PUT", f"/api/admin/projects/{quote(project, safe='')}/policy", json=body)
-    except NagayaError as e:
-        fail(e)
+    if keep is not None:
+        if keep.lower() in ("all", "none"):
+            body["keep_newest"] = None
+        elif keep.isdigit():
+            body["keep_newest"] = int(keep)
+        else:
+            raise UsageError(f"--keep takes a number or `all`, not {keep!r}")
+    if keep_pattern is not None:
+        body["keep_pattern"] = keep_pattern
+    if immutable is not None:
+        body["immutable_pattern"] = immutable
+    p = api_client(registry).request("PUT", f"/api/admin/projects/{quote(project, safe='')}/policy", json=body)
     if json_out:
         print_json(p)
         return
@@ -202,16 +194,13 @@ def maintain(state_dir: Path = typer.Option(None, "--state-dir", help="the site'
     collection with the registry stopped. Idempotent, and safe to run twice at once (the second skips)."""
     from nagaya import config
     from nagaya.server.maintain import maintain as run_maintenance
-    from nagaya.store import clock
+    from nagaya.sitedb import clock
 
-    try:
-        # the site clock: real time unless NAGAYA_CLOCK_OFFSET moves it (tests, rehearsals), or --now
-        when = parse_when(now, clock.now().replace(tzinfo=UTC)) if now else clock.now().replace(tzinfo=UTC)
-        report = run_maintenance(config.load(), state_dir, dry_run=dry_run,
-                                 now=when.astimezone(UTC).replace(tzinfo=None), gc=not no_gc,
-                                 cache_gc=not no_cache_gc)
-    except NagayaError as e:
-        fail(e)
+    # the site clock: real time unless NAGAYA_CLOCK_OFFSET moves it (tests, rehearsals), or --now
+    when = parse_when(now, clock.now().replace(tzinfo=UTC)) if now else clock.now().replace(tzinfo=UTC)
+    report = run_maintenance(config.load(), state_dir, dry_run=dry_run,
+                             now=when.astimezone(UTC).replace(tzinfo=None), gc=not no_gc,
+                             cache_gc=not no_cache_gc)
     if json_out:
         print_json(report)
         return
@@ -264,12 +253,9 @@ def user_set(user: str = typer.Argument(...),
     """Set when an account expires: warnings before, then no login or token and a frozen personal project;
     after the grace period `nagaya admin maintain` archives and removes its images. Group projects it owns
     go to another owner, or are flagged for an admin — never deleted."""
-    try:
-        when = None if expires.lower() in ("never", "none") else parse_when(expires).isoformat()
-        out = api_client(registry).request("PUT", f"/api/admin/users/{quote(user, safe='')}/expiry",
-                                           json={"expires_at": when, "dry_run": dry_run})
-    except NagayaError as e:
-        fail(e)
+    when = None if expires.lower() in ("never", "none") else parse_when(expires).isoformat()
+    out = api_client(registry).request("PUT", f"/api/admin/users/{quote(user, safe='')}/expiry",
+                                       json={"expires_at": when, "dry_run": dry_run})
     if json_out:
         print_json(out)
         return

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
+import click
 import typer
+from typer.core import TyperGroup
 
 from nagaya import __version__
 from nagaya.cli import (
@@ -14,14 +19,32 @@ from nagaya.cli import (
     project_cmds,
     registry_cmds,
     reproduce_cmd,
+    scan_cmds,
     sched_cmds,
     site_cmds,
     token_cmds,
     trust_cmds,
 )
 from nagaya.cli.common import STATE
+from nagaya.errors import NagayaError
+
+
+class _OneErrorHandler(TyperGroup):
+    """Every command's NagayaError ends here: one line on stderr and the error's exit code (--debug: the
+    traceback). Commands raise; they don't catch to print."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NagayaError as e:
+            if STATE["debug"]:
+                raise
+            sys.stderr.write(f"nagaya: {e.message}\n")       # one line, never wrapped
+            raise typer.Exit(e.exit_code) from None
+
 
 app = typer.Typer(
+    cls=_OneErrorHandler,
     name="nagaya",
     help="Build, share and run container images on shared servers and HPC clusters, without root.",
     no_args_is_help=True,
@@ -52,6 +75,9 @@ app.command("reproduce")(reproduce_cmd.reproduce)
 app.add_typer(trust_cmds.app, name="key")
 app.command("sign")(trust_cmds.sign)
 app.command("verify")(trust_cmds.verify)
+image_cmds.app.command("scan")(scan_cmds.scan)
+image_cmds.app.command("sbom")(scan_cmds.sbom)
+admin_cmds.app.add_typer(scan_cmds.vulndb_app, name="vulndb")
 
 _PASS = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 

@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from nagaya import config
-from nagaya.cli.common import console, fail, print_json
+from nagaya.cli.common import console, print_json
 from nagaya.errors import NagayaError, UsageError
 
 REGISTRY = typer.Option(None, "--registry", envvar="NAGAYA_REGISTRY",
@@ -48,24 +48,21 @@ def login(server: str = typer.Argument(None, help="server URL (http://HOST:PORT)
     from nagaya.client import authfile
     from nagaya.client.api import Api, discover
 
-    try:
-        registry, server_url = discover(server or _default_server())
-        user = username or pwd.getpwuid(os.getuid()).pw_name
-        if password_stdin:
-            password = sys.stdin.readline().rstrip("\r\n")
-        elif sys.stdin.isatty():
-            password = getpass.getpass(f"Password for {user}: ")
-        else:
-            raise UsageError("no terminal to ask for a password; use --password-stdin")
-        if not password:
-            raise UsageError("empty password")
-        dev = authfile.device(server_url, user)
-        res = Api(server_url, user, password).post("/api/login", json={"token_name": f"nagaya-login@{os.uname()[1]}"},
-                                                   headers={"X-Nagaya-Device": dev} if dev else None)
-        path = authfile.store(authfile.Login(registry=registry, server=server_url, username=res["username"],
-                                             secret=res["token"]), device_token=res.get("device"))
-    except NagayaError as e:
-        fail(e)
+    registry, server_url = discover(server or _default_server())
+    user = username or pwd.getpwuid(os.getuid()).pw_name
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {user}: ")
+    else:
+        raise UsageError("no terminal to ask for a password; use --password-stdin")
+    if not password:
+        raise UsageError("empty password")
+    dev = authfile.device(server_url, user)
+    res = Api(server_url, user, password).post("/api/login", json={"token_name": f"nagaya-login@{os.uname()[1]}"},
+                                               headers={"X-Nagaya-Device": dev} if dev else None)
+    path = authfile.store(authfile.Login(registry=registry, server=server_url, username=res["username"],
+                                         secret=res["token"]), device_token=res.get("device"))
     if json_out:
         print_json({"registry": registry, "server": server_url, "username": res["username"],
                     "personal_project": res.get("personal_project"), "expires_at": res.get("expires_at"),
@@ -81,16 +78,13 @@ def logout(registry: str = typer.Argument(None, help="registry HOST:PORT; defaul
     from nagaya.client import authfile
     from nagaya.client.api import Api
 
+    login_ = authfile.current(registry)
+    revoked = True
     try:
-        login_ = authfile.current(registry)
-        revoked = True
-        try:
-            Api(login_.server, login_.username, login_.secret).post("/api/logout")
-        except NagayaError:
-            revoked = False            # server gone or token already invalid: still forget it locally
-        authfile.remove(login_.registry)
-    except NagayaError as e:
-        fail(e)
+        Api(login_.server, login_.username, login_.secret).post("/api/logout")
+    except NagayaError:
+        revoked = False            # server gone or token already invalid: still forget it locally
+    authfile.remove(login_.registry)
     if json_out:
         print_json({"registry": login_.registry, "revoked": revoked})
     else:

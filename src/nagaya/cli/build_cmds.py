@@ -9,13 +9,13 @@ from pathlib import Path
 import typer
 
 from nagaya import audit, config
-from nagaya.cli.common import byte_progress, console, fail, print_json
+from nagaya.cli.common import byte_progress, console, print_json
 from nagaya.errors import NagayaError, UsageError
 from nagaya.units import format_size
 
 
-def build(context: Path = typer.Argument(..., help="build context: the directory COPY and %files read from"),
-          tag: str = typer.Option(..., "--tag", "-t", help="NAME[:TAG] (HOST/PROJECT/NAME:TAG to --push)"),
+def build(context: Path = typer.Argument(None, help="build context: the directory COPY and %files read from"),
+          tag: str = typer.Option("", "--tag", "-t", help="NAME[:TAG] (HOST/PROJECT/NAME:TAG to --push)"),
           file: Path | None = typer.Option(None, "--file", "-f",
                                            help="Dockerfile/Containerfile or Apptainer definition file "
                                                 "(default: CONTEXT/Containerfile, Dockerfile or *.def)"),
@@ -25,45 +25,67 @@ def build(context: Path = typer.Argument(..., help="build context: the directory
           sign: bool = typer.Option(False, "--sign", help="with --push: sign the pushed digest (nagaya sign)"),
           key: str = typer.Option("default", "--key", "-k", help="--sign: key name or cosign .key path"),
           passphrase_file: str = typer.Option(None, "--passphrase-file", help="--sign: the key's passphrase file"),
-          json_out: bool = typer.Option(False, "--json", help="machine-readable result on stdout")) -> None:
+          json_out: bool = typer.Option(False, "--json", help="machine-readable result on stdout"),
+          submit: bool = typer.Option(False, "--submit", help="build as a batch job on the site instead (as you; "
+                                      "the context is uploaded, the image pushed to -t HOST/PROJECT/NAME:TAG)"),
+          recipe: Path = typer.Option(None, "--recipe", hidden=True,
+                                      help="(a build job) run the recipe a submitted build wrote")) -> None:
     """Build an image rootless (buildah) from a Dockerfile or an Apptainer definition file into your cache.
 
     Build output streams to stderr. A failed step names FILE:LINE and its command, exits non-zero and
-    leaves neither an image nor a build container behind."""
+    leaves neither an image nor a build container behind. With --submit the site builds it as a batch job
+    (the portal's Build page and /api/builds do the same)."""
     from nagaya.build.builder import Builder, BuildRequest
     from nagaya.image.store import open_store
 
-    try:
-        for ba in build_arg:
-            if not ba or ba.startswith("="):
-                raise UsageError(f"--build-arg takes K=V, got {ba!r}")
-        if push:
-            from nagaya.image.pull import parse_remote
+    if recipe is not None:                  # the batch job of a submitted build (build/remote.py)
+        from nagaya.build.remote import run_recipe
 
-            parse_remote(tag)                   # fail before building: a name without a registry cannot be pushed
-        if sign and not push:
-            raise UsageError("--sign signs what --push pushed: give both")
-        private = None
-        if sign:                                # the passphrase now: a wrong one fails before the build, not after
-            from nagaya.trust import keys
+        run_recipe(recipe)
+        return
+    if context is None or not tag:
+        raise UsageError("give the build context and -t NAME[:TAG]")
+    if submit:
+        from nagaya.client.builds import submit_build
 
-            private = keys.load_private(key, keys.passphrase(passphrase_file, confirm=False))
-        cfg = config.load()
-        store = open_store(cfg)
-        with byte_progress("importing the built image", not json_out) as progress:
-            result = Builder(store, cfg, progress=progress).build(
-                BuildRequest(context=context, file=file, tag=tag, build_args=list(build_arg), no_cache=no_cache))
-        audit.record(audit.AuditEvent(action="build", user=pwd.getpwuid(os.getuid()).pw_name, uid=os.getuid(),
-                                      image=result.ref, digest=result.meta.digest,
-                                      details={"file": result.file, "context": str(context)}), cfg)
-        pushed = _push(result.ref, cfg, json_out) if push else None
-        if private is not None and pushed is not None:
-            from nagaya.cli.trust_cmds import sign_with
-            from nagaya.image.pull import parse_remote
+        if sign or no_cache:
+            raise UsageError("--submit builds on the site, which pushes (no --sign) with its layer cache")
 
-            pushed["signed"] = sign_with(f"{parse_remote(result.ref).name}@{pushed['digest']}", private, key)
-    except NagayaError as e:
-        fail(e)
+        out = submit_build(context, tag, file, list(build_arg))
+        if json_out:
+            print_json(out)
+        else:
+            console.print(f"build {out['id']} submitted (job {out['job']}): {out['url']}", highlight=False)
+        return
+
+    for ba in build_arg:
+        if not ba or ba.startswith("="):
+            raise UsageError(f"--build-arg takes K=V, got {ba!r}")
+    if push:
+        from nagaya.image.pull import parse_remote
+
+        parse_remote(tag)                   # fail before building: a name without a registry cannot be pushed
+    if sign and not push:
+        raise UsageError("--sign signs what --push pushed: give both")
+    private = None
+    if sign:                                # the passphrase now: a wrong one fails before the build, not after
+        from nagaya.trust import keys
+
+        private = keys.load_private(key, keys.passphrase(passphrase_file, confirm=False))
+    cfg = config.load()
+    store = open_store(cfg)
+    with byte_progress("importing the built image", not json_out) as progress:
+        result = Builder(store, cfg, progress=progress).build(
+            BuildRequest(context=context, file=file, tag=tag, build_args=list(build_arg), no_cache=no_cache))
+    audit.record(audit.AuditEvent(action="build", user=pwd.getpwuid(os.getuid()).pw_name, uid=os.getuid(),
+                                  image=result.ref, digest=result.meta.digest,
+                                  details={"file": result.file, "context": str(context)}), cfg)
+    pushed = _push(result.ref, cfg, json_out) if push else None
+    if private is not None and pushed is not None:
+        from nagaya.cli.trust_cmds import sign_with
+        from nagaya.image.pull import parse_remote
+
+        pushed["signed"] = sign_with(f"{parse_remote(result.ref).name}@{pushed['digest']}", private, key)
     if json_out:
         out = result.to_json()
         if pushed is not None:
@@ -90,9 +112,15 @@ def _push(ref: str, cfg: config.Config, json_out: bool) -> dict[str, object]:
 
 
 def export(image: str = typer.Argument(..., help="NAME[:TAG] or digest of an image in your cache"),
-           output: Path = typer.Option(..., "--output", "-o", help="file to write (an OCI archive)"),
+           output: Path = typer.Option(..., "--output", "-o", help="file to write (OCI archive; .nsq with --sqsh)"),
+           sqsh: bool = typer.Option(False, "--sqsh", help="write a single-file image instead: its squashfs with "
+                                     "signed metadata, runnable as `./FILE ARGS` or `nagaya run FILE`"),
+           sign: str = typer.Option(None, "--sign", help="with --sqsh: sign the file's metadata with this key"),
+           passphrase_file: str = typer.Option(None, "--passphrase-file",
+                                               help="with --sign: read the key's passphrase from FILE"),
            json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Write an image to one file (an OCI archive) to copy elsewhere: `nagaya image import FILE --name N`."""
+    """Write an image to one file to copy elsewhere: an OCI archive (`nagaya image import FILE --name N`), or
+    with --sqsh a single-file image that runs as a program (`./FILE ARGS`) and imports with its digest."""
     from nagaya.build.export import export_image
     from nagaya.image.reference import parse
     from nagaya.image.store import open_store
@@ -109,12 +137,23 @@ def export(image: str = typer.Argument(..., help="NAME[:TAG] or digest of an ima
                 pass
         if output.is_dir():
             raise UsageError(f"{output} is a directory; -o takes a file name")
-        size = export_image(store, meta, output, tag)
-    except NagayaError as e:
-        fail(e)
+        if sign and not sqsh:
+            raise UsageError("--sign applies to --sqsh single-file images")
+        if sqsh:
+            from nagaya.image import single_file
+
+            private = None
+            if sign:
+                from nagaya.trust import keys
+
+                private = keys.load_private(sign, keys.passphrase(passphrase_file, confirm=False))
+            size = single_file.export(store, meta, output, private)
+        else:
+            size = export_image(store, meta, output, tag)
     except OSError as e:
-        fail(NagayaError(f"cannot write {output}: {e.strerror}"))
+        raise NagayaError(f"cannot write {output}: {e.strerror}") from None
     if json_out:
-        print_json({"image": image, "digest": meta.digest, "file": str(output), "size": size, "format": "oci-archive"})
+        print_json({"image": image, "digest": meta.digest, "file": str(output), "size": size,
+                    "format": "nsq" if sqsh else "oci-archive"})
     else:
         console.print(f"{output} ({format_size(size)}, {meta.digest})", highlight=False)

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: error handling, JSON output, progress bars (sizes and durations: nagaya.units)."""
+"""Shared CLI plumbing: JSON output, progress bars (errors: app.py; sizes and durations: nagaya.units)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,11 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import typer
 from rich.console import Console
-
-from nagaya.errors import NagayaError
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 STATE: dict[str, bool] = {"debug": False}
-
-
-def fail(e: NagayaError) -> None:
-    if STATE["debug"]:
-        raise e
-    sys.stderr.write(f"nagaya: {e.message}\n")     # one line, never wrapped
-    raise typer.Exit(e.exit_code)
 
 
 def print_json(obj: Any) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from nagaya import config
-from nagaya.cli.common import console, fail, print_json
+from nagaya.cli.common import console, print_json
 from nagaya.errors import Conflict, NagayaError, UsageError
 
 app = typer.Typer(help="Run services together inside a job (a compose-spec subset).", no_args_is_help=True)
@@ -51,18 +51,15 @@ def up(file: Path = FILE_OPT,
     from nagaya.compose.spec import load
     from nagaya.compose.stack import Stack, read_state, supervisor_alive
 
-    try:
-        path = compose_file(file)
-        project = load(path, profiles=profile or [])
-        d = _state_dir(file)
-        if supervisor_alive(read_state(d)):
-            raise Conflict(f"{path} is already up (nagaya compose down -f {path} first)")
-        if detach:
-            raise typer.Exit(_detach(path, d, backend, build, profile or []))
-        stack = Stack(project, path, config.load(), backend or "")
-        rc = stack.up(build=build)
-    except NagayaError as e:
-        fail(e)
+    path = compose_file(file)
+    project = load(path, profiles=profile or [])
+    d = _state_dir(file)
+    if supervisor_alive(read_state(d)):
+        raise Conflict(f"{path} is already up (nagaya compose down -f {path} first)")
+    if detach:
+        raise typer.Exit(_detach(path, d, backend, build, profile or []))
+    stack = Stack(project, path, config.load(), backend or "")
+    rc = stack.up(build=build)
     if stack.failed:
         sys.stderr.write(f"nagaya: {stack.failed[2]}\n")
     raise typer.Exit(rc)
@@ -96,11 +93,8 @@ def down(file: Path = FILE_OPT) -> None:
     """Stop every service of the stack on every node (no process, no mount left)."""
     from nagaya.compose.stack import stop
 
-    try:
-        if not stop(_state_dir(file)):
-            print("nothing is running")
-    except NagayaError as e:
-        fail(e)
+    if not stop(_state_dir(file)):
+        print("nothing is running")
 
 
 @app.command()
@@ -108,10 +102,7 @@ def ps(file: Path = FILE_OPT, json_out: bool = typer.Option(False, "--json", hel
     """List the stack's replicas: node, state, health (starting/healthy/unhealthy), exit code, restarts, GPUs."""
     from nagaya.compose.stack import read_state, supervisor_alive
 
-    try:
-        st = read_state(_state_dir(file))
-    except NagayaError as e:
-        fail(e)
+    st = read_state(_state_dir(file))
     if st is None:
         st = {"status": "down", "replicas": []}
     elif not supervisor_alive(st) and st["status"] in ("starting", "running", "stopping"):
@@ -136,15 +127,12 @@ def logs(service: str = typer.Argument(None, help="only this service's replicas"
     """Print the replicas' output, each line prefixed with the replica's name."""
     from nagaya.compose.stack import read_state
 
-    try:
-        st = read_state(_state_dir(file))
-        if st is None:
-            raise UsageError("this stack has never run (nagaya compose up first)")
-        reps = [r for r in st["replicas"] if service in (None, r["service"])]
-        if service and not reps:
-            raise UsageError(f"no service {service!r} in this stack")
-    except NagayaError as e:
-        fail(e)
+    st = read_state(_state_dir(file))
+    if st is None:
+        raise UsageError("this stack has never run (nagaya compose up first)")
+    reps = [r for r in st["replicas"] if service in (None, r["service"])]
+    if service and not reps:
+        raise UsageError(f"no service {service!r} in this stack")
     out = sys.stdout
     for r in reps:
         try:

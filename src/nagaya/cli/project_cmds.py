@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from nagaya.cli.auth_cmds import REGISTRY, api_client
-from nagaya.cli.common import console, fail, print_json
-from nagaya.errors import NagayaError, NotFound, UsageError
+from nagaya.cli.common import console, print_json
+from nagaya.errors import NotFound, UsageError
 from nagaya.units import format_size
 
 app = typer.Typer(help="Projects (personal, group, site) and their members.", no_args_is_help=True)
@@ -37,10 +37,7 @@ def create(name: str = typer.Argument(..., help="project name (lowercase)"),
            site_project: bool = typer.Option(False, "--site", help="a site project: everyone pulls, admins push"),
            registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """Create a group project; you become its owner."""
-    try:
-        p = api_client(registry).post("/api/projects", json={"name": name, "kind": "site" if site_project else "group"})
-    except NagayaError as e:
-        fail(e)
+    p = api_client(registry).post("/api/projects", json={"name": name, "kind": "site" if site_project else "group"})
     if json_out:
         print_json(p)
     else:
@@ -50,10 +47,7 @@ def create(name: str = typer.Argument(..., help="project name (lowercase)"),
 @app.command("ls")
 def ls(registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """List the projects you can see, with your role."""
-    try:
-        rows = api_client(registry).get("/api/projects")
-    except NagayaError as e:
-        fail(e)
+    rows = api_client(registry).get("/api/projects")
     if json_out:
         print_json(rows)
         return
@@ -67,11 +61,8 @@ def member_add(project: str = typer.Argument(...), name: str = typer.Argument(..
                group: bool = typer.Option(False, "--group", "-g", help="NAME is a Unix/LDAP group"),
                registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """Add a user or group to a project, or change their role (owners only)."""
-    try:
-        m = api_client(registry).post(f"/api/projects/{quote(project, safe='')}/members",
-                                      json={"name": name, "kind": "group" if group else "user", "role": role})
-    except NagayaError as e:
-        fail(e)
+    m = api_client(registry).post(f"/api/projects/{quote(project, safe='')}/members",
+                                  json={"name": name, "kind": "group" if group else "user", "role": role})
     if json_out:
         print_json(m)
     else:
@@ -84,11 +75,8 @@ def member_rm(project: str = typer.Argument(...), name: str = typer.Argument(...
               registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """Remove a user or group from a project (owners only; a project keeps at least one owner)."""
     kind = "group" if group else "user"
-    try:
-        r = api_client(registry).delete(f"/api/projects/{quote(project, safe='')}/members/{kind}/"
-                                        f"{quote(name, safe='')}")
-    except NagayaError as e:
-        fail(e)
+    r = api_client(registry).delete(f"/api/projects/{quote(project, safe='')}/members/{kind}/"
+                                    f"{quote(name, safe='')}")
     if json_out:
         print_json(r)
     else:
@@ -98,10 +86,7 @@ def member_rm(project: str = typer.Argument(...), name: str = typer.Argument(...
 @member_app.command("ls")
 def member_ls(project: str = typer.Argument(...), registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """List a project's members (members only)."""
-    try:
-        rows = api_client(registry).get(f"/api/projects/{quote(project, safe='')}/members")
-    except NagayaError as e:
-        fail(e)
+    rows = api_client(registry).get(f"/api/projects/{quote(project, safe='')}/members")
     if json_out:
         print_json(rows)
         return
@@ -112,10 +97,7 @@ def member_ls(project: str = typer.Argument(...), registry: str = REGISTRY, json
 def repo_ls(project: str = typer.Argument(None, help="only this project"), registry: str = REGISTRY,
             json_out: bool = JSON) -> None:
     """List repositories you may pull from."""
-    try:
-        rows = api_client(registry).get("/api/repositories", params={"project": project} if project else None)
-    except NagayaError as e:
-        fail(e)
+    rows = api_client(registry).get("/api/repositories", params={"project": project} if project else None)
     if json_out:
         print_json(rows)
         return
@@ -125,29 +107,39 @@ def repo_ls(project: str = typer.Argument(None, help="only this project"), regis
 
 @repo_app.command("tags")
 def repo_tags(repository: str = typer.Argument(..., help="PROJECT/NAME"), registry: str = REGISTRY,
+              show_all: bool = typer.Option(False, "--all", "-a", help="list attachment tags (sha256-HEX.sig, "
+                                            ".sbom, .sqfs) as rows too"),
               json_out: bool = JSON) -> None:
-    """List a repository's tags with digests, sizes and who pushed them."""
-    try:
-        rows = api_client(registry).get(f"/api/repositories/{quote(repository)}/tags")
-    except NagayaError as e:
-        fail(e)
+    """List a repository's tags with digests, sizes, who pushed them and what is attached to each image
+    (signed, SBOM, lazy-ready)."""
+    from nagaya.image.attachments import badges, json_usage
+
+    rows = api_client(registry).get(f"/api/repositories/{quote(repository)}/tags",
+                                    params={"all": "true"} if show_all else None)
     if json_out:
         print_json(rows)
         return
-    _table(("TAG", "DIGEST", "SIZE", "PUSHED", "BY"),
-           [[t["tag"], t["digest"][:19], format_size(t["size"]), str(t["pushed_at"])[:19], t["pushed_by"]]
-            for t in rows])
+
+    def attached(t: dict[str, Any]) -> str:
+        if t.get("attachment_of"):
+            return f"{t.get('kind', '')} of {str(t['attachment_of'])[:19]}"
+        return badges(t.get("attachments") or [])
+
+    _table(("TAG", "DIGEST", "SIZE", "PUSHED", "BY", "ATTACHED"),
+           [[t["tag"], t["digest"][:19], format_size(t["size"]), str(t["pushed_at"])[:19], t["pushed_by"],
+             attached(t)] for t in rows])
+    count, size = json_usage(rows)
+    if count:
+        console.print(f"attachments: {count}, {format_size(size)} of the stored bytes (the quota counts them)",
+                      highlight=False)
 
 
 @repo_app.command("rm")
 def repo_rm(image: str = typer.Argument(..., help="PROJECT/NAME:TAG or PROJECT/NAME@DIGEST"),
             registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """Delete an image from the site registry: its manifest, so every tag on it (owners and maintainers)."""
-    try:
-        repository, digest = _manifest_of(api_client(registry), image)
-        r = api_client(registry).delete(f"/api/repositories/{quote(repository)}/manifests/{quote(digest)}")
-    except NagayaError as e:
-        fail(e)
+    repository, digest = _manifest_of(api_client(registry), image)
+    r = api_client(registry).delete(f"/api/repositories/{quote(repository)}/manifests/{quote(digest)}")
     if json_out:
         print_json(r)
         return
@@ -162,7 +154,7 @@ def _manifest_of(api: Any, image: str) -> tuple[str, str]:
     repository, colon, tag = image.rpartition(":")
     if not colon or "/" in tag:
         raise UsageError(f"give PROJECT/NAME:TAG or PROJECT/NAME@DIGEST, not {image!r}")
-    for t in api.get(f"/api/repositories/{quote(repository)}/tags"):
+    for t in api.get(f"/api/repositories/{quote(repository)}/tags", params={"all": "true"}):
         if t["tag"] == tag:
             return repository, str(t["digest"])
     raise NotFound(f"{repository} has no tag {tag}")

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from nagaya import audit, config
-from nagaya.cli.common import console, fail, print_json
+from nagaya.cli.common import console, print_json
 from nagaya.errors import NagayaError
 from nagaya.image.store import open_store
 from nagaya.units import format_size, parse_duration, parse_size
@@ -52,12 +52,9 @@ def pull(ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG] or 
     """Resolve a tag to its digest, download the missing layers (verified) and convert the image once."""
     from nagaya.image.pull import pull_image
 
-    try:
-        cfg = config.load()
-        res = pull_image(open_store(cfg), ref, cfg, quiet=json_out or not sys.stderr.isatty())
-        _audit("pull", res.ref, res.meta.digest, cfg, {"bytes": res.bytes_fetched, "cached": res.cached})
-    except NagayaError as e:
-        fail(e)
+    cfg = config.load()
+    res = pull_image(open_store(cfg), ref, cfg, quiet=json_out or not sys.stderr.isatty())
+    _audit("pull", res.ref, res.meta.digest, cfg, {"bytes": res.bytes_fetched, "cached": res.cached})
     if json_out:
         print_json(res.to_json())
         return
@@ -72,13 +69,10 @@ def push(image: str = typer.Argument(..., help="local image: NAME[:TAG] or diges
     """Upload a local image to a registry (blobs the registry already has are skipped)."""
     from nagaya.image.push import push as do_push
 
-    try:
-        cfg = config.load()
-        res = do_push(open_store(cfg), image, ref, cfg, quiet=json_out or not sys.stderr.isatty(),
-                      immutable=_immutable(ref))
-        _audit("push", res.ref, res.meta.digest, cfg, {"bytes": res.bytes_uploaded})
-    except NagayaError as e:
-        fail(e)
+    cfg = config.load()
+    res = do_push(open_store(cfg), image, ref, cfg, quiet=json_out or not sys.stderr.isatty(),
+                  immutable=_immutable(ref))
+    _audit("push", res.ref, res.meta.digest, cfg, {"bytes": res.bytes_uploaded})
     if json_out:
         print_json(res.to_json())
         return
@@ -91,12 +85,9 @@ def cache_ls(json_out: bool = JSON) -> None:
     """List cached images, most recently used first, with size, last use and tags."""
     from nagaya.image.cache import _blob_sizes, list_cached
 
-    try:
-        store = open_store(config.load())
-        rows = list_cached(store)
-        blobs = sum(s for s, _m in _blob_sizes(store).values())
-    except NagayaError as e:
-        fail(e)
+    store = open_store(config.load())
+    rows = list_cached(store)
+    blobs = sum(s for s, _m in _blob_sizes(store).values())
     if json_out:
         print_json({"cache_dir": str(store.root), "images": [r.to_json() for r in rows],
                     "images_size": sum(r.size for r in rows), "blobs_size": blobs})
@@ -121,14 +112,11 @@ def cache_gc(max_size: str = typer.Option(None, "--max-size",
     """Remove least-recently-used images (never one in use), unreferenced blobs and stale temp files."""
     from nagaya.image.cache import gc
 
-    try:
-        cfg = config.load()
-        store = open_store(cfg)
-        max_size = max_size or cfg.image.cache_max_size or None        # the site's cap unless given
-        age = parse_duration(older_than).total_seconds() if older_than else None
-        rep = gc(store, parse_size(max_size) if max_size else None, age, dry_run)
-    except NagayaError as e:
-        fail(e)
+    cfg = config.load()
+    store = open_store(cfg)
+    max_size = max_size or cfg.image.cache_max_size or None        # the site's cap unless given
+    age = parse_duration(older_than).total_seconds() if older_than else None
+    rep = gc(store, parse_size(max_size) if max_size else None, age, dry_run)
     if json_out:
         print_json(rep.to_json())
         return

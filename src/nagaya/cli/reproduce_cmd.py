@@ -1,200 +1,23 @@
-"""`nagaya reproduce`: run a past job or `nagaya run` again on exactly the image it ran on.
-
-The record is the caller's own audit log (`~/.local/share/nagaya/audit.jsonl`): every `nagaya submit` and
-`nagaya run` wrote one, with the image's manifest digest, the command, the directory and the resources or run
-options. The digest comes from the cache if it is still there, else from the registry (by digest: a tag that
-moved since changes nothing), else from the site's archive of expired accounts' images, through the server
-and the same access rules. Whatever the source, the image must hash to the recorded digest."""
+"""`nagaya reproduce`: the door to nagaya.reproduce (parse, call, print)."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 import typer
 
-from nagaya import audit, config
-from nagaya.cli.common import fail, print_json
-from nagaya.errors import ImageNotFound, NagayaError, NotFound, UsageError
-
-
-def find_record(cfg: Any, job: str | None, run: str | None, backend: str | None) -> dict[str, Any]:
-    """The newest record of the job (a submit; --backend narrows) or run (by id or an unambiguous prefix)."""
-    records = audit.read(cfg.audit_file)
-    if run:
-        if len(run) < 4:
-            raise UsageError("give at least 4 characters of the run id (nagaya reproduce --list)")
-        hits = [r for r in records if r.get("action") in ("run", "exec", "shell")
-                and str(r.get("id", "")).startswith(run)]
-        if len({r["id"] for r in hits}) > 1:
-            raise UsageError(f"run id {run!r} is ambiguous: give more of it")
-        what = f"run {run}"
-    else:
-        hits = [r for r in records if r.get("action") == "submit" and isinstance(r.get("details"), dict)
-                and str(r["details"].get("job")) == job
-                and (backend is None or r["details"].get("backend") == backend)]
-        what = f"job {job}"            # ids come round again (a new cluster, another backend): the newest
-    if not hits:
-        raise NotFound(f"no record of {what} in {cfg.audit_file} (nagaya reproduce --list shows what there is)")
-    rec = hits[-1]
-    if not str(rec.get("digest", "")).startswith("sha256:"):
-        raise UsageError(f"{what} has no image digest on record (a compose stack is reproduced from its file)")
-    return rec
-
-
-def pinned(image: str, digest: str) -> tuple[str, Any]:
-    """NAME@DIGEST for what the user wrote (tag dropped), and its parsed reference (None: a bare digest)."""
-    from nagaya.image.reference import Reference, parse
-
-    try:
-        ref = parse(image)
-    except NagayaError:
-        return digest, None
-    return f"{ref.name}@{digest}", Reference(ref.registry, ref.path, None, digest)
-
-
-def ensure_image(cfg: Any, image: str, digest: str, dry_run: bool) -> tuple[str, str]:
-    """Make sure the digest is in the cache: (the reference to run, where the image came from)."""
-    from nagaya.image.store import open_store
-
-    store = open_store(cfg)
-    name, ref = pinned(image, digest)
-    if store.has_image(digest):
-        return name, "cache"
-    if ref is None or not ref.registry:
-        raise ImageNotFound(f"image {digest[:19]} ({image}) is no longer in your cache, and a local image has no "
-                            "registry or archive to come back from")
-    if dry_run:
-        return name, "registry, else the site archive"
-    from nagaya.image.pull import pull
-
-    try:
-        meta = pull(store, str(ref), cfg, quiet=not sys.stderr.isatty())
-        if meta.digest == digest:
-            return name, "registry"
-        registry_error = f"the registry served {meta.digest[:19]}"
-    except NagayaError as e:
-        registry_error = e.message
-    try:
-        from_archive(cfg, store, ref, digest)
-    except NagayaError as e:
-        raise ImageNotFound(f"image {ref.name}@{digest[:19]} is in neither the registry ({registry_error}) "
-                            f"nor the site archive ({e.message})") from None
-    return name, "archive"
-
-
-def from_archive(cfg: Any, store: Any, ref: Any, digest: str) -> None:
-    """Fetch the OCI archive the site made when the image's owner expired, and import it (untagged)."""
-    import httpx
-
-    from nagaya.client import authfile
-    from nagaya.client.api import Api
-    from nagaya.image import oci
-    from nagaya.image.importer import Importer, finish_image
-
-    login = authfile.current(ref.registry)
-    api = Api(login.server, login.username, login.secret)
-    hits = api.get("/api/archive", params={"digest": digest})
-    if not hits:
-        raise NotFound("no archived copy you may read")
-
-    class Untagged(Importer):        # the archive's tag is history: the cache keeps the image by digest only
-        def _finish(self, manifest_bytes: bytes, manifest: Any, config_bytes: bytes, layers: list[Any], _ref: Any,
-                    work: Path, source: str, sqfs: Path | None, diff_ids: list[str]) -> Any:
-            if oci.sha256_digest(manifest_bytes) != digest:
-                raise ImageNotFound(f"the archived image is {oci.sha256_digest(manifest_bytes)[:19]}, "
-                                    f"not {digest[:19]}")
-            return finish_image(self.store, manifest_bytes, manifest, config_bytes, layers, None, work, source,
-                                sqfs, diff_ids, self.compression, self.jobs, self.progress)
-
-    store.ensure_dirs()
-    with store.tmpdir("archive-") as tmp:
-        path = tmp / "image.tar"
-        try:
-            with httpx.stream("GET", login.server.rstrip("/") + hits[0]["url"], timeout=300,
-                              auth=(login.username, login.secret)) as r, open(path, "wb") as f:
-                if r.status_code != 200:
-                    raise NotFound(f"the server answered {r.status_code} for the archive")
-                for chunk in r.iter_bytes(1 << 20):
-                    f.write(chunk)
-        except httpx.HTTPError as e:
-            raise NotFound(f"cannot download the archive: {e}") from None
-        Untagged(store, cfg.image.compression, cfg.image.jobs).run(path, ref)
-
-
-def _workdir(rec: dict[str, Any], here: bool) -> str:
-    if here:
-        return os.getcwd()
-    cwd = str(rec.get("cwd") or "")
-    if not cwd or not os.path.isdir(cwd):
-        raise UsageError(f"the original directory {cwd or '?'} is gone; run from another one with --here")
-    return cwd
-
-
-def run_argv(rec: dict[str, Any], name: str) -> list[str]:
-    """`nagaya run` options for the recorded run: the exact command (entrypoint resolved), its directory
-    inside, binds and modes. Environment variables are recorded by name only: their values come from now."""
-    d = rec.get("details") if isinstance(rec.get("details"), dict) else {}
-    argv = ["--entrypoint", ""]
-    if d.get("pwd"):
-        argv += ["--pwd", str(d["pwd"])]
-    for b in d.get("binds", []):
-        argv += ["--bind", str(b)]
-    for key, flag in (("writable_tmpfs", "--writable-tmpfs"), ("cleanenv", "--cleanenv"), ("no_home", "--no-home")):
-        if d.get(key):
-            argv.append(flag)
-    if d.get("overlay_dir"):
-        argv += ["--overlay", str(d["overlay_dir"])]
-    if d.get("gpus"):
-        argv += ["--gpus", str(d["gpus"])]
-    for dev in d.get("devices") or []:
-        argv += ["--device", str(dev)]
-    if d.get("backend") in ("bwrap", "runc"):
-        argv += ["--backend", str(d["backend"])]
-    command = [str(x) for x in rec.get("command") or []]
-    if not command:
-        raise UsageError("the run record has no command")
-    return [*argv, name, *command]
-
-
-def job_spec(rec: dict[str, Any], name: str, cwd: str, cfg: Any) -> Any:
-    """The job as submitted: same command (or script), resources and directory; the image by digest."""
-    import pwd
-
-    from nagaya.sched import JobSpec
-
-    d = rec["details"]
-    command = [str(x) for x in rec.get("command") or []]
-    script, script_name = "", ""
-    path = Path(cwd, command[0]) if command else None
-    if path is not None and _is_script(path):   # the script form, as `nagaya submit` tells it
-        script, script_name, command = path.read_text(), path.name, command[1:]
-    return JobSpec(image=str(rec.get("image") or name), ref=name, digest=str(rec["digest"]), command=command,
-                   script=script, script_name=script_name, nodes=int(d.get("nodes") or 1),
-                   ntasks=int(d.get("ntasks") or 1), cpus=int(d.get("cpus") or 1), mem=str(d.get("mem") or ""),
-                   gpus=str(d.get("gpus") or ""), time_limit=int(d.get("time_limit") or 0),
-                   partition=str(d.get("partition") or cfg.sched.partition),
-                   name=str(d.get("name") or script_name or Path(command[0] if command else name).name),
-                   cwd=cwd, env=dict(os.environ), user=pwd.getpwuid(os.getuid()).pw_name)
-
-
-def _is_script(p: Path) -> bool:
-    """A host file with #NAGAYA/#SBATCH lines near the top (what `nagaya submit` takes for a batch script).
-    Its current content is what runs again: scripts are not archived."""
-    try:
-        if not p.is_file() or p.stat().st_size > 1 << 20:
-            return False
-        head = [x.strip() for x in p.read_text().splitlines()[:200]]
-    except (OSError, UnicodeDecodeError):
-        return False
-    return any(x.startswith(("#NAGAYA", "#SBATCH")) for x in head)
+from nagaya import config
+from nagaya import reproduce as repro
+from nagaya.cli.common import print_json
 
 
 def reproduce(job: str = typer.Argument(None, help="the job id (as `nagaya submit` printed it)"),
               run: str = typer.Option(None, "--run", help="a `nagaya run` record id (or a prefix) instead of a job"),
-              backend: str = typer.Option(None, "--backend", help="only jobs of this backend (local | slurm)"),
+              backend: str = typer.Option(None, "--backend", help="only jobs of this backend "
+                                                                  "(local | slurm | gridengine | pbs)"),
               here: bool = typer.Option(False, "--here", help="run in the current directory, not the original"),
               list_: bool = typer.Option(False, "--list", help="list the runs and jobs on record, newest last"),
               dry_run: bool = typer.Option(False, "--dry-run", help="say what would run and where the image "
@@ -207,98 +30,41 @@ def reproduce(job: str = typer.Argument(None, help="the job id (as `nagaya submi
     A run runs in the foreground with the same command, directory inside, binds and modes.
 
     The image comes from the cache, the registry (by digest, even if its tag moved) or the site's archive."""
-    try:
-        cfg = config.load()
-        if list_:
-            _list(cfg, json_out)
-            return
-        if bool(job) == bool(run):
-            raise UsageError("give a JOB id or --run ID (see --help)")
-        rec = find_record(cfg, job, run, backend)
-        digest = str(rec["digest"])
-        cwd = _workdir(rec, here)
-        name, source = ensure_image(cfg, str(rec.get("image") or digest), digest, dry_run)
-        plan: dict[str, Any] = {"reproduces": {"job": job, "submitted": rec.get("time")} if job
-                                else {"run": rec.get("id")},
-                                "image": rec.get("image"), "digest": digest, "ref": name, "image_source": source,
-                                "cwd": cwd, "dry_run": dry_run}
-        if run:
-            argv = run_argv(rec, name)
-            plan["run"] = ["nagaya", "run", *argv]
-            if dry_run:
-                _show(plan, json_out)
-                return
-            _record(cfg, rec, plan, digest, cwd)
-            if json_out:
-                print_json(plan)
-                sys.stdout.flush()
-            os.chdir(cwd)
-            from nagaya.cli.run_cmd import main as run_main
+    cfg = config.load()
+    if list_:
+        _list(repro.history(cfg), json_out)
+        return
+    r = repro.prepare(cfg, job, run, backend, here, dry_run)
+    if dry_run:
+        _show(r.plan, json_out)
+        return
+    if run:
+        repro.record(cfg, r.record, r.plan, r.plan["digest"], r.plan["cwd"])
+        if json_out:
+            print_json(r.plan)
+            sys.stdout.flush()
+        os.chdir(r.plan["cwd"])
+        from nagaya.cli.run_cmd import main as run_main
 
-            raise typer.Exit(run_main("run", argv))
-        from nagaya.sched import get_scheduler
-
-        sched = get_scheduler(cfg, backend or rec["details"].get("backend"))
-        spec = job_spec(rec, name, cwd, cfg)
-        plan.update({"backend": sched.name, "command": spec.command, "script": spec.script_name or None,
-                     "resources": {k: getattr(spec, k) for k in ("nodes", "ntasks", "cpus", "mem", "gpus",
-                                                                  "time_limit", "partition")}})
-        if dry_run:
-            _show(plan, json_out)
-            return
-        new_id = sched.submit(spec)
-        plan["id"] = new_id
-        _record(cfg, rec, plan, digest, cwd, submitted=spec)
-    except NagayaError as e:
-        fail(e)
+        raise typer.Exit(run_main("run", r.argv))
+    new_id = repro.submit_again(cfg, r)
     if json_out:
-        print_json(plan)
+        print_json(r.plan)
     else:
-        print(f"Submitted batch job {new_id} (job {job} again, on {digest[:19]} from the {source})")
+        print(f"Submitted batch job {new_id} (job {job} again, on {r.plan['digest'][:19]} "
+              f"from the {r.plan['image_source']})")
 
 
 def _show(plan: dict[str, Any], json_out: bool) -> None:
     if json_out:
         print_json(plan)
         return
-    what = shlex_join(plan["run"]) if "run" in plan else \
-        f"submit to {plan['backend']}: {shlex_join(plan['command']) or plan['script']} ({plan['resources']})"
+    what = shlex.join(plan["run"]) if "run" in plan else \
+        f"submit to {plan['backend']}: {shlex.join(plan['command']) or plan['script']} ({plan['resources']})"
     print(f"would run {plan['ref']}\n  image from: {plan['image_source']}\n  in: {plan['cwd']}\n  {what}")
 
 
-def shlex_join(argv: list[str]) -> str:
-    import shlex
-
-    return shlex.join(argv)
-
-
-def _record(cfg: Any, rec: dict[str, Any], plan: dict[str, Any], digest: str, cwd: str,
-            submitted: Any = None) -> None:
-    """The new job is a submit of its own (reproducible in turn); a run records itself when it ends."""
-    import pwd
-
-    me = pwd.getpwuid(os.getuid()).pw_name
-    if submitted is not None:
-        s = submitted
-        ev = audit.AuditEvent(action="submit", user=me, uid=os.getuid(), image=str(rec.get("image") or ""),
-                              digest=digest, command=list(rec.get("command") or []), cwd=cwd,
-                              details={**rec["details"], "job": plan["id"], "backend": plan["backend"],
-                                       "nodes": s.nodes, "ntasks": s.ntasks, "cpus": s.cpus, "mem": s.mem,
-                                       "gpus": s.gpus, "time_limit": s.time_limit,
-                                       "reproduces": plan["reproduces"], "image_source": plan["image_source"]})
-    else:
-        ev = audit.AuditEvent(action="reproduce", user=me, uid=os.getuid(), image=str(rec.get("image") or ""),
-                              digest=digest, command=list(rec.get("command") or []), cwd=cwd,
-                              details={"reproduces": plan["reproduces"], "image_source": plan["image_source"]})
-    audit.record(ev, cfg)
-    from nagaya.client.site_audit import forward
-
-    forward(ev)
-
-
-def _list(cfg: Any, json_out: bool) -> None:
-    rows = [r for r in audit.read(cfg.audit_file) if r.get("action") in ("run", "exec", "shell", "submit")
-            and str(r.get("digest", "")).startswith("sha256:")]
+def _list(rows: list[dict[str, Any]], json_out: bool) -> None:
     if json_out:
         print_json([{"kind": "job" if r["action"] == "submit" else "run",
                      "id": str((r.get("details") or {}).get("job")) if r["action"] == "submit" else r.get("id"),
@@ -309,4 +75,4 @@ def _list(cfg: Any, json_out: bool) -> None:
     for r in rows:
         kind = f"job {r['details'].get('job')} ({r['details'].get('backend')})" if r["action"] == "submit" \
             else f"run {r.get('id') or '-'}"
-        print(f"{str(r.get('time', ''))[:19]}  {kind:<22} {r.get('image')}  {shlex_join(r.get('command') or [])}")
+        print(f"{str(r.get('time', ''))[:19]}  {kind:<22} {r.get('image')}  {shlex.join(r.get('command') or [])}")

@@ -31,11 +31,22 @@ OPTIONS: list[tuple[tuple[str, ...], str, str, str, str]] = [
     (("--device",), "device", "append", "VENDOR/CLASS=NAME",
      "a device of the site's CDI specs, e.g. nvidia.com/gpu=0, amd.com/gpu=all (repeatable)"),
     (("--backend",), "backend", "value", "bwrap|runc", "container backend (default: from config)"),
+    (("--pull",), "pull", "value", "full|lazy", "registry images: pull in full first, or start at once and "
+     "read blocks as needed (default: config image.pull)"),
     (("--entrypoint",), "entrypoint", "value", "CMD", "override the image's ENTRYPOINT ('' for none)"),
     (("--no-home",), "no_home", "flag", "", "do not bind $HOME"),
     (("--hostname",), "hostname", "value", "NAME", "the container's hostname (a UTS namespace of its own)"),
     (("--debug",), "debug", "flag", "", "show tracebacks"),
+    # An interactive allocation: the scheduler grants the resources, the container runs there on this terminal.
+    (("--alloc",), "alloc", "flag", "", "run as an interactive job of the scheduler (Slurm: srun --pty); "
+     "--gpus N is then a count"),
+    (("--cpus",), "cpus", "value", "N", "with --alloc: CPUs"),
+    (("--mem",), "mem", "value", "SIZE", "with --alloc: memory, e.g. 4G"),
+    (("--time",), "time", "value", "LIMIT", "with --alloc: time limit (MIN, H:MIN:SEC, D-H:MIN)"),
+    (("--partition",), "partition", "value", "NAME", "with --alloc: partition"),
+    (("--scheduler",), "scheduler", "value", "local|slurm|gridengine|pbs", "with --alloc: backend (default: config)"),
 ]
+ALLOC_ONLY = ("alloc", "cpus", "mem", "time", "partition", "scheduler")
 BACKENDS = ("bwrap", "runc")
 
 
@@ -50,9 +61,13 @@ class Args:
         self.cleanenv = self.writable_tmpfs = self.no_home = self.debug = False
         self.overlay = self.pwd = self.gpus = self.hostname = ""
         self.backend: str | None = None
+        self.pull = ""
         self.entrypoint: str | None = None
         self.image = ""
         self.command: list[str] = []
+        self.alloc = False
+        self.cpus = self.mem = self.time = self.partition = self.scheduler = ""
+        self.passthrough: list[str] = []    # the options as given, but --alloc's own: for the allocated run
 
 
 def _argparse(cmd: str):  # -> argparse.ArgumentParser
@@ -77,7 +92,8 @@ def _argparse(cmd: str):  # -> argparse.ArgumentParser
         else:
             p.add_argument(*flags, dest=dest, metavar=metavar, help=help_,
                            choices=BACKENDS if dest == "backend" else None)
-    p.add_argument("image", metavar="IMAGE", help="NAME[:TAG], NAME@DIGEST or a digest")
+    p.add_argument("image", metavar="IMAGE", help="NAME[:TAG], NAME@DIGEST, a digest, or a single-file image "
+                   "(./FILE.nsq, from `nagaya image export --sqsh`)")
     p.add_argument("command", nargs="...", metavar="COMMAND",
                    help="command and arguments" if cmd != "shell" else "arguments for the shell")
     return p
@@ -104,6 +120,7 @@ def parse_args(cmd: str, args: list[str]) -> Args:
             _argparse(cmd).parse_args(args)       # renders the usage error
             raise UsageError(f"nagaya {cmd}: unknown option {a}")
         _flags, dest, kind, _m, _h = opt
+        first = i
         if kind == "flag":
             setattr(ns, dest, True)
         elif kind == "optional":
@@ -124,6 +141,8 @@ def parse_args(cmd: str, args: list[str]) -> Args:
                 getattr(ns, dest).append(inline)
             else:
                 setattr(ns, dest, inline)
+        if dest not in ALLOC_ONLY and dest != "gpus":
+            ns.passthrough += args[first:i + 1]
         i += 1
     if i >= len(args):
         raise UsageError(f"nagaya {cmd}: give an IMAGE (see --help)")
@@ -177,8 +196,10 @@ def _env_items(ns: Args) -> dict[str, str]:
 
 def main(cmd: str, args: list[str]) -> int:
     debug = "--debug" in args or os.environ.get("NAGAYA_DEBUG") == "1"
+    # The compiled starter asks for a fresh plan (its own was missing or stale); never seen by the container.
+    want_plan = os.environ.pop("NAGAYA_STARTER_PLAN", "") == "want"
     try:
-        return _main(cmd, args)
+        return _main(cmd, args, want_plan)
     except NagayaError as e:
         if debug:
             raise
@@ -188,23 +209,46 @@ def main(cmd: str, args: list[str]) -> int:
         return 130
 
 
-def _main(cmd: str, args: list[str]) -> int:
+def _main(cmd: str, args: list[str], want_plan: bool = False) -> int:
     from nagaya import config
     from nagaya.runtime.spec import RunConfig, RunSpec
 
     ns = parse_args(cmd, args)
     cfg = config.load()
+    if ns.alloc:
+        from nagaya.sched.interactive import allocate
+
+        return allocate(cfg, ns, shell=cmd == "shell")
+    if any(getattr(ns, k) for k in ALLOC_ONLY):
+        raise UsageError(f"nagaya {cmd}: --cpus, --mem, --time, --partition and --scheduler need --alloc")
     fuse = fuse_usable(cfg)
-    cached = _cached_local_image(cfg, ns.image) if fuse else None
-    if cached is not None:
+    nsq = None
+    if "/" in ns.image or ns.image.endswith(".nsq"):     # a file, maybe (single_file's own test, unimported)
+        from nagaya.image import single_file
+
+        nsq = single_file.check_for_run(ns.image, cfg.cache_root) if single_file.looks_like_file(ns.image) else None
+    cached = _cached_local_image(cfg, ns.image) if fuse and nsq is None else None
+    if nsq is not None:                     # a single-file image: its squashfs is mounted where it lies
+        import base64
+        import json
+
+        digest, squashfs = nsq.digest, os.path.abspath(ns.image)
+        image_config = json.loads(base64.b64decode(nsq.meta["config"]))
+    elif cached is not None:
         digest, image_config, squashfs = cached
     else:
         from nagaya.image.store import open_store
 
         store = open_store(cfg)
-        meta = resolve_image(store, ns.image, cfg)
-        digest, image_config, squashfs = meta.digest, meta.config, str(store.squashfs_path(meta.digest))
-    if cfg.image.policy:                    # the site's signing policy, by digest (a cached verdict: a few stats)
+        lazy = _lazy_image(store, ns, cfg)
+        if lazy is not None:                # started before the pull ends (nagaya.image.lazy)
+            digest, image_config, squashfs = lazy
+        else:
+            from nagaya.image.resolve import for_run
+
+            meta = for_run(store, ns.image, cfg)
+            digest, image_config, squashfs = meta.digest, meta.config, str(store.squashfs_path(meta.digest))
+    if cfg.image.policy or cfg.image.vuln_block:    # the site's policies, by digest (a cached verdict: a few stats)
         from nagaya.trust.gate import admit
 
         admit(cfg, ns.image, digest)
@@ -215,32 +259,85 @@ def _main(cmd: str, args: list[str]) -> int:
                    env=_env_items(ns), cleanenv=ns.cleanenv, binds=binds, pwd=ns.pwd,
                    writable_tmpfs=ns.writable_tmpfs, overlay_dir=ns.overlay, gpus=ns.gpus, devices=ns.device,
                    backend=ns.backend or cfg.runtime.backend, shell=cmd == "shell", no_home=ns.no_home,
-                   hostname=ns.hostname)
+                   hostname=ns.hostname, squashfs_offset=nsq.offset if nsq is not None else 0)
     if cmd == "exec" and not spec.argv:
         raise UsageError("nagaya exec: give a command to run")
     if cmd == "exec":
         spec.entrypoint = []
-    if not fuse:
-        spec.unpacked = ensure_unpacked(store, digest)
+    reader = _LAZY_READERS[-1] if _LAZY_READERS else None
+    if reader is not None and squashfs == reader.path:
+        pass                                # lazy: the squashfs is the FUSE reader's file; never unpacked
+    elif not fuse or (nsq is None and squashfs.startswith(cfg.cache_root + "/") and wants_unpacked(cfg)):
+        if nsq is not None or cached is not None:
+            from nagaya.image.store import open_store
+
+            store = open_store(cfg)
+        spec.unpacked = ensure_unpacked(store, digest, nsq, fuse)
     else:
         from nagaya.image import squash
 
-        squash.check(squashfs)
+        squash.check(squashfs, spec.squashfs_offset)
     try:
         os.utime(os.path.join(cfg.cache_root, "images", digest[7:] + ".json"))  # ImageStore.touch: LRU order
     except OSError:
         pass
     from nagaya.runtime import launcher
 
-    return launcher.run(spec, RunConfig.from_image_config(image_config), cfg)
+    # The plain case the compiled starter (src/starter) replays from a plan this run writes: no option but --gpus.
+    plain = want_plan and cmd != "shell" and nsq is None and cached is not None and bool(ns.command) \
+        and not ns.passthrough
+    try:
+        return launcher.run(spec, RunConfig.from_image_config(image_config), cfg, starter_plan=plain)
+    finally:
+        for r in _LAZY_READERS:
+            r.stop()
+
+
+_LAZY_READERS: list = []
+
+
+def _lazy_image(store, ns: Args, cfg) -> tuple[str, dict, str] | None:
+    """--pull lazy (or image.pull = "lazy") for a registry reference: (digest, config, squashfs path) of the
+    image read through the user's FUSE reader, or None to pull in full (a note says why)."""
+    from nagaya.image.lazy import mount
+
+    if mount.mode(cfg, ns.pull) != "lazy" or not fuse_usable(cfg):
+        return None
+    from nagaya.image.reference import parse
+
+    try:
+        ref = parse(ns.image)
+    except UsageError:
+        return None
+    if not ref.registry:
+        return None
+    if cfg.image.policy or getattr(cfg.image, "vuln_block", None):
+        from nagaya.trust.gate import covers
+
+        rule = covers(cfg, ref.name)
+        if rule:                            # the artifact is verified against its block list, not signed
+            mount.note(f"{ref.name} is covered by {rule}: pulling in full (a lazy image's squashfs is not "
+                       "what was signed or scanned)")
+            return None
+    from nagaya.errors import RegistryUnreachable
+
+    try:
+        img = mount.prepare(store, ns.image, cfg)
+    except RegistryUnreachable:
+        return None                         # the full path says so, or runs a cached full copy
+    if img is None:
+        return None
+    reader = mount.Reader(store, img, cfg)
+    _LAZY_READERS.append(reader)
+    return img.digest, img.config, reader.path
 
 
 def _cached_local_image(cfg, text: str) -> tuple[str, dict, str] | None:
     """ImageStore.resolve for the common case, a local NAME[:TAG] or NAME@DIGEST already in the cache, as
-    (digest, image config, squashfs path) without importing the store (pathlib, json, contextlib: a few ms
-    of every start). It reads the store's layout (refs/NAME/TAG, images/HEX.json and .sqfs; the user's
+    (digest, image config, squashfs path) without importing the image store (pathlib, json, contextlib: a few ms
+    of every start). It reads the image store's layout (refs/NAME/TAG, images/HEX.json and .sqfs; the user's
     cache first, then the site's shared ones) exactly as ImageStore does. Anything else (digest prefixes,
-    registry references, which re-resolve on every run, misses and errors) returns None: the store decides."""
+    registry references, which re-resolve on every run, misses and errors) returns None: the image store decides."""
     from nagaya.image.reference import is_digest, parse
 
     if text.startswith("sha256:") or (len(text) >= 6 and all(c in "0123456789abcdef" for c in text)):
@@ -295,54 +392,40 @@ def _cached_local_image(cfg, text: str) -> tuple[str, dict, str] | None:
     return digest, meta["config"], os.path.join(cfg.cache_root, "images", h + ".sqfs")
 
 
-def resolve_image(store, text: str, cfg):  # -> ImageMeta
-    """Local names resolve in the cache. Registry references re-resolve their tag on every run (one
-    manifest request), pulling when it moved; only an unreachable registry falls back to the cache."""
-    from nagaya.errors import UsageError as _Usage
-    from nagaya.image.reference import parse
-
-    try:
-        ref = parse(text)
-    except _Usage:
-        ref = None                          # digests and digest prefixes are local lookups
-    if ref is None or not ref.registry:
-        return store.resolve(text)
-    if ref.digest and not ref.tag and store.has_image(ref.digest):
-        return store.meta(ref.digest)       # pinned by digest: nothing to re-resolve
-    from nagaya.errors import ImageNotFound, RegistryUnreachable
-    from nagaya.image.pull import pull
-
-    try:
-        return pull(store, text, cfg, quiet=not sys.stderr.isatty())
-    except RegistryUnreachable as e:
-        try:
-            meta = store.resolve(text)
-        except ImageNotFound:
-            raise e from None
-        print(f"nagaya: warning: {e}; running the cached {ref.name}:{ref.tag_or_latest} "
-              f"({meta.digest[:19]}), which may be stale", file=sys.stderr)
-        return meta
-
-
 def fuse_usable(cfg) -> bool:
     return (cfg.runtime.fuse and os.access("/dev/fuse", os.R_OK | os.W_OK)
             and os.access(cfg.runtime.squashfuse, os.X_OK))
 
 
-def ensure_unpacked(store, digest: str) -> str:
-    """The unpacked-directory fallback, made once per image (atomically: temp dir + rename)."""
+def wants_unpacked(cfg) -> bool:
+    """Run from the unpacked copy rather than squashfuse: `runtime.unpack`, or in auto mode a job that may
+    use runtime.unpack_threads CPUs or more (its affinity: what the scheduler gave it). squashfuse_ll 0.1.105
+    serves one request at a time, so all of such a job's reads would queue on one thread (bench/io)."""
+    mode = cfg.runtime.unpack
+    if mode not in ("auto", "always", "never"):
+        raise UsageError(f"runtime.unpack = {mode!r}: choose auto, always or never")
+    if mode != "auto":
+        return mode == "always"
+    return 0 < cfg.runtime.unpack_threads <= len(os.sched_getaffinity(0))
+
+
+def ensure_unpacked(store, digest: str, nsq=None, fuse: bool = False) -> str:
+    """The unpacked-directory fallback, made once per image (atomically: temp dir + rename). `nsq`: the
+    checked header of a single-file image, unpacked from where its squashfs lies in that file."""
     from nagaya.image import squash
 
     dest = store.unpacked_path(digest)
     if dest.is_dir():
         return str(dest)
-    squash.check(store.squashfs_path(digest))
+    src, offset = (nsq.path, nsq.offset) if nsq is not None else (store.squashfs_path(digest), 0)
+    squash.check(src, offset)
     with store.lock(f"image-{digest[7:]}"):
         if dest.is_dir():
             return str(dest)
-        print("nagaya: FUSE is not usable here; unpacking the image once to run it from a directory",
+        print("nagaya: " + ("unpacking the image once for this many-CPU job (runtime.unpack)" if fuse else
+                            "FUSE is not usable here; unpacking the image once") + " to run it from a directory",
               file=sys.stderr)
         with store.tmpdir("unpack-") as tmp:
-            squash.unpack(store.squashfs_path(digest), tmp / "root")
+            squash.unpack(src, tmp / "root", offset)
             os.replace(tmp / "root", dest)
     return str(dest)

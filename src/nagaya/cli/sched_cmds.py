@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from nagaya import config
-from nagaya.cli.common import console, fail, print_json
+from nagaya.cli.common import console, print_json
 from nagaya.errors import NagayaError
 
 app = typer.Typer(help="Inspect and control one batch job.", no_args_is_help=True)
 
 BACKEND_OPT = typer.Option(None, "--backend",
-                           help="local | slurm | gridengine (default: [sched] backend in the config)")
+                           help="local | slurm | gridengine | pbs (default: [sched] backend in the config)")
 SUBMIT_CTX = {"allow_interspersed_args": False, "ignore_unknown_options": True}
 
 
@@ -45,13 +46,10 @@ def submit(args: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]... | SC
     """Submit a batch job that runs CMD in IMAGE (or a script with `#NAGAYA --image REF` lines)."""
     from nagaya.sched.submit import SubmitRequest, submit_job
 
-    try:
-        out = submit_job(SubmitRequest(args=list(args or []), image=image, nodes=nodes, ntasks=ntasks, cpus=cpus,
-                                       mem=mem, gpus=gpus, time_limit=time_limit, partition=partition, name=name,
-                                       compose=str(compose) if compose is not None else None, backend=backend,
-                                       array=array, after=after))
-    except NagayaError as e:
-        fail(e)
+    out = submit_job(SubmitRequest(args=list(args or []), image=image, nodes=nodes, ntasks=ntasks, cpus=cpus,
+                                   mem=mem, gpus=gpus, time_limit=time_limit, partition=partition, name=name,
+                                   compose=str(compose) if compose is not None else None, backend=backend,
+                                   array=array, after=after))
     if json_out:
         print_json(out)
     else:
@@ -62,11 +60,8 @@ def jobs(all_users: bool = typer.Option(False, "--all", "-a", help="every user's
          backend: str = BACKEND_OPT,
          json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List your batch jobs."""
-    try:
-        _cfg, sched = _sched(backend)
-        rows = sched.list(all_users)
-    except NagayaError as e:
-        fail(e)
+    _cfg, sched = _sched(backend)
+    rows = sched.list(all_users)
     if json_out:
         print_json([j.to_json() for j in rows])
         return
@@ -89,30 +84,22 @@ def logs(job: str = typer.Argument(..., help="job id"),
         for chunk in sched.logs(job, follow):
             out.write(chunk)
             out.flush()
-    except NagayaError as e:
-        fail(e)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
 
 def cancel(job: str = typer.Argument(..., help="job id"), backend: str = BACKEND_OPT) -> None:
     """Cancel a job: the app gets TERM (time to clean up), then KILL after the grace period."""
-    try:
-        _cfg, sched = _sched(backend)
-        sched.cancel(job)
-    except NagayaError as e:
-        fail(e)
+    _cfg, sched = _sched(backend)
+    sched.cancel(job)
 
 
 @app.command()
 def show(job: str = typer.Argument(..., help="job id"), backend: str = BACKEND_OPT,
          json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Show a job: state, node(s), image digest, exit code, times."""
-    try:
-        _cfg, sched = _sched(backend)
-        info = sched.status(job)
-    except NagayaError as e:
-        fail(e)
+    _cfg, sched = _sched(backend)
+    info = sched.status(job)
     if json_out:
         print_json(info.to_json())
         return
@@ -122,34 +109,107 @@ def show(job: str = typer.Argument(..., help="job id"), backend: str = BACKEND_O
 
 
 @app.command()
+def usage(job: str = typer.Argument(..., help="job id"), backend: str = BACKEND_OPT,
+          json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """A job's CPU (cores in use), memory and GPUs over time, as sampled while it ran."""
+    from nagaya.units import format_size
+
+    _cfg, sched = _sched(backend)
+    samples = sched.usage(job)
+    if json_out:
+        print_json(samples)
+        return
+    if not samples:
+        console.print(f"no usage samples for job {job} (the backend keeps none, or the job has not run yet)")
+        return
+    t = Table(box=None, header_style="bold")
+    gpu_use = any(x.get("gpu_mem_total") for x in samples)          # the GPUs' own figures, where sampled
+    for col in ("TIME", "CORES", "CPU-SECONDS", "MEMORY", "PROCESSES", "GPUS", *(("GPU%", "GPU-MEMORY") * gpu_use)):
+        t.add_column(col)
+    for x in samples:
+        t.add_row(time.strftime("%H:%M:%S", time.localtime(x["t"])), f"{x['cpu_cores']:.2f}", f"{x['cpu_seconds']:.1f}",
+                  format_size(x["rss_bytes"]), str(x["processes"]), str(x["gpus"]),
+                  *((f"{x.get('gpu_util', 0):.0f}", format_size(x.get("gpu_mem_bytes", 0))) * gpu_use))
+    console.print(t)
+
+
+@app.command()
 def suspend(job: str = typer.Argument(..., help="job id"), backend: str = BACKEND_OPT) -> None:
     """Stop a running job's processes until `nagaya job resume`."""
-    try:
-        _cfg, sched = _sched(backend)
-        sched.suspend(job)
-    except NagayaError as e:
-        fail(e)
+    _cfg, sched = _sched(backend)
+    sched.suspend(job)
 
 
 @app.command()
 def resume(job: str = typer.Argument(..., help="job id"), backend: str = BACKEND_OPT) -> None:
     """Continue a suspended job."""
-    try:
-        _cfg, sched = _sched(backend)
-        sched.resume(job)
-    except NagayaError as e:
-        fail(e)
+    _cfg, sched = _sched(backend)
+    sched.resume(job)
+
+
+@app.command()
+def hold(job: str = typer.Argument(..., help="job id"), backend: str = BACKEND_OPT) -> None:
+    """Keep a pending job from starting until `nagaya job release` (a user hold, on the scheduler's terms)."""
+    _cfg, sched = _sched(backend)
+    sched.hold(job)
+
+
+@app.command()
+def release(job: str = typer.Argument(..., help="job id"), backend: str = BACKEND_OPT) -> None:
+    """Let a held job start again."""
+    _cfg, sched = _sched(backend)
+    sched.release(job)
+
+
+EXEC_CTX = {"allow_interspersed_args": True}     # JOB -it --node N -- CMD: options on either side of JOB
+
+
+@app.command("exec", context_settings=EXEC_CTX)
+def exec_(job: str = typer.Argument(..., help="job id"),
+          command: list[str] = typer.Argument(None, metavar="-- CMD [ARGS]...", help="what to run in the container"),
+          node: str = typer.Option("", "--node", "-w", help="which of the job's nodes (default: the first)"),
+          task: str = typer.Option("", "--task", help="which task's container (default: the first on the node)"),
+          interactive: bool = typer.Option(False, "--interactive", "-i", help="keep stdin attached"),
+          tty: bool = typer.Option(False, "--tty", "-t", help="a terminal (on Slurm: srun --pty)"),
+          on_node: bool = typer.Option(False, "--on-node", hidden=True),
+          find: bool = typer.Option(False, "--find", hidden=True),
+          backend: str = BACKEND_OPT) -> None:
+    """Run a command in the running container of one of your jobs (same image, mounts, environment, GPUs and
+    namespaces as the job's app)."""
+    argv = list(command or [])
+    _enter(job, argv[1:] if argv[:1] == ["--"] else argv, node, task, interactive, tty, on_node, find, backend)
+
+
+@app.command("shell")
+def shell(job: str = typer.Argument(..., help="job id"),
+          node: str = typer.Option("", "--node", "-w", help="which of the job's nodes (default: the first)"),
+          task: str = typer.Option("", "--task", help="which task's container (default: the first on the node)"),
+          backend: str = BACKEND_OPT) -> None:
+    """An interactive shell in the running container of one of your jobs (`job exec JOB -it -- sh`)."""
+    sh = "if command -v bash >/dev/null; then exec bash; else exec sh; fi"
+    _enter(job, ["/bin/sh", "-c", sh], node, task, True, sys.stdin.isatty(), False, False, backend)
+
+
+def _enter(job: str, argv: list[str], node: str, task: str, interactive: bool, tty: bool, on_node: bool,
+           find: bool, backend: str | None) -> None:
+    from nagaya.sched import interactive as ia
+
+    if on_node:                     # on the job's node, inside a step of the job (Slurm)
+        be = backend or "slurm"
+        if not all(x.isdigit() for x in job.split(".", 1)):      # ID, or ID.TASK (Grid Engine/PBS arrays)
+            raise NagayaError(f"invalid job id {job!r}")
+        code = ia.find_on_node(be, job, task) if find else ia.enter_here(be, job, job, task, argv, interactive)
+    else:
+        code = ia.exec_in_job(config.load(), ia.ExecRequest(job, argv, node, task, interactive, tty, backend))
+    raise typer.Exit(code)
 
 
 @app.command("prepare-node")
 def prepare_node() -> None:
-    """As root on each Grid Engine execution host: the per-GPU lock files jobs take their GPUs by."""
+    """As root on each Grid Engine or PBS execution host: the per-GPU lock files jobs take their GPUs by."""
     from nagaya.sched.gridengine import prepare_node as prepare
 
-    try:
-        found = prepare(config.load())
-    except NagayaError as e:
-        fail(e)
+    found = prepare(config.load())
     print(f"GPU locks ready for {len(found)} device(s)")
 
 

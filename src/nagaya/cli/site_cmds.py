@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from nagaya import config
-from nagaya.cli.common import console, fail, print_json
-from nagaya.errors import NagayaError
+from nagaya.cli.common import console, print_json
 
 app = typer.Typer(help="Run the site registry and server on this machine.", no_args_is_help=True)
 
@@ -22,10 +21,7 @@ def up(state_dir: Path | None = STATE_DIR, json_out: bool = JSON) -> None:
     """Start the registry and the server (as the service account when run by root); print their URLs."""
     from nagaya.server import site
 
-    try:
-        st = site.up(config.load(), state_dir)
-    except NagayaError as e:
-        fail(e)
+    st = site.up(config.load(), state_dir)
     if json_out:
         print_json({"registry": st.registry, "server": st.server, "state_dir": st.state_dir, "run_as": st.run_as,
                     "pids": st.pids, "running": st.running})
@@ -39,10 +35,7 @@ def down(state_dir: Path | None = STATE_DIR, json_out: bool = JSON) -> None:
     """Stop the registry and the server, leaving nothing running (data stay in the state dir)."""
     from nagaya.server import site
 
-    try:
-        st, stopped = site.down(config.load(), state_dir)
-    except NagayaError as e:
-        fail(e)
+    st, stopped = site.down(config.load(), state_dir)
     if json_out:
         print_json({"stopped": stopped, "state_dir": st.state_dir})
     else:
@@ -54,10 +47,7 @@ def status(state_dir: Path | None = STATE_DIR, json_out: bool = JSON) -> None:
     """Show the site's URLs and whether it runs (exit code 1 when it does not)."""
     from nagaya.server import site
 
-    try:
-        st = site.status(config.load(), state_dir)
-    except NagayaError as e:
-        fail(e)
+    st = site.status(config.load(), state_dir)
     if json_out:
         print_json({"registry": st.registry, "server": st.server, "running": st.running, "state_dir": st.state_dir,
                     "run_as": st.run_as, "pids": st.pids, "started_at": st.started_at})

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from nagaya.cli.auth_cmds import REGISTRY, api_client
-from nagaya.cli.common import console, err_console, fail, print_json
-from nagaya.errors import NagayaError, UsageError
+from nagaya.cli.common import console, err_console, print_json
+from nagaya.errors import UsageError
 from nagaya.units import parse_expiry
 
 app = typer.Typer(help="Robot tokens for CI: project-scoped, expiring, stored hashed.", no_args_is_help=True)
@@ -25,13 +25,10 @@ def create(project: str = typer.Option(..., "--project", "-p"),
            name: str = typer.Option(None, "--name", "-n", help="default: robot-<random>"),
            registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """Create a robot token; its secret is printed once and cannot be shown again."""
-    try:
-        ttl = parse_expiry(expires)
-        body = {"name": name or f"robot-{secrets.token_hex(3)}", "scope": scope,
-                "expires_in": int(ttl.total_seconds()) if ttl else None}
-        t = api_client(registry).post(f"/api/projects/{quote(project, safe='')}/tokens", json=body)
-    except NagayaError as e:
-        fail(e)
+    ttl = parse_expiry(expires)
+    body = {"name": name or f"robot-{secrets.token_hex(3)}", "scope": scope,
+            "expires_in": int(ttl.total_seconds()) if ttl else None}
+    t = api_client(registry).post(f"/api/projects/{quote(project, safe='')}/tokens", json=body)
     _show_secret(t, json_out)
 
 
@@ -61,10 +58,7 @@ def _token_path(token: str, project: str | None) -> str:
 def ls(project: str = typer.Option(None, "--project", "-p", help="only this project"),
        registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """List robot tokens of the projects you own or maintain (never their secrets)."""
-    try:
-        rows = api_client(registry).get("/api/tokens", params={"project": project} if project else None)
-    except NagayaError as e:
-        fail(e)
+    rows = api_client(registry).get("/api/tokens", params={"project": project} if project else None)
     if json_out:
         print_json(rows)
         return
@@ -82,10 +76,7 @@ def revoke(token: str = typer.Argument(..., help="robot$PROJECT+NAME, or NAME wi
            project: str = typer.Option(None, "--project", "-p"),
            registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """Revoke a robot token at once (its registry tokens die within their few minutes' lifetime)."""
-    try:
-        r = api_client(registry).delete(_token_path(token, project))
-    except NagayaError as e:
-        fail(e)
+    r = api_client(registry).delete(_token_path(token, project))
     if json_out:
         print_json(r)
     else:
@@ -97,8 +88,5 @@ def rotate(token: str = typer.Argument(..., help="robot$PROJECT+NAME, or NAME wi
            project: str = typer.Option(None, "--project", "-p"),
            registry: str = REGISTRY, json_out: bool = JSON) -> None:
     """A new secret for a robot token (same name, scope and expiry); the old secret stops working at once."""
-    try:
-        t = api_client(registry).post(_token_path(token, project) + "/rotate")
-    except NagayaError as e:
-        fail(e)
+    t = api_client(registry).post(_token_path(token, project) + "/rotate")
     _show_secret(t, json_out)

@@ -8,8 +8,7 @@ from typing import Any
 import typer
 
 from nagaya import config
-from nagaya.cli.common import console, fail, print_json
-from nagaya.errors import NagayaError
+from nagaya.cli.common import console, print_json
 
 app = typer.Typer(help="Signing keys (cosign-compatible; the private key encrypted at rest).", no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="machine-readable output")
@@ -24,10 +23,7 @@ def key_create(project: str = typer.Option(None, "--project", help="a key for th
     """Make an ECDSA P-256 key pair: NAME.key (encrypted, 0600) and NAME.pub in ~/.config/nagaya/keys."""
     from nagaya.trust import keys
 
-    try:
-        priv, pub, fp = keys.create(name or project or "default", keys.passphrase(passphrase_file, confirm=True))
-    except NagayaError as e:
-        fail(e)
+    priv, pub, fp = keys.create(name or project or "default", keys.passphrase(passphrase_file, confirm=True))
     if json_out:
         print_json({"private": str(priv), "public": str(pub), "fingerprint": fp})
         return
@@ -56,12 +52,9 @@ def key_export(name: str = typer.Argument("default", help="key name or .pub path
     """Print a public key (PEM), for cosign, skopeo's policy.json or the site's policy."""
     from nagaya.trust import keys
 
-    try:
-        path = keys.find_public(name)
-        data = keys.read_file(path, "public key")
-        keys.load_public(data, str(path))
-    except NagayaError as e:
-        fail(e)
+    path = keys.find_public(name)
+    data = keys.read_file(path, "public key")
+    keys.load_public(data, str(path))
     sys.stdout.write(data.decode())
 
 
@@ -75,10 +68,7 @@ def sign(ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG|@DIG
          key: str = typer.Option("default", "--key", "-k", help="key name or path to a cosign .key"),
          passphrase_file: str = PASSFILE, json_out: bool = JSON) -> None:
     """Sign an image in a registry (a cosign signature, stored beside it as sha256-HEX.sig)."""
-    try:
-        out = sign_ref(ref, key, passphrase_file)
-    except NagayaError as e:
-        fail(e)
+    out = sign_ref(ref, key, passphrase_file)
     if json_out:
         print_json(out)
         return
@@ -112,13 +102,10 @@ def verify(ref: str = typer.Argument(..., help="HOST[:PORT]/PROJECT/NAME[:TAG|@D
     """Check an image's signature: this digest, this repository, made by one of the keys."""
     from nagaya.trust import sign as signing
 
-    try:
-        r = _ref(ref)
-        trusted = signing.load_trusted(list(key or []) or signing.default_public_keys())
-        with signing.open_for(r, config.load(), push=False) as reg:
-            v = signing.verify(reg, r.name, signing.resolve(reg, r), trusted)
-    except NagayaError as e:
-        fail(e)
+    r = _ref(ref)
+    trusted = signing.load_trusted(list(key or []) or signing.default_public_keys())
+    with signing.open_for(r, config.load(), push=False) as reg:
+        v = signing.verify(reg, r.name, signing.resolve(reg, r), trusted)
     if json_out:
         print_json({"ref": ref, "digest": v.digest, "identity": v.identity, "key": v.key_name,
                     "fingerprint": v.key})

@@ -74,6 +74,9 @@ def _cpus_per_node(text: str) -> list[int]:
 
 
 def node_info(backend: str, nodes: list[str]) -> dict[str, NodeInfo]:
+    if backend in HOSTFILES:                    # the slots the scheduler gave the job there; memory unknown
+        slots = hostfile_cpus(backend)
+        return {n: NodeInfo(float(slots.get(n, 0)), 0, {}, i == 0, _arch()) for i, n in enumerate(nodes)}
     if backend != "slurm":
         try:
             cpus = float(len(os.sched_getaffinity(0)))
@@ -122,6 +125,44 @@ def in_slurm_job() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_JOB_NODELIST"))
 
 
+HOSTFILES = {"gridengine": "PE_HOSTFILE", "pbs": "PBS_NODEFILE"}
+
+
+def batch_job() -> str:
+    """"gridengine" / "pbs" inside a job of theirs that nagaya's wrapper started (NAGAYA_BATCH_JOB) and whose
+    scheduler names its hosts in a file ($PE_HOSTFILE, $PBS_NODEFILE); "" elsewhere."""
+    backend = os.environ.get("NAGAYA_BATCH_JOB", "").partition(" ")[0]
+    return backend if backend in HOSTFILES and os.environ.get(HOSTFILES[backend]) else ""
+
+
+def _hostfile_lines(backend: str) -> list[list[str]]:
+    try:
+        with open(os.environ[HOSTFILES[backend]]) as f:
+            return [x.split() for x in f if x.strip()]
+    except (OSError, KeyError):
+        raise UsageError(f"compose on {backend}: cannot read ${HOSTFILES[backend]}, the job's host list") from None
+
+
+def hostfile_cpus(backend: str) -> dict[str, int]:
+    """Each host's slots: Grid Engine's `host slots queue range` lines; PBS's one line per slot."""
+    out: dict[str, int] = {}
+    for words in _hostfile_lines(backend):
+        n = int(words[1]) if backend == "gridengine" and len(words) > 1 and words[1].isdigit() else 1
+        out[words[0]] = out.get(words[0], 0) + n
+    return out
+
+
+def _outward(peers: list[str]) -> str | None:
+    """This host's address as another host of the job reaches it (where its name resolves to loopback)."""
+    import socket as _socket
+
+    for p in peers:
+        with contextlib.suppress(OSError), _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM) as s:
+            s.connect((p, 9))                   # no packet: only the route's source address is chosen
+            return str(s.getsockname()[0])
+    return None
+
+
 def _scontrol(*args: str) -> str:
     exe = shutil.which("scontrol")
     if not exe:
@@ -135,6 +176,8 @@ def _scontrol(*args: str) -> str:
 def job_nodes(backend: str) -> list[str]:
     if backend == "slurm":
         return _scontrol("show", "hostnames", os.environ["SLURM_JOB_NODELIST"]).split()
+    if backend in HOSTFILES:
+        return list(hostfile_cpus(backend))     # the job's first host first, as the scheduler lists them
     return [socket.gethostname()]
 
 
@@ -163,6 +206,13 @@ def node_addrs(backend: str, nodes: list[str]) -> dict[str, str]:
     """Each node's IP address as containers on other nodes dial it: Slurm's NodeAddr (the address slurmctld
     itself uses; it differs from the name where node names are not in DNS, e.g. the netns test cluster),
     resolved when it is a name; local: loopback. A hosts file needs addresses, never names."""
+    if backend in HOSTFILES:
+        addrs = {n: _resolve(n) for n in nodes}
+        if len(nodes) > 1:                      # this host's name may map to loopback: its outward address
+            remote = [a for a in addrs.values() if not a.startswith("127.")]
+            out = _outward(remote)
+            addrs = {n: (out or a) if a.startswith("127.") else a for n, a in addrs.items()}
+        return addrs
     if backend != "slurm":
         return {n: "127.0.0.1" for n in nodes}
     recs = _node_records(nodes)

@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from typing import IO, Any
 
 from nagaya.compose.placement import (
     Replica,
+    batch_job,
     gpu_pools,
     hosts_file,
     in_slurm_job,
@@ -63,7 +65,8 @@ def proc_start(pid: int) -> str | None:
 def state_dir(compose_file: Path) -> Path:
     """One directory per compose file (and Slurm job): `up`, `ps`, `logs` and `down` meet there."""
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "nagaya" / "compose"
-    key = f"{compose_file.resolve()}\0{os.environ.get('SLURM_JOB_ID', '')}"
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("NAGAYA_BATCH_JOB", "").partition(" ")[2]
+    key = f"{compose_file.resolve()}\0{job}"
     d = base / f"{compose_file.resolve().parent.name or 'root'}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     (d / "logs").mkdir(exist_ok=True, mode=0o700)
@@ -114,8 +117,8 @@ class Stack:
     out: IO[str] = field(default_factory=lambda: sys.stderr)
 
     def __post_init__(self) -> None:
-        if not self.backend:
-            self.backend = "slurm" if in_slurm_job() else "local"
+        if not self.backend:        # Grid Engine / PBS: inside a job nagaya's wrapper runs ($PE_HOSTFILE...)
+            self.backend = "slurm" if in_slurm_job() else batch_job() or "local"
         if self.backend == "slurm" and not in_slurm_job():
             raise UsageError("compose on Slurm runs inside a job (salloc, or nagaya submit --compose)")
         self.dir = state_dir(self.compose_file)
@@ -153,7 +156,7 @@ class Stack:
                 cursor += r.cpus
             self.replicas.setdefault(r.service, []).append(x)
         self.build(force=build)
-        from nagaya.sched import pin_image
+        from nagaya.image.resolve import pin as pin_image
 
         # Every replica on every node runs the same digest, whatever happens to the tag meanwhile.
         self.images = {name: pin_image(self.cfg, self.project.image_of(name))[0] for name in self.project.services}
@@ -338,6 +341,8 @@ class Stack:
 
     def _on_node(self, node: str, argv: list[str], label: str, gpus: bool = False, r: Replica | None = None) \
             -> list[str]:
+        if self.backend in ("gridengine", "pbs"):
+            return self._on_host(node, argv)
         if self.backend != "slurm":
             return argv
         # deploy.resources: the step's CPUs and memory (placement checked they fit the job on that node).
@@ -352,6 +357,18 @@ class Stack:
             srun.append(f"--gres=gpu:{len(self.gres.get(node, []))}" if gpus and self.gres.get(node) else
                         "--gres=none")
         return [*srun, *argv]
+
+    def _on_host(self, node: str, argv: list[str]) -> list[str]:
+        """Grid Engine / PBS: a replica on another host of the job runs as a task of the job through the
+        scheduler's own launcher (qrsh -inherit, with GE's -notify warnings ignored as in the job's wrapper;
+        pbs_tmrsh); on the job's first host, where this supervisor runs, directly."""
+        if node == self.nodes[0]:
+            return argv
+        if self.backend == "pbs":
+            return [os.path.join(self.cfg.sched.pbs_bin, "pbs_tmrsh"), node, *argv]
+        inner = ["bash", "-c", 'trap "" USR1 USR2; exec "$@"', "replica", *argv]
+        return [os.path.join(self.cfg.sched.gridengine_bin, "qrsh"), "-inherit", "-nostdin", node,
+                " ".join(shlex.quote(a) for a in inner)]       # qrsh joins its arguments for a shell
 
     def replica_argv(self, r: Replica) -> list[str]:
         svc = self.project.services[r.service]

@@ -24,7 +24,7 @@ class CachedImage:
     meta: ImageMeta
     tags: list[str]
     last_used: float
-    size: int                                   # squashfs (+ unpacked fallback is not counted)
+    size: int                                   # squashfs + the unpacked copy, if one was made
     in_use: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -94,6 +94,9 @@ def list_cached(store: ImageStore) -> list[CachedImage]:
             continue
         sq = images / f"{p.stem}.sqfs"
         size = sq.stat().st_size if sq.exists() else 0
+        unpacked = images / f"{p.stem}.dir"
+        if unpacked.is_dir():               # the unpacked copy (no FUSE, or runtime.unpack) counts in the cap too
+            size += cache_dir_size(unpacked)
         out.append(CachedImage(meta, sorted(tags.get(meta.digest, [])), st.st_mtime, size,
                                _in_use(store, meta.digest)))
     return sorted(out, key=lambda c: c.last_used, reverse=True)
@@ -123,7 +126,15 @@ def gc(store: ImageStore, max_size: int | None = None, older_than: float | None 
     images = list_cached(store)
     blobs = _blob_sizes(store)
     rep.size_before = sum(i.size for i in images) + sum(s for s, _m in blobs.values())
+    from nagaya.image.lazy import cachecap  # lazily read blocks count too, and go first (refetched cheaply)
+
+    lazy_bytes = sum(c.size for c in cachecap.list_caches(store.root))
+    rep.size_before += lazy_bytes
     total = rep.size_before
+    if max_size is not None and total > max_size and lazy_bytes:
+        freed = cachecap.shrink(store.root, total - max_size, dry_run)
+        total -= freed
+        rep.freed += freed
     keep = {i.meta.digest: i for i in images}
     refcount: dict[str, int] = {}
     for i in images:

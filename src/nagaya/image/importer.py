@@ -12,7 +12,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from nagaya.errors import ImageError, UsageError
 from nagaya.image import oci, squash
@@ -206,14 +206,37 @@ class Importer:
         if cfg.get("architecture") not in (None, oci.oci_arch()):
             raise ImageError(f"{source}: image is for {cfg.get('os')}/{cfg.get('architecture')}, "
                              f"this machine is linux/{oci.oci_arch()}")
-        layers = []
-        for i, d in enumerate(manifest.layers):
-            dest = work / f"layer{i}"
-            blob(d, f"layer {i + 1}", dest)
-            layers.append(Layer(dest, d))
+        layers = [Layer(work / f"layer{i}", d) for i, d in enumerate(manifest.layers)]
         diff_ids = cfg.get("rootfs", {}).get("diff_ids", [])
-        return self._finish(manifest_bytes, manifest, config_bytes, layers, ref, work, source, None,
-                            diff_ids if isinstance(diff_ids, list) else [])
+        # Copy (and verify) the layers top first, on threads, while the conversion reads the copies made.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(4, len(layers) or 1), thread_name_prefix="import") as pool:
+            futures = {i: pool.submit(blob, x.desc, f"layer {i + 1}", x.path)
+                       for i, x in reversed(list(enumerate(layers)))}
+
+            def wait(i: int, stop: Any) -> None:
+                from concurrent.futures import TimeoutError as FutureTimeout
+
+                while True:
+                    try:
+                        futures[i].result(timeout=0.2)
+                        return
+                    except FutureTimeout:
+                        if stop.is_set():
+                            raise ImageError("import cancelled") from None
+            try:
+                meta = self._finish(manifest_bytes, manifest, config_bytes, layers, ref, work, source, None,
+                                    diff_ids if isinstance(diff_ids, list) else [], wait)
+                for f in futures.values():      # an image already cached: its layers are still checked
+                    f.result()
+                return meta
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                for f in futures.values():      # a layer's own error first (the merge's follows from it)
+                    if f.done() and not f.cancelled() and f.exception() is not None:
+                        raise f.exception() from None  # type: ignore[misc]
+                raise
 
     # -- conversion ------------------------------------------------------------------------------
     def _known_diff_id(self, layer_digest: str) -> str:
@@ -233,13 +256,15 @@ class Importer:
         return convert(layers, out, self.compression, self.jobs, self.progress)
 
     def _finish(self, manifest_bytes: bytes, manifest: oci.Manifest, config_bytes: bytes, layers: list[Layer],
-                ref: Reference, work: Path, source: str, sqfs: Path | None, diff_ids: list[str]) -> ImageMeta:
+                ref: Reference, work: Path, source: str, sqfs: Path | None, diff_ids: list[str],
+                wait: Callable[[int, Any], None] | None = None) -> ImageMeta:
         return finish_image(self.store, manifest_bytes, manifest, config_bytes, layers, ref, work, source, sqfs,
-                            diff_ids, self.compression, self.jobs, self.progress)
+                            diff_ids, self.compression, self.jobs, self.progress, wait)
 
 
-def convert(layers: list[Layer], out: Path, compression: str, jobs: int, progress: Progress | None) -> LayerMerger:
-    merger = LayerMerger([(x.path, x.compression) for x in layers], progress)
+def convert(layers: list[Layer], out: Path, compression: str, jobs: int, progress: Progress | None,
+            wait: Callable[[int, Any], None] | None = None) -> LayerMerger:
+    merger = LayerMerger([(x.path, x.compression) for x in layers], progress, wait)
     squash.build(merger.run, out, compression, jobs)
     return merger
 
@@ -247,16 +272,17 @@ def convert(layers: list[Layer], out: Path, compression: str, jobs: int, progres
 def finish_image(store: ImageStore, manifest_bytes: bytes, manifest: oci.Manifest, config_bytes: bytes,
                  layers: list[Layer], ref: Reference | None, work: Path, source: str, sqfs: Path | None,
                  diff_ids: list[str], compression: str = "zstd", jobs: int = 0,
-                 progress: Progress | None = None) -> ImageMeta:
+                 progress: Progress | None = None, wait: Callable[[int, Any], None] | None = None) -> ImageMeta:
     """Turn verified layers into the image's squashfs (once per manifest digest), store its blobs, commit
-    its metadata and tag it. Shared by import and pull. Layers may already sit in the blob store."""
+    its metadata and tag it. Shared by import and pull. Layers may already sit in the blob store, or (a
+    pull, with `wait`) arrive there while the conversion runs."""
     digest = oci.sha256_digest(manifest_bytes)
     with store.lock(f"image-{digest[7:]}"):
         meta = store.meta(digest)
         if meta is None or not store.squashfs_path(digest).exists():
             if sqfs is None:
                 sqfs = work / "image.sqfs"
-                merger = convert(layers, sqfs, compression, jobs, progress)
+                merger = convert(layers, sqfs, compression, jobs, progress, wait)
                 if diff_ids and merger.diff_ids != diff_ids:
                     raise ImageError(f"{source}: layer contents do not match the config's diff_ids")
                 diff_ids = merger.diff_ids

@@ -15,6 +15,7 @@ import hashlib
 import io
 import posixpath
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,83 @@ from typing import IO, BinaryIO
 from nagaya.errors import ImageError
 
 WH_PREFIX = ".wh."
+CHUNK = 1 << 20
 WH_OPAQUE = ".wh..wh..opq"
+
+
+class _Prefetched(io.RawIOBase):
+    """A layer's uncompressed bytes, decompressed and hashed ahead on a thread of its own (zlib, zstd and
+    sha256 release the GIL), so that the merge thread only parses tar headers and copies: with N layers
+    and N cores, every layer decompresses at once while the merge works through them top to bottom.
+    At most `ahead` chunks wait in memory per layer; `close()` stops the thread."""
+
+    def __init__(self, path: Path, compression: str, ahead: int = 8,
+                 wait: Callable[[threading.Event], None] | None = None) -> None:
+        import queue
+
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(ahead)
+        self._buf = memoryview(b"")
+        self._done = False
+        self._stop = threading.Event()
+        self._wait = wait
+        self._thread = threading.Thread(target=self._fill, args=(path, compression), daemon=True,
+                                        name="layer-prefetch")
+        self._thread.start()
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, path: Path, compression: str) -> None:
+        try:
+            if self._wait is not None:      # a pull: the layer may still be downloading
+                self._wait(self._stop)
+            with decompressed(path, compression) as raw:
+                while not self._stop.is_set():
+                    chunk = raw.read(CHUNK)
+                    if not chunk:
+                        break
+                    self.sha.update(chunk)
+                    self.count += len(chunk)
+                    if not self._put(chunk):
+                        return
+            self._put(None)
+        except BaseException as e:          # handed to the reader, raised in the merge thread
+            self._put(e)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            if self._done:
+                return 0
+            item = self._q.get()
+            if item is None:
+                self._done = True
+                return 0
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._buf = memoryview(item)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        super().close()
 
 
 class _HashingReader(io.RawIOBase):
@@ -56,7 +133,10 @@ def decompressed(path: Path, compression: str) -> BinaryIO:
 
         return zstandard.ZstdDecompressor().stream_reader(f, closefd=True)  # type: ignore[return-value]
     if compression == "gzip" or magic[:2] == b"\x1f\x8b":
-        import gzip
+        try:
+            from isal import igzip as gzip  # ISA-L: ~3x zlib's inflate speed, same results
+        except ImportError:
+            import gzip  # type: ignore[no-redef]
 
         return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
     return f
@@ -100,24 +180,51 @@ class MergeStats:
 class LayerMerger:
     """Merge layers (given bottom first) into `out`, a writable binary stream receiving a tar."""
 
-    def __init__(self, layers: list[tuple[Path, str]], progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, layers: list[tuple[Path, str]], progress: Callable[[int], None] | None = None,
+                 wait: Callable[[int, threading.Event], None] | None = None) -> None:
+        """`wait(i, stop)`, if given, returns once layer i's file is complete (raising if it never will be;
+        giving up when `stop` is set): a pull converts layers while lower ones still download."""
         self.layers = layers
         self.progress = progress
+        self.wait = wait
         self.stats = MergeStats()
         self.diff_ids: list[str] = [""] * len(layers)
 
     def run(self, out: IO[bytes]) -> MergeStats:
+        import os
+
+        # Layers are read top first; the next `ahead` ones below decompress meanwhile (one core each).
+        ahead = max(1, (os.cpu_count() or 1) - 1)
+        started: dict[int, _Prefetched] = {}
+
+        def start_down_to(lowest: int) -> None:
+            for i in range(len(self.layers) - 1, max(lowest, 0) - 1, -1):
+                if i not in started:
+                    started[i] = _Prefetched(*self.layers[i], wait=self._waiter(i))
+
+        try:
+            self._merge(out, started, start_down_to, ahead)
+        finally:
+            for r in started.values():
+                r.close()
+        return self.stats
+
+    def _waiter(self, i: int) -> Callable[[threading.Event], None] | None:
+        wait = self.wait
+        return None if wait is None else (lambda stop: wait(i, stop))
+
+    def _merge(self, out: IO[bytes], started: dict[int, _Prefetched], start_down_to: Callable[[int], None],
+               ahead: int) -> None:
         emitted: dict[str, str] = {}     # path -> 'd' dir, 'l' symlink, 'f' anything else
         hidden: set[str] = set()         # whited-out paths (for layers below)
         opaque: set[str] = set()         # dirs whose lower content is hidden
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tout:
             for idx in range(len(self.layers) - 1, -1, -1):
-                path, compression = self.layers[idx]
                 what = f"layer {idx + 1} of {len(self.layers)}"
                 new_hidden: set[str] = set()
                 new_opaque: set[str] = set()
-                with decompressed(path, compression) as raw:
-                    hr = _HashingReader(raw)
+                start_down_to(idx - ahead)
+                with started[idx] as hr:
                     stream = io.BufferedReader(hr, 1 << 20)
                     try:
                         tin = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
@@ -133,7 +240,6 @@ class LayerMerger:
                     self.diff_ids[idx] = "sha256:" + hr.sha.hexdigest()
                 hidden |= new_hidden
                 opaque |= new_opaque
-        return self.stats
 
     def _entry(self, m: tarfile.TarInfo, tin: tarfile.TarFile, tout: tarfile.TarFile, what: str,
                emitted: dict[str, str], hidden: set[str], opaque: set[str],

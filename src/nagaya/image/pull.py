@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,44 +147,71 @@ def _fetch_and_convert(store: ImageStore, reg: Registry, ref: Reference, digest:
     if config.get("architecture") not in (None, arch) or config.get("os") not in (None, "linux"):
         raise ImageError(f"{ref}: image is for {config.get('os')}/{config.get('architecture')}, "
                          f"this machine is linux/{arch}")
-    missing = list({d.digest: d for d in manifest.layers if not store.has_blob(d.digest)}.values())
+    # Top layer first: the merge reads layers top down, so it starts as soon as the top one is in, and
+    # converts each while the ones below still download (the download no longer precedes the conversion).
+    missing = list({d.digest: d for d in reversed(manifest.layers) if not store.has_blob(d.digest)}.values())
     total = sum(d.size for d in missing)
-    with _progress(f"pulling {ref}", quiet, total) as advance:
-        fetched = _download(store, reg, missing, max(1, int(cfg.image.pull_jobs)), advance, what)
-    res.layers_fetched = len(fetched)
-    res.bytes_fetched = sum(d.size for d in missing if d.digest in fetched)
     layers = [Layer(store.blob_path(d.digest), d) for d in manifest.layers]
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    with store.tmpdir("pull-") as work, _progress(f"converting {ref}", quiet, None) as advance:
-        return finish_image(store, data, manifest, config_bytes, layers, None, work, f"{ref.name}@{digest}", None,
-                            diff_ids if isinstance(diff_ids, list) else [], cfg.image.compression,
-                            cfg.image.jobs, advance)
+    fetched: set[str] = set()
+    jobs = max(1, int(cfg.image.pull_jobs))
+    with _progress(f"pulling {ref}", quiet, total) as advance, store.tmpdir("pull-") as work, \
+            ThreadPoolExecutor(max_workers=max(1, min(jobs, len(missing))), thread_name_prefix="pull") as pool:
+        position = {d.digest: n for n, d in enumerate(manifest.layers)}
+        futures = {d.digest: pool.submit(_fetch_one, store, reg, d, position[d.digest], advance, what, fetched)
+                   for d in missing}
+
+        def wait(i: int, stop: threading.Event) -> None:
+            f = futures.get(manifest.layers[i].digest)
+            while f is not None:
+                try:
+                    f.result(timeout=0.2)
+                    return
+                except FutureTimeout:
+                    if stop.is_set():
+                        raise ImageError("pull cancelled") from None
+        try:
+            meta = finish_image(store, data, manifest, config_bytes, layers, None, work, f"{ref.name}@{digest}",
+                                None, diff_ids if isinstance(diff_ids, list) else [], cfg.image.compression,
+                                cfg.image.jobs, None, wait if missing else None)
+        except BaseException:
+            # The first failure is what the user sees: a download's error rather than the merge's
+            # "layer is missing" that followed from it.
+            pool.shutdown(wait=True, cancel_futures=True)
+            for f in futures.values():
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    raise f.exception() from None  # type: ignore[misc]
+            raise
+    res.layers_fetched = len(fetched)
+    res.bytes_fetched = sum(d.size for d in missing if d.digest in fetched)
+    return meta
+
+
+def _fetch_one(store: ImageStore, reg: Registry, d: oci.Descriptor, i: int, advance: Progress | None, what: str,
+               fetched: set[str]) -> None:
+    with store.lock(f"blob-{d.digest[7:]}"):
+        if store.has_blob(d.digest):
+            return
+        fd, tmp = tempfile.mkstemp(dir=store.root / "tmp", prefix=f"blob-{d.digest[7:19]}-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                reg.fetch_blob(d, f, f"{what}: layer {i + 1}", advance)
+            store.put_blob_file(Path(tmp), d.digest)
+            fetched.add(d.digest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def _download(store: ImageStore, reg: Registry, descs: list[oci.Descriptor], jobs: int,
               advance: Progress | None, what: str) -> set[str]:
-    """Fetch blobs in parallel; each verified one is renamed into blobs/ at once (a later pull keeps it).
-    The first failure cancels the rest and is raised."""
+    """Fetch blobs in parallel, all before returning; each verified one is renamed into blobs/ at once (a later
+    pull keeps it). The first failure cancels the rest and is raised."""
     if not descs:
         return set()
     fetched: set[str] = set()
-
-    def one(i: int, d: oci.Descriptor) -> None:
-        with store.lock(f"blob-{d.digest[7:]}"):
-            if store.has_blob(d.digest):
-                return
-            fd, tmp = tempfile.mkstemp(dir=store.root / "tmp", prefix=f"blob-{d.digest[7:19]}-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    reg.fetch_blob(d, f, f"{what}: layer {i + 1}", advance)
-                store.put_blob_file(Path(tmp), d.digest)
-                fetched.add(d.digest)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-
     with ThreadPoolExecutor(max_workers=min(jobs, len(descs)), thread_name_prefix="pull") as pool:
-        futures = [pool.submit(one, i, d) for i, d in enumerate(descs)]
+        futures = [pool.submit(_fetch_one, store, reg, d, i, advance, what, fetched) for i, d in enumerate(descs)]
         done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
             if f.exception() is not None:

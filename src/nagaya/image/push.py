@@ -88,5 +88,10 @@ def push(store: ImageStore, local: str, ref_text: str, cfg: Any, quiet: bool = F
                             pool.shutdown(wait=True, cancel_futures=True)
                             raise f.exception()  # type: ignore[misc]
         reg.put_manifest(ref.tag_or_latest, manifest_bytes, meta.manifest_media_type)
+        if getattr(cfg.image, "lazy_publish", False) and store.squashfs_path(meta.digest).exists():
+            from nagaya.image.lazy.artifact import publish
+
+            publish(reg, meta.digest, len(manifest_bytes), meta.manifest_media_type,   # for `run --pull lazy`
+                    store.squashfs_path(meta.digest))
     res.seconds = time.monotonic() - t0
     return res

@@ -5,12 +5,17 @@ The token flow follows the distribution token-auth spec: a 401 with `WWW-Authent
 service=..` sends us to the realm with Basic credentials (from auth.json, or none: anonymous). The
 challenge and the token are cached on disk (mode 0600) so that resolving an unchanged tag costs exactly
 one request to the registry, the point of "resolve on every use".
+
+The site server uses the same client with a token source of its own (`token_source`): its issuer signs a
+token for exactly the scopes asked, so no auth.json, token cache or token realm is involved, and a 401 asks
+the source again (a long download outlives one token).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import ipaddress
 import json
 import os
@@ -38,6 +43,8 @@ from nagaya.image import oci
 MANIFEST_ACCEPT = ", ".join([oci.MT_OCI_MANIFEST, oci.MT_OCI_INDEX, oci.MT_DOCKER_MANIFEST, oci.MT_DOCKER_LIST])
 CHUNK = 1 << 20
 Progress = Callable[[int], None]
+# scopes ("repository:NAME:pull,push", ...) -> a bearer token for them: the server's own credentials
+TokenSource = Callable[[tuple[str, ...]], str]
 
 
 def is_loopback(host: str) -> bool:
@@ -127,12 +134,14 @@ class Registry:
     def __init__(self, registry: str, repository: str, actions: tuple[str, ...] = ("pull",), *,
                  insecure: list[str] | None = None, token_dir: Path | None = None,
                  extra_scopes: tuple[str, ...] = (), auth_file: Path | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, token_source: TokenSource | None = None) -> None:
         self.registry = registry
         self.repository = repository
         self.scopes = (f"repository:{repository}:{','.join(actions)}", *extra_scopes)
         self.base = f"{scheme_for(registry, insecure or [])}://{registry}"
-        self.creds = authfile.credentials(registry, auth_file)
+        self.token_source = token_source
+        # with a token source, no user's login is read: the server never sends anyone's credentials
+        self.creds = None if token_source else authfile.credentials(registry, auth_file)
         # The cache key includes who we are, so a token of one login is never used for another.
         self.scope_key = f"{self.creds[0] if self.creds else ''} {' '.join(self.scopes)}"
         self.tokens = TokenCache(token_dir)
@@ -141,6 +150,8 @@ class Registry:
                                  headers={"User-Agent": "nagaya"})
         self.auth_header: str | None = None
         self.requests = 0                   # registry requests made (the bench reports it)
+        if token_source is not None:
+            return
         state = self.tokens.load(registry)
         tok = (state.get("tokens") or {}).get(self.scope_key)
         if isinstance(tok, list) and len(tok) == 2 and float(tok[1]) > time.time() + 10:
@@ -213,11 +224,19 @@ class Registry:
             self.tokens.save(self.registry, {"realm": realm, "service": challenge.get("service", ""),
                                              "tokens": toks})
 
+    def _may_authorize(self, url: str) -> bool:
+        """The server's own tokens go to the site registry only, wherever a Location or Link header points."""
+        if self.token_source is None or not url.startswith(("http://", "https://")):
+            return True
+        return url == self.base or url.startswith(self.base + "/")
+
     def _send(self, method: str, url: str, *, stream: bool = False, **kw: Any) -> httpx.Response:
         """One request with auth; on 401, run the challenge once and retry."""
+        if self.token_source is not None and self.auth_header is None:
+            self.auth_header = f"Bearer {self.token_source(self.scopes)}"
         for attempt in (0, 1):
             headers = dict(kw.pop("headers", None) or {})
-            if self.auth_header:
+            if self.auth_header and self._may_authorize(url):
                 headers["Authorization"] = self.auth_header
             kw["headers"] = headers
             content = kw.get("content")
@@ -235,7 +254,9 @@ class Registry:
             header = r.headers.get("www-authenticate", "")
             r.close()
             scheme, params = _parse_challenge(header)
-            if scheme == "bearer":
+            if self.token_source is not None:   # expired: a fresh one from the source, never from a realm
+                self.auth_header = f"Bearer {self.token_source(self.scopes)}"
+            elif scheme == "bearer":
                 self._authenticate(params)
             elif scheme == "basic":
                 self._authenticate({"basic": True})
@@ -253,7 +274,7 @@ class Registry:
             return PermissionDenied(f"push to {self.where} denied (need developer role or a push token; "
                                     f"logged in? `nagaya login {self.registry}`)")
         if r.status_code in (401, 403):
-            who = "" if self.creds else f"; not logged in: run `nagaya login {self.registry}`"
+            who = "" if self.creds or self.token_source else f"; not logged in: run `nagaya login {self.registry}`"
             return ImageNotFound(f"{what}: not found or access denied{who}")
         if r.status_code == 404 or "NAME_UNKNOWN" in codes or "MANIFEST_UNKNOWN" in codes:
             return ImageNotFound(f"{what}: not found")
@@ -317,6 +338,17 @@ class Registry:
             raise RegistryError(f"{self.where}:{reference}: registry stored digest {got[:19]}, expected {digest[:19]}")
         return digest
 
+    def delete_manifest(self, digest: str) -> bool:
+        """Delete a manifest (so every tag on it) by digest; False when it was already gone."""
+        r = self._send("DELETE", f"/v2/{self.repository}/manifests/{digest}")
+        if r.status_code == 404:
+            return False
+        if r.status_code not in (200, 202):
+            detail = f" ({', '.join(_error_codes(r))})" if _error_codes(r) else ""
+            raise RegistryError(f"{self.where}@{digest[:19]}: the registry refused the delete "
+                                f"(HTTP {r.status_code}{detail})")
+        return True
+
     def tags(self) -> list[str]:
         out: list[str] = []
         url: str | None = f"/v2/{self.repository}/tags/list?n=1000"
@@ -355,6 +387,15 @@ class Registry:
 
     def fetch_blob(self, desc: oci.Descriptor, out: IO[bytes], what: str, progress: Progress | None = None) -> None:
         """Stream a blob into `out`, never reading past its descriptor's size, and verify its digest."""
+        with contextlib.closing(self.iter_blob(desc, what)) as chunks:    # a failed write closes the response
+            for chunk in chunks:
+                out.write(chunk)
+                if progress:
+                    progress(len(chunk))
+
+    def iter_blob(self, desc: oci.Descriptor, what: str) -> Iterator[bytes]:
+        """A blob's bytes as they arrive, never past its descriptor's size; the digest is checked at the end
+        (a mismatch raises after the last chunk: a consumer that streams on must treat that as a failure)."""
         r = self._open_blob(desc, what)
         h = hashlib.sha256()
         n = 0
@@ -365,9 +406,7 @@ class Registry:
                     raise ImageError(f"{what} ({desc.digest[:19]}): registry sent more than the "
                                      f"{desc.size} bytes the manifest says")
                 h.update(chunk)
-                out.write(chunk)
-                if progress:
-                    progress(len(chunk))
+                yield chunk
         except httpx.TransportError as e:
             raise RegistryError(f"{what} ({desc.digest[:19]}): download interrupted after {n} of "
                                 f"{desc.size} bytes ({type(e).__name__})") from None
@@ -409,9 +448,17 @@ class Registry:
             return False
         raise self._fail(r, f"{self.where}@{digest[:19]}", push=True)
 
-    def upload_blob(self, path: Path, digest: str, size: int, progress: Progress | None = None,
+    def upload_bytes(self, data: bytes) -> str:
+        """Small bytes (a config, a signature's payload, a chunk list) uploaded unless the repository has them
+        already; their digest."""
+        digest = oci.sha256_digest(data)
+        if not self.has_blob(digest, push=True):
+            self.upload_blob(data, digest, len(data))
+        return digest
+
+    def upload_blob(self, path: Path | bytes, digest: str, size: int, progress: Progress | None = None,
                     chunk_size: int = 0) -> None:
-        """Upload a file: POST for a session, then one streamed PUT (monolithic), or PATCH chunks + PUT."""
+        """Upload a file (or bytes): POST for a session, then one streamed PUT (monolithic), or PATCH chunks + PUT."""
         what = f"{self.where}@{digest[:19]}"
         r = self._send("POST", f"/v2/{self.repository}/blobs/uploads/")
         if r.status_code != 202 or "location" not in r.headers:
@@ -429,7 +476,7 @@ class Registry:
                     progress(len(chunk))
                 yield chunk
 
-        with open(path, "rb") as f:
+        with io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb") as f:
             if chunk_size and size > chunk_size:
                 offset = 0
                 while offset < size:

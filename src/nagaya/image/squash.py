@@ -66,12 +66,14 @@ def build(write_tar: Callable[[IO[bytes]], object], out: Path, compression: str 
         raise ImageError(f"could not build the squashfs image: {last}")
 
 
-def check(path: str | Path) -> None:
-    """Cheap integrity check on the run path: magic, sane superblock, and the file not truncated."""
+def check(path: str | Path, offset: int = 0) -> None:
+    """Cheap integrity check on the run path: magic, sane superblock, and the file not truncated.
+    `offset`: where the squashfs starts in the file (a single-file image's header precedes it)."""
     try:
         with open(path, "rb") as f:
+            f.seek(offset)
             head = f.read(SUPERBLOCK.size)
-            size = os.fstat(f.fileno()).st_size
+            size = os.fstat(f.fileno()).st_size - offset
     except FileNotFoundError:
         raise RuntimeSetupError(f"image file {path} is missing: remove and re-import the image") from None
     except OSError as e:
@@ -88,14 +90,15 @@ def check(path: str | Path) -> None:
                                 "remove and re-import the image")
 
 
-def unpack(squashfs: Path, dest: Path) -> None:
+def unpack(squashfs: Path, dest: Path, offset: int = 0) -> None:
     """Unpack a squashfs into `dest` (must not exist) for hosts where FUSE cannot be used."""
     import shutil
     import subprocess
 
     exe = shutil.which("unsquashfs") or "/usr/bin/unsquashfs"
     # As an unprivileged user unsquashfs cannot chown; owners become the user (the run is the user anyway).
-    r = subprocess.run([exe, "-no-progress", "-quiet", "-no-xattrs", "-d", str(dest), str(squashfs)],
+    at = ["-o", str(offset)] if offset else []
+    r = subprocess.run([exe, "-no-progress", "-quiet", "-no-xattrs", *at, "-d", str(dest), str(squashfs)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if r.returncode != 0:
         msg = r.stderr.decode(errors="replace").strip().splitlines()

@@ -67,7 +67,7 @@ def _create_empty(path: str) -> None:
 
 
 class Launcher:
-    def __init__(self, spec: RunSpec, image: RunConfig, cfg: Config) -> None:
+    def __init__(self, spec: RunSpec, image: RunConfig, cfg: Config, starter_plan: bool = False) -> None:
         self.spec = spec
         self.image = image
         self.cfg = cfg
@@ -75,6 +75,12 @@ class Launcher:
         self.stage = ""
         self.prefetch = ""                  # the command's file in the image, to read ahead
         self.gpu: GpuPlan | None = None     # --gpus / --device: what the devices add
+        self.job_record: tuple[int, str] | None = None   # in a batch job: (runtime dir fd, record name)
+        # the compiled starter's plan (runtime/fastplan.py): wanted, its directory, and its text once made
+        self.starter_plan = starter_plan
+        self.plan_dir: int | None = None
+        self.plan_text = ""
+        self.gpu_staged: list[tuple[str, str]] = []     # (host file, lib/NAME or bin/NAME) bound in stage/gpu
 
     # -- checks that need no namespace -----------------------------------------------------------
     def _binds(self, cwd: str) -> list[Bind]:
@@ -127,6 +133,11 @@ class Launcher:
             flags |= linux.CLONE_NEWUTS
         helper = self._start_idmap_helper() if self._wants_idmap() else None
         audit.open_spool(self.cfg)
+        self._open_job_record()
+        if self.starter_plan:
+            from nagaya.runtime import fastplan
+
+            self.plan_dir = fastplan.open_plan_dir()
         stages = self._staging_candidates()
         try:
             linux.unshare(flags)
@@ -343,8 +354,18 @@ class Launcher:
             code = self._run()
             return code
         finally:
+            if self.job_record is not None:
+                from nagaya.runtime import jobrecord
+
+                jobrecord.remove(*self.job_record)
             if code is not None:
                 self._audit(code, time.monotonic() - started)
+            if self.plan_dir is not None:
+                if self.plan_text:
+                    from nagaya.runtime import fastplan
+
+                    fastplan.write(self.plan_dir, self.spec.image_ref, self.plan_text, self.spec.gpus)
+                os.close(self.plan_dir)
 
     def _audit(self, code: int, duration: float) -> None:
         audit.record(audit.AuditEvent(
@@ -428,6 +449,8 @@ class Launcher:
                 self._check_image()
             upper, work = overlay or (os.path.join(self.stage, "upper"), os.path.join(self.stage, "work"))
             extra = self._generated_files()
+            if not overlay and not spec.writable_tmpfs:
+                extra = self._bake_files(upper, extra)
             if gp is not None and gp.paths:
                 binds = self._stage_gpu_dir(binds, gp.links)
             self._prepare_upper(upper, binds, extra)
@@ -436,6 +459,8 @@ class Launcher:
             if st_w >= 0:
                 plan.status_fd = st_w
             argv, env = backend.command(plan)
+            if self.plan_dir is not None:
+                self._starter_plan(argv, env, plan, upper, extra, gp, overlay, lock_fd)
             if gp is not None and gp.hooks:
                 self._cdi_hooks(gp, ("createRuntime", "prestart", "createContainer"), root, env, "creating")
             os.write(b_w, marshal.dumps({"argv": argv, "env": env, "status_fd": st_w,
@@ -443,6 +468,7 @@ class Launcher:
             os.close(b_w)
             if gp is not None and gp.hooks:
                 self._cdi_hooks(gp, ("poststart",), root, env, "running")
+            self._write_job_record(pid, plan)
         except BaseException:
             try:
                 os.close(b_w)               # the backend child sees EOF and exits
@@ -454,6 +480,79 @@ class Launcher:
                 pass
             raise
         return self._supervise(pid, st_r)
+
+    def _starter_plan(self, argv: list[str], env: dict[str, str], plan: SandboxPlan, upper: str,
+                      extra: dict[str, str], gp: GpuPlan | None, overlay: tuple[str, str] | None, lock_fd: int) -> None:
+        """Write down this run for the compiled starter if it is the plain case the starter replays: bwrap, a
+        read-only image of the user's own cache on squashfuse, no option but --gpus (nagaya's own discovery,
+        no CDI hooks), and only $HOME and /tmp bound besides the GPUs' (the current directory inside one of
+        them, or a system directory). A batch job's record is the starter's own to write, as the Python
+        launcher writes it."""
+        spec, cfg = self.spec, self.cfg
+        gpu_binds = [] if gp is None else [*gp.binds, *(b for b in plan.binds if b.dst == "/.nagaya/gpu"
+                                                         and b.src == os.path.join(self.stage, "gpu"))]
+        if gp is not None and (gp.source not in ("nvidia", "amd") or gp.hooks or gp.notes or spec.devices):
+            return                          # a CDI spec, its hooks, or notes to print: the Python path's
+        if (spec.backend != "bwrap" or overlay or spec.writable_tmpfs or spec.unpacked
+                or spec.squashfs_offset or spec.hostname or spec.binds or spec.env or spec.cleanenv or spec.pwd
+                or spec.no_home or spec.shell or extra or env is not plan.env or lock_fd < 0
+                or cfg.image.policy or cfg.image.vuln_block or cfg.image.shared_cache_dirs
+                or not spec.squashfs.startswith(cfg.cache_root + "/")
+                or self.stage not in (cfg.runtime.staging_dir, f"/tmp/.nagaya-{self.ident.uid}")
+                or any((b.dst not in (self.ident.home, "/tmp") or b.src != b.dst or b.readonly or b.device)
+                       and b not in gpu_binds for b in plan.binds)):
+            return
+        tail = len(plan.argv)
+        template = list(argv[:len(argv) - tail])
+        if template[-1:] != ["--"] or "--chdir" not in template or "--json-status-fd" not in template:
+            return
+        from nagaya.runtime import fastplan
+
+        template[template.index("--chdir") + 1] = fastplan.CWD_MARK
+        template[template.index("--json-status-fd") + 1] = fastplan.FD_MARK
+        upper_files = fastplan.snapshot_upper(upper)
+        if upper_files is None:
+            return
+        lock = os.path.join(cfg.cache_root, "locks", f"use-{spec.digest[7:]}")
+        views = [(b.src, b.dst, "gpu" if b in gpu_binds else "base") for b in plan.binds]
+        self.plan_text = fastplan.render(self, cfg, template, views, upper_files, lock)
+
+    def _open_job_record(self) -> None:
+        """In a batch job: the private runtime dir, opened and checked before unsharing (where owners can
+        still be told apart), for the record `nagaya job exec` finds the container by."""
+        if "SLURM_JOB_ID" not in os.environ and "NAGAYA_JOB_ID" not in os.environ \
+                and "NAGAYA_BATCH_JOB" not in os.environ:      # Grid Engine / PBS (sched/batchwrap.py)
+            return
+        from nagaya.runtime import jobrecord
+
+        key = jobrecord.job_key()
+        if key is None:
+            return
+        try:
+            fd = jobrecord.open_dir(create=True)
+        except Exception as e:          # the job runs on; only `job exec` will not find it
+            os.write(2, f"nagaya: note: no record for `nagaya job exec`: {e}\n".encode())
+            return
+        self.job_record = (fd, jobrecord.record_name(*key))
+
+    def _write_job_record(self, bpid: int, plan: SandboxPlan) -> None:
+        if self.job_record is None:
+            return
+        from nagaya.runtime import jobrecord
+
+        with open("/proc/self/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+        rec = {"pid": os.getpid(), "start": start, "backend_pid": bpid,
+               "userns": os.stat("/proc/self/ns/user").st_ino,
+               "pidns": os.stat("/proc/self/ns/pid_for_children").st_ino,
+               "uid": self.ident.uid, "cwd": plan.cwd, "env": plan.env, "argv": plan.argv,
+               "image": self.spec.image_ref, "digest": self.spec.digest, "backend": self.spec.backend}
+        try:
+            jobrecord.write(self.job_record[0], self.job_record[1], rec)
+            jobrecord.prune(self.job_record[0], self.job_record[1])
+        except OSError as e:
+            os.write(2, f"nagaya: note: no record for `nagaya job exec`: {e.strerror}\n".encode())
+            self.job_record = None
 
     def _stage_gpu_dir(self, binds: list[Bind], links: dict[str, str]) -> list[Bind]:
         """The driver's libraries and tools bound into one directory of our staging tmpfs, with their
@@ -471,6 +570,7 @@ class Launcher:
                 kept.append(b)
                 continue
             target = os.path.join(top, sub, os.path.basename(b.dst))
+            self.gpu_staged.append((b.src, f"{sub}/{os.path.basename(b.dst)}"))
             _create_empty(target)
             linux.mount(b.src, target, None, linux.MS_BIND)
             try:                # read-only, keeping the flags the kernel locks for a user namespace's remount
@@ -541,8 +641,9 @@ class Launcher:
                 # copy of this Python process, which it would drop at once.
                 os.set_inheritable(fusefd, True)
                 try:
+                    at = ["-o", f"offset={self.spec.squashfs_offset}"] if self.spec.squashfs_offset else []
                     os.posix_spawn(self.cfg.runtime.squashfuse,
-                                   ["squashfuse_ll", "-f", self.spec.squashfs, f"/dev/fd/{fusefd}"], os.environ,
+                                   ["squashfuse_ll", "-f", *at, self.spec.squashfs, f"/dev/fd/{fusefd}"], os.environ,
                                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
                                                  (os.POSIX_SPAWN_DUP2, 0, 1)])
                 except BaseException as e:
@@ -590,6 +691,34 @@ class Launcher:
             if os.path.isfile(h):
                 out[h] = h
         return out
+
+    def _bake_files(self, upper: str, extra: dict[str, str]) -> dict[str, str]:
+        """Read-only runs: /etc/passwd, group, hosts, resolv.conf and localtime written into the upper layer
+        (our staging tmpfs), where the overlay shows them over the image's, instead of bound one by one: the
+        backend makes each ro-bind with a mount, a read of mountinfo and a remount (~0.3 ms apiece, more on a
+        busy node). The root is remounted read-only, so they stay as unwritable as the binds were. Returns
+        the files still to bind (all of them if the image's /etc is not a plain directory)."""
+        lower_etc = os.path.join(self.stage, "lower", "etc")
+        if os.path.islink(lower_etc) or not os.path.isdir(lower_etc):
+            return extra
+        os.makedirs(os.path.join(upper, "etc"), mode=0o755, exist_ok=True)
+        left: dict[str, str] = {}
+        for dst, src in extra.items():
+            if os.path.dirname(dst) != "/etc":
+                left[dst] = src
+                continue
+            try:
+                with open(src, "rb") as f:
+                    data = f.read(1 << 20)
+                fd = os.open(upper + dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError:
+                left[dst] = src
+                continue
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        return left
 
     def _environment(self, gpu_env: dict[str, str]) -> dict[str, str]:
         spec = self.spec
@@ -855,9 +984,11 @@ def _pending(pid: int, sig: int) -> bool:
     return False
 
 
-def run(spec: RunSpec, image: RunConfig, cfg: Config) -> int:
+def run(spec: RunSpec, image: RunConfig, cfg: Config, starter_plan: bool = False) -> int:
+    """`starter_plan`: the run is one the compiled starter may replay (cli/run_cmd.py decides from the
+    command line); the launcher then writes its plan (runtime/fastplan.py) if the run qualifies."""
     try:
-        return Launcher(spec, image, cfg).run()
+        return Launcher(spec, image, cfg, starter_plan).run()
     except NagayaError:
         raise
     except OSError as e:

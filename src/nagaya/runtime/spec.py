@@ -22,6 +22,7 @@ class RunSpec(Record):
     image_ref: str                      # what the user typed (for messages and the audit trail)
     digest: str
     squashfs: str                       # path to the image file ("" with `unpacked`)
+    squashfs_offset: int = 0            # where the squashfs starts in it (a single-file image: after its header)
     unpacked: str = ""                  # unpacked-directory fallback
     argv: list[str] = Factory(list)   # user's command (empty: the image's default)
     entrypoint: list[str] | None = None             # --entrypoint override

@@ -1,8 +1,12 @@
 """Batch jobs: the `Scheduler` protocol and its backends, chosen by config (`[sched] backend`) or `--backend`.
 
 `local` is the embedded executor for one machine (local.py, runner.py); `slurm` drives a real cluster
-(slurm.py); `gridengine` drives Son of Grid Engine (gridengine.py).
+(slurm.py); `gridengine` drives Son of Grid Engine (gridengine.py), `pbs` OpenPBS (pbs.py).
 Every job runs `nagaya run NAME@DIGEST ...` with the digest resolved at submit time.
+
+The portal and /api/jobs use the same protocol, with the same JobSpec and JobInfo, on behalf of a logged-in
+user: sched/onbehalf.py's `UserSchedulers.for_user` gives a Scheduler that acts as that user, through the
+root dispatcher (server/jobs.py: the user's own backend, run as the user) or slurmrestd (slurmrest.py).
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from typing import Any, Protocol
 
 from nagaya.sched.models import STATES, JobInfo, JobSpec, parse_script, parse_time
 
-__all__ = ["STATES", "JobInfo", "JobSpec", "Scheduler", "get_scheduler", "parse_script", "parse_time",
-           "pin_image"]
+__all__ = ["STATES", "JobInfo", "JobSpec", "Scheduler", "get_scheduler", "parse_script", "parse_time"]
 
-BACKENDS = ("local", "slurm", "gridengine")
+BACKENDS = ("local", "slurm", "gridengine", "pbs")
 
 
 class Scheduler(Protocol):
@@ -35,6 +38,16 @@ class Scheduler(Protocol):
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]: ...
 
+    def hold(self, job_id: str) -> None:
+        """Keep a pending job from starting (a user hold) until release()."""
+        ...
+
+    def release(self, job_id: str) -> None: ...
+
+    def usage(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's resource use over time (UsageSample dicts, oldest first); [] where the backend has none."""
+        ...
+
 
 def get_scheduler(cfg: Any, backend: str | None = None) -> Scheduler:
     from nagaya.errors import UsageError
@@ -52,32 +65,8 @@ def get_scheduler(cfg: Any, backend: str | None = None) -> Scheduler:
         from nagaya.sched.gridengine import GridEngineScheduler
 
         return GridEngineScheduler(cfg)
+    if name == "pbs":
+        from nagaya.sched.pbs import PBSScheduler
+
+        return PBSScheduler(cfg)
     raise UsageError(f"unknown scheduler backend {name!r} (one of: {', '.join(BACKENDS)})")
-
-
-def pin_image(cfg: Any, text: str) -> tuple[str, str]:
-    """Resolve an image reference now: (the reference jobs run, pinned to its digest; the digest).
-
-    Registry references are resolved tag→digest by a pull (the image is fetched into the submitter's cache
-    once); local names pin the digest the local tag points at now, so a later re-tag changes nothing."""
-    from nagaya.image.reference import parse
-    from nagaya.image.store import open_store
-
-    store = open_store(cfg)
-    ref = None
-    try:
-        ref = parse(text)
-    except Exception:
-        ref = None                      # a bare digest or digest prefix: store.resolve knows those
-    if ref is not None and ref.registry:
-        try:
-            from nagaya.image import pull
-        except ImportError:             # registry pull not installed: only the local cache counts
-            pass
-        else:
-            meta = pull.pull(store, text, cfg, quiet=True)
-            return f"{ref.name}@{meta.digest}", meta.digest
-    meta = store.resolve(text)
-    if ref is None:
-        return meta.digest, meta.digest
-    return f"{ref.name}@{meta.digest}", meta.digest

@@ -22,24 +22,25 @@ Logs and a small record (digest, image, how the job ended) live in the submitter
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import pwd
 import re
 import shlex
-import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from nagaya.errors import Conflict, NagayaError, NotFound, PermissionDenied, UsageError
+from nagaya.sched import batchwrap
+from nagaya.sched.batchwrap import BatchBackend, array_state, job_name, job_order, task_range, tasks_reason
+from nagaya.sched.batchwrap import count_gpus as _count
+from nagaya.sched.gpulock import prepare_node as prepare_node
 from nagaya.sched.models import ACTIVE, JobInfo, JobSpec, iso
 from nagaya.sched.models import parse_after as _deps
 from nagaya.sched.slurm import nagaya_exe
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_name, _order, _task_range = job_name, job_order, task_range
 
 
 def _bytes(text: str) -> int:
@@ -47,14 +48,6 @@ def _bytes(text: str) -> int:
     if not m:
         raise UsageError(f"invalid memory size {text!r} (e.g. 500M, 8G)")
     return int(m.group(1)) * _UNITS[m.group(2)]
-
-
-def _count(text: str) -> int:
-    """--gpus N (Slurm's TYPE:N form too)."""
-    try:
-        return max(0, int(text.rsplit(":", 1)[-1]))
-    except ValueError:
-        raise UsageError(f"invalid GPU count {text!r}") from None
 
 
 def _state(code: str) -> str:
@@ -75,177 +68,83 @@ def _qacct_time(text: str) -> str:
 
 PREFIX = "#NAGAYA_GE"         # qsub -C: the directive prefix of nagaya's batch scripts
 
-WRAPPER = r"""
-# The wrapper (nagaya's gridengine backend): the app runs in its own process group with GE's -notify
-# warnings (USR1 before suspend, USR2 before kill) ignored; the wrapper relays them as if there were no
-# container (STOP now, TERM then KILL); --pdeathsig ties the app to the wrapper, which GE's SIGKILL ends.
-app=0; ending=""; timer=0; killer=0; fds=()
-end() {
-  [ -n "$ending" ] && return; ending=$1; echo "$1" > "$endf"
-  [ "$app" -gt 0 ] || return
-  kill -CONT -- -"$app" 2>/dev/null; kill -TERM -- -"$app" 2>/dev/null
-  ( trap '' USR1 USR2; sleep "$grace"; kill -KILL -- -"$app" 2>/dev/null ) &
-  killer=$!; disown "$killer"     # no "Terminated" note in the job's log when it is not needed
-}
+# Grid Engine's terms for the shared wrapper (batchwrap.py): the app runs in its own process group with GE's
+# -notify warnings (USR1 before suspend, USR2 before kill) ignored; the wrapper relays them as if there were
+# no container (STOP now, TERM then KILL); --pdeathsig ties the app to the wrapper, which GE's SIGKILL ends.
+# A multi-host job's other hosts run their task through `qrsh -inherit` (the PE's control_slaves).
+TERMS = batchwrap.Terms(
+    backend="gridengine",
+    setup=r"""
+task=""; if [ "${SGE_TASK_ID:-undefined}" != undefined ]; then
+  task=.$SGE_TASK_ID; export NAGAYA_ARRAY_TASK_ID=$SGE_TASK_ID
+fi
+endf=$st/$JOB_ID$task.end; gpuf=$st/$JOB_ID$task.gpus; log=$st/$JOB_ID$task.out
+export NAGAYA_BATCH_JOB="gridengine $JOB_ID$task"       # names the container's record (job exec)
+""",
+    traps=r"""
 trap '[ "$app" -gt 0 ] && kill -STOP -- -"$app" 2>/dev/null' USR1
 trap '[ "$app" -gt 0 ] && kill -CONT -- -"$app" 2>/dev/null' CONT
 trap 'end CANCELLED' USR2
-trap 'end TIMEOUT' ALRM
-trap 'end CANCELLED' TERM
-for dep in $okdeps; do      # --after JOB:ok: GE's -hold_jid waits for any end; this asks how it ended
-  st=$("$nagaya" job show --backend gridengine --json "$dep" 2>/dev/null | sed -n 's/^ *"state": "\([A-Z]*\)".*/\1/p')
-  if [ "$st" != COMPLETED ]; then
-    echo "nagaya: job $dep ended ${st:-unknown}, so this one does not run (--after $dep:ok)" >&2
-    printf 'CANCELLED\nwhy dependency\nexit 0\nhost %s\nend %s\n' "$HOSTNAME" "$(date +%s)" > "$endf"
-    exit 0
-  fi
-done
-if [ "$ngpus" -gt 0 ]; then
-  # One flock per device, taken all at once under the directory's lock: never half an allocation held.
-  exec {dl}<"$lockdir" ||
-    { echo "nagaya: no GPU lock directory $lockdir (nagaya job prepare-node, as root)" >&2; exit 1; }
-  for try in $(seq 1200); do
-    flock "$dl"; got=()
-    for dev in "$devdir"/nvidia[0-9]*; do
-      [ "${#got[@]}" -ge "$ngpus" ] && break
-      i=${dev##*/nvidia}; [ -e "$lockdir/nvidia$i.lock" ] || continue
-      exec {fd}<"$lockdir/nvidia$i.lock"
-      if flock -n "$fd"; then got+=("$i"); fds+=("$fd"); else exec {fd}<&-; fi
-    done
-    if [ "${#got[@]}" -ge "$ngpus" ]; then flock -u "$dl"; break; fi
-    for fd in "${fds[@]}"; do exec {fd}<&-; done; fds=(); flock -u "$dl"
-    [ -n "$ending" ] && exit 0
-    sleep 0.5
-  done
-  exec {dl}<&-
-  [ "${#got[@]}" -ge "$ngpus" ] || { echo "nagaya: $ngpus free GPU(s) not found in $devdir" >&2; exit 1; }
-  gpus=$(IFS=,; echo "${got[*]}")
-  export NAGAYA_JOB_GPUS=$gpus
-  echo "$gpus" > "$gpuf"
-fi
-[ -n "$ending" ] && exit 0
-[ "$limit" -gt 0 ] && { ( trap '' USR1 USR2; sleep "$limit"; kill -ALRM $$ ) & timer=$!; disown "$timer"; }
-"""
-
-WAIT = r"""
-app=$!
-if [ -n "$ending" ]; then      # cancelled while the GPUs were being taken
-  e=$ending; ending=""; end "$e"
-fi
-rc=0
-while kill -0 "$app" 2>/dev/null; do wait "$app"; rc=$?; done
-[ "$timer" -gt 0 ] && kill "$timer" 2>/dev/null
-[ "$killer" -gt 0 ] && kill "$killer" 2>/dev/null
-printf 'exit %s\nhost %s\nslots %s\nend %s\n' "$rc" "$HOSTNAME" "${NSLOTS:-1}" "$(date +%s)" >>"$endf"
-exit "$rc"
-"""
+""",
+    # The qrsh clients of other hosts' tasks are never stopped here (a stopped client loses its task); a TERM
+    # to them reaches the task's relay (measured: every host's app ran its TERM handler).
+    group=True, relay_cancel=True, quiet="trap '' USR1 USR2; ", host="$HOSTNAME", slots="${NSLOTS:-1}",
+    hostfile="$PE_HOSTFILE",
+    remote=r"""
+remote() {      # a task on another host of the job, through qrsh -inherit (which joins its arguments with spaces
+  # for a shell). There, as here, GE's -notify warnings reach every process of the job: a small relay turns
+  # them into STOP / TERM-then-KILL for the task's app, which starts with them ignored.
+  local h=$1 w; shift
+  w=$(cat <<'NAGAYA_TASK_EOF'
+g=$1; exec >>"$2" 2>&1; shift 2; a=0      # straight to the job's log: it outlives the qrsh client
+trap '[ $a -gt 0 ] && kill -STOP -- -$a 2>/dev/null' USR1
+trap '[ $a -gt 0 ] && kill -CONT -- -$a 2>/dev/null' CONT
+end() { kill -CONT -- -$a; kill -TERM -- -$a; ( sleep $g; kill -KILL -- -$a ) & }
+trap '[ $a -gt 0 ] && end 2>/dev/null' USR2 TERM HUP
+( trap '' USR1 USR2; exec setsid setpriv --pdeathsig KILL -- "$@" ) & a=$!
+r=0; while kill -0 $a 2>/dev/null; do wait $a; r=$?; done; exit $r
+NAGAYA_TASK_EOF
+)
+  exec setsid "$qrsh" -inherit -nostdin "$h" "$(printf '%q ' bash -c "$w" task "$grace" "$log" "$@")"
+}
+""")
 
 
 def batch_script(spec: JobSpec, nagaya: str, cfg: Any, state: Path) -> str:
-    run = [nagaya, "run"]
-    lines = ["#!/bin/bash"]
+    directives = []
     if spec.script:     # the user's #$ directives, under a prefix of their own: qsub reads every line of the
-        # file, and the script's own copy (the here-document below) must not count twice
-        lines += [PREFIX + x.strip()[2:] for x in spec.script.splitlines() if x.strip().startswith("#$")]
-    lines += [f"# nagaya: {spec.image} pinned to {spec.digest}",
-              f"grace={int(cfg.sched.kill_grace)}; limit={spec.time_limit}; "
-              f"ngpus={_count(spec.gpus) if spec.gpus else 0}",
-              f"lockdir={shlex.quote(cfg.sched.gpu_lock_dir)}; devdir={shlex.quote(cfg.gpu.dev_dir or '/dev')}",
-              f"st={shlex.quote(str(state))}; nagaya={shlex.quote(nagaya)}; "
-              f"okdeps={shlex.quote(' '.join(j for j, kind in _deps(spec.after) if kind == 'ok'))}",
-              'task=""; if [ "${SGE_TASK_ID:-undefined}" != undefined ]; then',
-              '  task=.$SGE_TASK_ID; export NAGAYA_ARRAY_TASK_ID=$SGE_TASK_ID',
-              'fi',
-              'endf=$st/$JOB_ID$task.end; gpuf=$st/$JOB_ID$task.gpus',
-              WRAPPER.strip()]
-    gpu = ["--gpus", '"$gpus"'] if spec.gpus else []
-    # GE sends its warnings to every process of the job, whatever its process group: the app starts with
-    # USR1/USR2 ignored (dispositions survive exec), so only the wrapper acts on them.
-    head = "trap '' USR1 USR2; exec setsid setpriv --pdeathsig KILL -- " + shlex.join(run) + \
-        (" " + " ".join(gpu) if gpu else "")
-    if spec.script:
-        first = spec.script.splitlines()[0] if spec.script.startswith("#!") else "#!/bin/sh"
-        interp = shlex.split(first[2:]) or ["/bin/sh"]
-        # The script runs once in the container, read from a here-document: no shared copy needed.
-        lines.append(f"( {head} {shlex.join([spec.ref, *interp, '/dev/stdin', *spec.command])} ) "
-                     "<<'NAGAYA_SCRIPT_EOF' &")
-        lines += [spec.script.rstrip("\n"), "NAGAYA_SCRIPT_EOF"]
-    else:
-        lines.append(f"( {head} {shlex.join([spec.ref, *spec.command])} ) </dev/null &")
-    lines.append(WAIT.strip())
-    return "\n".join(lines) + "\n"
-
-
-def _name(text: str) -> str:
-    """GE job names: no '/', ':', '@', '\\', '*', '?' and not starting with a digit."""
-    s = re.sub(r"[/:@\\*?\s]", "_", text) or "job"
-    return s if not s[0].isdigit() else "j" + s
+        # file, and the script's own copy (the here-document) must not count twice
+        directives = [PREFIX + x.strip()[2:] for x in spec.script.splitlines() if x.strip().startswith("#$")]
+    okdeps = tuple(j for j, kind in _deps(spec.after) if kind == "ok")     # -hold_jid waits for any end
+    qrsh = os.path.join(cfg.sched.gridengine_bin, "qrsh")
+    terms = TERMS.with_setup(f"qrsh={shlex.quote(qrsh)}")
+    return batchwrap.script(spec, cfg, nagaya, state, terms, directives, okdeps)
 
 
 ARRAY = re.compile(r"(\d+)(?:-(\d+)(?::(\d+))?)?(?:%(\d+))?")
 
 
-def _task_range(text: str) -> tuple[int, int, int]:
-    m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", text.split("%")[0])
-    if not m:
-        return 1, 0, 1
-    first = int(m.group(1))
-    return first, int(m.group(2) or first), int(m.group(3) or 1)
-
-
 def _in_range(task: str, tasks: str) -> bool:
-    """Whether qstat's <tasks> (`3`, or `4-100:1` for the pending rest) covers the task."""
-    if not tasks:
-        return False
-    first, last, step = _task_range(tasks)
+    """Whether qstat's <tasks> (`3`, `4-100:1` for the pending rest, or `3,4` under a -tc limit) covers the task."""
     t = int(task)
-    return first <= t <= last and (t - first) % step == 0
-
-
-def _order(info: JobInfo) -> tuple[int, int]:
-    """Jobs by id, array tasks (ID.T, or ID.T-U:S for the pending rest) by task."""
-    base, _, task = info.id.partition(".")
-    return int(base), int(re.match(r"\d*", task).group() or 0)  # type: ignore[union-attr]
+    for part in filter(None, tasks.split(",")):
+        first, last, step = _task_range(part)
+        if first <= t <= last and (t - first) % step == 0:
+            return True
+    return False
 
 
 def _directive(script: str, opt: str) -> str | None:
-    """The value the script's `#$` lines give this qsub option (the last one wins, as in qsub), or None."""
-    value = None
-    for line in script.splitlines():
-        if line.strip().startswith("#$"):
-            with contextlib.suppress(ValueError):
-                words = shlex.split(line.strip()[2:], comments=True)
-                for i, w in enumerate(words):
-                    if w == opt:
-                        value = words[i + 1] if i + 1 < len(words) else ""
-    return value
+    return batchwrap.directive(script, "#$", opt)
 
 
-class GridEngineScheduler:
+class GridEngineScheduler(BatchBackend):
     name = "gridengine"
+    bin_setting = "gridengine_bin"
+    what = "a Grid Engine submit host"
 
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
-        self.me = pwd.getpwuid(os.getuid()).pw_name
-        self.state = Path(cfg.sched_state_dir) / "gridengine"
-
-    def _bin(self, name: str) -> str:
-        path = os.path.join(self.cfg.sched.gridengine_bin, name)
-        if not os.path.isabs(path) or not os.access(path, os.X_OK):
-            raise UsageError(f"{path} not found: is this a Grid Engine submit host? (set [sched] gridengine_bin)")
-        return path
-
-    def _run(self, name: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "SGE_ROOT": self.cfg.sched.sge_root, "SGE_CELL": self.cfg.sched.sge_cell}
-        return subprocess.run([self._bin(name), *args], capture_output=True, text=True, input=input, timeout=60,
-                              env=env)
-
-    def _state_dir(self) -> Path:
-        from nagaya.sched.local import ensure_state_dir
-
-        ensure_state_dir(self.state.parent)
-        self.state.mkdir(mode=0o700, exist_ok=True)
-        return self.state
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "SGE_ROOT": self.cfg.sched.sge_root, "SGE_CELL": self.cfg.sched.sge_cell}
 
     # -- submit -----------------------------------------------------------------------------------------------
     def batch_script(self, spec: JobSpec) -> str:
@@ -271,13 +170,16 @@ class GridEngineScheduler:
             args += ["-hold_jid", ",".join(dict.fromkeys(j.partition(".")[0] for j, _ in deps))]
         if _directive(spec.script, "-N") is None:  # a `#$ -N` of the script wins over the default name
             args += ["-N", _name(spec.name or "nagaya")]
-        if spec.nodes > 1:
-            raise UsageError("--nodes > 1 is not supported on Grid Engine yet (use --ntasks/--cpus on one host)")
-        slots = spec.ntasks * spec.cpus
-        if slots > 1:
+        # Always in a parallel environment (control_slaves TRUE), one slot at least: `qrsh -inherit` then reaches
+        # the job's hosts, for a multi-host job's other tasks and for `nagaya job exec`.
+        if spec.nodes > 1:      # one slot per host in turn ($round_robin): the job's hosts are $PE_HOSTFILE's
+            slots = max(spec.ntasks, spec.nodes) * spec.cpus
+            args += ["-pe", s.gridengine_pe_hosts, str(slots)]
+        else:
+            slots = spec.ntasks * spec.cpus
             args += ["-pe", s.gridengine_pe, str(slots)]
         if spec.mem:
-            per_slot = -(-_bytes(spec.mem) // slots)     # GE counts h_vmem per slot; --mem is per node
+            per_slot = -(-_bytes(spec.mem) // max(1, slots // spec.nodes))   # GE: per slot; --mem: per node
             args += ["-l", f"{s.gridengine_mem}={per_slot // 1024}K"]
         if spec.gpus and _count(spec.gpus):
             args += ["-l", f"{s.gridengine_gpu}={_count(spec.gpus)}"]
@@ -292,35 +194,10 @@ class GridEngineScheduler:
         if r.returncode != 0:
             raise NagayaError(f"qsub: {r.stderr.strip() or r.stdout.strip()}")
         job_id = r.stdout.strip().splitlines()[-1].split(".")[0]      # after any warnings
-        name = _directive(spec.script, "-N") or _name(spec.name or "nagaya")
-        rec = {"id": job_id, "name": name, "digest": spec.digest, "image": spec.ref,
-               "command": spec.command or [spec.script_name], "time_limit": spec.time_limit, "cwd": spec.cwd,
-               "array": spec.array, "after": spec.after, "submit_time": iso(time.time())}
-        tmp = self.state / f".{job_id}.job.tmp"
-        tmp.write_text(json.dumps(rec) + "\n")
-        tmp.replace(self.state / f"{job_id}.job")
+        self._save_record(job_id, spec, _directive(spec.script, "-N") or _name(spec.name or "nagaya"))
         return job_id
 
     # -- queries ------------------------------------------------------------------------------------------------
-    def _record(self, job_id: str) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.state / f"{job_id}.job").read_text()))
-        except (OSError, ValueError):
-            return {}
-
-    def _end(self, job_id: str) -> tuple[str, dict[str, str], bool]:
-        """The wrapper's record: (CANCELLED | TIMEOUT | "", its exit/host/end lines, whether the job has ended)."""
-        try:
-            lines = (self.state / f"{job_id}.end").read_text().splitlines()
-        except OSError:
-            return "", {}, False
-        ending = lines[0].split()[0] if lines and lines[0].split()[0] in ("CANCELLED", "TIMEOUT") else ""
-        facts = dict(x.split(" ", 1) for x in lines if x.startswith(("exit ", "host ", "slots ", "end ", "why ")))
-        return ending, facts, "exit" in facts or lines[:1] == ["CANCELLED pending"]
-
-    def _ending(self, job_id: str) -> str:
-        return self._end(job_id)[0]
-
     def _qstat(self, all_users: bool) -> list[dict[str, str]]:
         r = self._run("qstat", "-xml", "-u", "*" if all_users else self.me)
         if r.returncode != 0:
@@ -345,6 +222,7 @@ class GridEngineScheduler:
                        start_time=start[:19] if state != "PENDING" else "",
                        time_limit=int(rec.get("time_limit", 0)), cpus=int(j.get("slots") or 1),
                        reason=("error" if "E" in j.get("state", "") else "") or
+                       ("held" if "h" in j.get("state", "") and state == "PENDING" else "") or
                        ("waiting for " + rec["after"] if state == "PENDING" and rec.get("after") else ""),
                        backend=self.name, log=str(self.state / f"{key}.out") if rec else "")
 
@@ -441,16 +319,12 @@ class GridEngineScheduler:
                 if info.exit_code is not None:
                     codes.append(info.exit_code)
             states[st] = states.get(st, 0) + 1
-        order = ("RUNNING", "SUSPENDED", "PENDING", "CANCELLED", "TIMEOUT", "FAILED", "COMPLETED")
-        state = next(x for x in order if x in states)
-        if state == "SUSPENDED" and "PENDING" in states:
-            state = "RUNNING"
+        state = array_state(states)
         return JobInfo(id=base, user=self.me, state=state, name=str(rec.get("name", "")),
                        image=str(rec.get("image", "")), digest=str(rec.get("digest", "")),
                        command=list(rec.get("command", [])), time_limit=int(rec.get("time_limit", 0)),
                        exit_code=max(codes) if codes and state not in ACTIVE else None, backend=self.name,
-                       reason="tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
-                       log=str(self.state / f"{base}.{first}.out"))
+                       reason=tasks_reason(states), log=str(self.state / f"{base}.{first}.out"))
 
     def list(self, all_users: bool = False) -> list[JobInfo]:
         if all_users:
@@ -491,64 +365,59 @@ class GridEngineScheduler:
                    and _state(j.get("state", "")) == "PENDING" for j in self._qstat(all_users=False))
 
     def suspend(self, job_id: str) -> None:
+        if int(self._record(job_id.partition(".")[0]).get("nodes", 1)) > 1:
+            # Measured: after qmod -sj (SIGSTOP 'notify' seconds after the warning) the qrsh -inherit tasks on
+            # the other hosts are lost at qmod -usj; refused rather than half done.
+            raise Conflict(f"job {job_id} runs on several hosts: Grid Engine cannot suspend and resume its "
+                           "qrsh -inherit tasks (cancel it, or submit with --nodes 1 to suspend)")
         self._control(job_id, "qmod", "-sj")
 
     def resume(self, job_id: str) -> None:
         self._control(job_id, "qmod", "-usj")
 
-    def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
-        info = self.status(job_id)
-        rec = self._record(job_id)
-        if rec.get("array") and "." not in job_id:      # every task's log in turn (each to its end with -f)
-            first, last, step = _task_range(str(rec["array"]))
-            for t in range(first, last + 1, step):
-                yield from self.logs(f"{job_id}.{t}", follow)
-            return
-        path = Path(info.log) if info.log else None
-        pos = 0
-        while True:
-            state = self.status(job_id) if follow else None
-            if path is not None:
-                with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-                    f.seek(pos)
-                    while chunk := f.read(65536):
-                        pos += len(chunk)
-                        yield chunk
-            if state is None or (state.state not in ACTIVE and state.reason != "finishing"):
-                return
-            time.sleep(0.3)
+    # -- interactive work (sched/interactive.py) ------------------------------------------------------------
+    def hosts(self, job_id: str) -> list[str]:
+        """A running job's (or array task's) hosts, the master first, from `qstat -j ID -xml`."""
+        ranked = self._ranked_hosts(job_id)
+        if ranked:
+            return ranked
+        base, _, task = job_id.partition(".")
+        r = self._run("qstat", "-j", base, "-xml")
+        out: list[str] = []
+        with contextlib.suppress(ET.ParseError):
+            for t in ET.fromstring(r.stdout).iter("ulong_sublist"):
+                number = t.findtext("JAT_task_number")
+                if number is None or (task and number != task):
+                    continue
+                for h in t.iter("JG_qhostname"):
+                    if h.text and h.text not in out:
+                        out.append(h.text)
+                if out:
+                    break
+        return out
 
+    def alloc_argv(self, spec: JobSpec, inner: list[str]) -> list[str]:
+        """`nagaya run --alloc`: an interactive job of Grid Engine's own, `qrsh -pty` (on this terminal)."""
+        s = self.cfg.sched
+        # -now no: wait in the queue for the slots, as srun does (with -now yes a busy queue is a failure)
+        argv = [self._bin("qrsh"), "-now", "no", "-pty", "yes", "-V", "-N", "interactive", "-wd", spec.cwd]
+        if spec.cpus > 1:
+            argv += ["-pe", s.gridengine_pe, str(spec.cpus)]
+        if spec.mem:
+            argv += ["-l", f"{s.gridengine_mem}={-(-_bytes(spec.mem) // spec.cpus) // 1024}K"]
+        if spec.time_limit:
+            argv += ["-l", f"h_rt={spec.time_limit}"]
+        if spec.partition:
+            argv += ["-q", spec.partition]
+        return [*argv, " ".join(shlex.quote(a) for a in inner)]     # qrsh joins its arguments for a shell
 
-def prepare_node(cfg: Any) -> list[int]:
-    """As root, on each execution host (at boot, or as the queue's `prolog root@...`): the GPU lock directory
-    and one lock file per /dev/nvidiaN, root-owned and read-only for users (flock needs no write access).
-    Made through safefs: nothing on the way can be a link or a directory someone else made."""
-    from nagaya import safefs
+    def alloc_env(self) -> dict[str, str]:
+        return self._env()
 
-    if os.geteuid() != 0:
-        raise PermissionDenied("nagaya job prepare-node must run as root")
-    lock_dir = Path(cfg.sched.gpu_lock_dir)
-    dev_dir = cfg.gpu.dev_dir or "/dev"
-    try:
-        present = sorted(int(m.group(1)) for n in os.listdir(dev_dir) if (m := re.fullmatch(r"nvidia(\d+)", n)))
-    except OSError:
-        present = []
-    parent = safefs.open_dir(lock_dir.parent)
-    try:
-        fd = safefs.mkdir_at(parent, lock_dir.name, 0o755, 0, 0, owners=(0,))
-    finally:
-        os.close(parent)
-    try:
-        for i in present:
-            f = safefs.create_at(fd, f"nvidia{i}.lock", 0o444, 0, 0)
-            if f is not None:
-                os.close(f)
-            else:                           # an existing one must be root's own plain file
-                f = os.open(f"nvidia{i}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
-                try:
-                    safefs.check_file(f, f"nvidia{i}.lock", (0,))
-                finally:
-                    os.close(f)
-    finally:
-        os.close(fd)
-    return present
+    def _held_control(self, job_id: str, tool: str, *args: str) -> None:
+        r = self._run(tool, *args, job_id)      # a user hold; GE takes ID.TASK for one array task
+        if r.returncode != 0:
+            raise NagayaError(f"{tool}: {r.stderr.strip() or r.stdout.strip()}")
+
+    def _log_done(self, info: JobInfo) -> bool:
+        return info.state not in ACTIVE and info.reason != "finishing"

@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 
 NEWER_COLUMNS = (("depends", "TEXT NOT NULL DEFAULT ''"), ("array_id", "INTEGER"), ("array_task", "INTEGER"),
-                 ("array_limit", "INTEGER NOT NULL DEFAULT 0"))
+                 ("array_limit", "INTEGER NOT NULL DEFAULT 0"), ("interactive", "INTEGER NOT NULL DEFAULT 0"))
 
 
 def ensure_state_dir(path: Path) -> Path:
@@ -113,7 +113,9 @@ def task_id(r: sqlite3.Row) -> str:
 
 
 def row_info(r: sqlite3.Row) -> JobInfo:
-    return JobInfo(id=task_id(r), user=r["user"], state=r["state"], name=r["name"], image=r["image"],
+    # HELD: a user's hold (`nagaya job hold`), or a job still being written at submit: pending either way
+    return JobInfo(id=task_id(r), user=r["user"], state=r["state"].replace("HELD", "PENDING"), name=r["name"],
+                   image=r["image"],
                    digest=r["digest"], command=json.loads(r["command"]), nodes=r["host"] or "",
                    exit_code=r["exit_code"], submit_time=iso(r["submit_time"]), start_time=iso(r["start_time"]),
                    end_time=iso(r["end_time"]), time_limit=r["time_limit"], cpus=r["cpus"] * r["ntasks"],
@@ -140,6 +142,13 @@ def _has_gid(g: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+def nagaya_exe(cfg: Any) -> str:
+    """The nagaya a job runs: [sched] nagaya, else the one on PATH."""
+    import shutil
+
+    return cfg.sched.nagaya or shutil.which("nagaya") or "/usr/local/bin/nagaya"
 
 
 def usable_cpus() -> list[int]:
@@ -170,6 +179,11 @@ class LocalScheduler:
         if r is None:
             raise NotFound(f"job {job_id} not found")
         return r
+
+    def row_id(self, job_id: str) -> int:
+        """The database row (NAGAYA_JOB_ID inside the job) of a job or array task of this user's."""
+        with contextlib.closing(self._db()) as conn:
+            return int(self._row(conn, job_id)["id"])
 
     def _tasks(self, conn: sqlite3.Connection, job_id: str) -> list[sqlite3.Row] | None:
         """An array's task rows when `job_id` names a whole array, else None."""
@@ -237,6 +251,9 @@ class LocalScheduler:
             if "." in jid:
                 raise UsageError(f"--after {jid}: the local backend has no array tasks")
             self.status(jid)                # a job of this user's (the database is theirs alone)
+        if spec.build:                      # a build job: `nagaya build --recipe` on the host (runner.py)
+            spec = JobSpec(**{**spec.to_dict(), "ref": "", "command": ["build", "--recipe", spec.build],
+                              "script": "", "gpus": ""})
         run_args: list[str] = []
         if spec.gpus:
             run_args += ["--gpus", ",".join(str(i) for i in range(int(spec.gpus)))
@@ -345,7 +362,7 @@ class LocalScheduler:
         with contextlib.closing(self._db()) as conn:
             r = self._row(conn, job_id)
             if conn.execute("UPDATE jobs SET state = 'CANCELLED', end_time = ?, reason = 'cancelled before start'"
-                            " WHERE id = ? AND state = 'PENDING'", (time.time(), r["id"])).rowcount:
+                            " WHERE id = ? AND state IN ('PENDING', 'HELD')", (time.time(), r["id"])).rowcount:
                 return
             if r["state"] not in ACTIVE:
                 raise Conflict(f"job {job_id} has already finished ({r['state']})")
@@ -369,6 +386,8 @@ class LocalScheduler:
             r = self._row(conn, job_id)
             if r["state"] not in ("RUNNING", "SUSPENDED"):
                 raise Conflict(f"job {job_id} is {r['state']}, not running")
+            if r["interactive"]:
+                raise Conflict(f"job {job_id} runs on a terminal (run --alloc): stop it there with Ctrl-Z")
             conn.execute("UPDATE jobs SET want_suspended = ? WHERE id = ?", (int(suspend), r["id"]))
             r = self._row(conn, job_id)
         poke(r["pid"], r["pid_start"])
@@ -376,8 +395,43 @@ class LocalScheduler:
     def suspend(self, job_id: str) -> None:
         self._control(job_id, True)
 
+    def _hold(self, job_id: str, hold: bool) -> None:
+        """A user's hold: a queued job (or an array's queued tasks) the runner leaves alone until released."""
+        with contextlib.closing(self._db()) as conn:
+            r = self._row(conn, job_id)             # the owner check: another user's job is not found
+            tasks = self._tasks(conn, job_id)
+            ids = [t["id"] for t in tasks] if tasks else [r["id"]]
+            done = 0
+            for i in ids:
+                if hold:
+                    done += conn.execute("UPDATE jobs SET state = 'HELD', reason = 'held' WHERE id = ? AND "
+                                         "state = 'PENDING'", (i,)).rowcount
+                else:
+                    done += conn.execute("UPDATE jobs SET state = 'PENDING', reason = '' WHERE id = ? AND "
+                                         "state = 'HELD' AND reason = 'held'", (i,)).rowcount
+        if not done:
+            state = self.status(job_id).state
+            raise Conflict(f"job {job_id} is {state}: only a pending job can be held" if hold else
+                           f"job {job_id} is not held ({state})")
+        if not hold:
+            self._kick("PENDING")
+
+    def hold(self, job_id: str) -> None:
+        self._hold(job_id, True)
+
+    def release(self, job_id: str) -> None:
+        self._hold(job_id, False)
+
     def resume(self, job_id: str) -> None:
         self._control(job_id, False)
+
+    def usage(self, job_id: str) -> list[dict[str, Any]]:
+        """What the job's watcher sampled (sched/usage.py): CPU and memory every few seconds."""
+        from nagaya.sched.usage import read
+
+        with contextlib.closing(self._db()) as conn:
+            r = self._row(conn, job_id)
+        return read(self.dir / "logs" / f"{r['id']}.usage")
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
         with contextlib.closing(self._db()) as conn:
@@ -403,3 +457,99 @@ class LocalScheduler:
             if not follow or state not in ACTIVE:
                 return
             time.sleep(0.2)
+
+
+def run_interactive(cfg: Any, spec: JobSpec, run: list[str]) -> int:
+    """`nagaya run --alloc` on the local backend: a job in the user's queue like any other (same limits,
+    CPUs, records, `nagaya jobs`, `cancel`, the time limit), but this process is its watcher and the
+    container runs on this terminal, in its foreground process group (Ctrl-C, Ctrl-Z and `fg` reach it
+    as they reach `nagaya run`). The runner only grants it its CPUs: it forks no watcher for it."""
+    sched = LocalScheduler(cfg)
+    _, max_cpus = sched.limits()
+    if spec.cpus > max_cpus:
+        raise UsageError(f"--alloc asks for {spec.cpus} CPUs; the local backend has {max_cpus}")
+    me = os.getpid()
+    with contextlib.closing(sched._db()) as conn:
+        job_id = conn.execute(
+            "INSERT INTO jobs (name, user, state, image, ref, digest, command, run_args, cwd, env, cpus, mem, gpus,"
+            " time_limit, partition, submit_time, pid, pid_start, interactive) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
+            "?,?,1)",
+            (spec.name, spec.user, "PENDING", spec.image, spec.ref, spec.digest, json.dumps(spec.command),
+             json.dumps(run[1:]), spec.cwd, "{}", spec.cpus, spec.mem, spec.gpus, spec.time_limit, spec.partition,
+             time.time(), me, proc_start(me))).lastrowid
+    signal.signal(signal.SIGUSR1, lambda *_: None)      # `cancel` pokes the job's watcher: that is us
+    sys.stderr.write(f"nagaya: job {job_id} queued for resources\n")
+    sys.stderr.flush()
+    sched.ensure_runner()
+    try:
+        while True:
+            with contextlib.closing(sched._db()) as conn:
+                r = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if r["state"] != "PENDING":
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        with contextlib.closing(sched._db()) as conn:
+            conn.execute("UPDATE jobs SET state = 'CANCELLED', end_time = ?, reason = 'interrupted while pending' "
+                         "WHERE id = ? AND state = 'PENDING'", (time.time(), job_id))
+        return 130
+    if r["state"] != "RUNNING":
+        raise Conflict(f"job {job_id} was {r['state']} before it started")
+    cpus = [int(c) for c in r["cpu_list"].split(",") if c]
+    env = {**os.environ, "NAGAYA_JOB_ID": str(job_id), "NAGAYA_JOB_NAME": spec.name,
+           "NAGAYA_JOB_CPUS": str(len(cpus) or spec.cpus)}
+    for k in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_ID", "SLURM_PROCID"):
+        env.pop(k, None)
+
+    def pre() -> None:
+        for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(s, signal.SIG_DFL)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        child = subprocess.Popen([nagaya_exe(cfg), *run, spec.ref, *spec.command], env=env, preexec_fn=pre)
+    except OSError as e:
+        _end(sched, job_id, "FAILED", 127, str(e))
+        raise UsageError(f"cannot start the container: {e}") from None
+    start = time.monotonic()
+    grace = max(0, cfg.sched.kill_grace)
+    ending, term_at, killed = "", 0.0, False
+    try:
+        while True:
+            try:
+                child.wait(0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if not ending:
+                with contextlib.closing(sched._db()) as conn:
+                    q = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if q["cancel_requested"]:
+                    ending = "CANCELLED"
+                elif spec.time_limit and now >= start + spec.time_limit:
+                    ending = "TIMEOUT"
+                    sys.stderr.write(f"nagaya: job {job_id}: time limit reached\n")
+                if ending:
+                    term_at = now
+                    with contextlib.suppress(ProcessLookupError):
+                        child.send_signal(signal.SIGTERM)   # nagaya run passes it to the app
+            elif not killed and now >= term_at + grace:
+                child.kill()
+                killed = True
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    rc = child.returncode
+    code = rc if rc >= 0 else 128 - rc
+    _end(sched, job_id, ending or ("COMPLETED" if rc == 0 else "FAILED"), code, "")
+    return code
+
+
+def _end(sched: LocalScheduler, job_id: int, state: str, code: int, reason: str) -> None:
+    with contextlib.closing(sched._db()) as conn:
+        conn.execute("UPDATE jobs SET state = ?, exit_code = ?, end_time = ?, reason = ? WHERE id = ?",
+                     (state, code, time.time(), reason, job_id))
+    poke(*sched._runner_pid())             # the runner may start what was waiting for these CPUs

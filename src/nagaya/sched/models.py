@@ -35,6 +35,7 @@ class JobSpec(Record):
     compose: str = ""                   # `submit --compose`: the job runs `nagaya compose up -f` this file
     array: str = ""                     # `submit --array 1-100%10`: task ids 1..100, at most 10 at once
     after: str = ""                     # `submit --after JOB[:ok|:any],...`: start after those jobs end
+    build: str = ""                     # a build job (build/remote.py): it runs `nagaya build --recipe` this file
 
 
 class JobInfo(Record):
@@ -162,3 +163,16 @@ def parse_script(text: str, where: str = "script") -> tuple[dict[str, str], dict
         else:
             sbatch.update(_options(words, _SBATCH, f"{where}:{n + 1}"))
     return nagaya, sbatch
+
+
+class UsageSample(Record):
+    """One reading of a job's resource use (`nagaya job usage`, the portal's charts)."""
+    t: float = 0.0                      # seconds since the epoch
+    cpu_seconds: float = 0.0            # CPU time used so far (user + system, every process of the job)
+    cpu_cores: float = 0.0              # cores in use since the previous sample
+    rss_bytes: int = 0                  # resident memory now
+    processes: int = 0
+    gpus: int = 0                       # GPUs held
+    gpu_util: float = 0.0               # their mean utilisation, percent (nvidia-smi), where sampled
+    gpu_mem_bytes: int = 0              # their memory in use, all of them together
+    gpu_mem_total: int = 0

@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import sqlite3
@@ -27,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from nagaya import config
-from nagaya.sched.local import alive, connect, ensure_state_dir, proc_start, usable_cpus
+from nagaya.sched.local import alive, connect, ensure_state_dir, nagaya_exe, proc_start, usable_cpus
+from nagaya.sched.usage import GpuReader, Sampler, find_smi
 
 PR_SET_PDEATHSIG = 1
 ACTIVE_SQL = "state IN ('RUNNING', 'SUSPENDED')"
@@ -60,11 +60,20 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _nagaya_exe(cfg: Any) -> str:
-    return cfg.sched.nagaya or shutil.which("nagaya") or "/usr/local/bin/nagaya"
-
-
 # -- the watcher: one per running job, forked from the runner ---------------------------------------------
+
+def _config_of(env: dict[str, str]) -> Any:
+    """The configuration the job's own `nagaya run` will see (its environment, not the runner's): where its
+    GPUs are and where their locks live."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return config.load()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
 
 def watch(cfg: Any, state_dir: Path, job_id: int, cpus: list[int]) -> int:
     os.setsid()                             # independent of the runner: it may die, the job goes on
@@ -78,10 +87,37 @@ def watch(cfg: Any, state_dir: Path, job_id: int, cpus: list[int]) -> int:
                      (time.time(), job_id))
         return 0
     env = json.loads(r["env"])
+    for k in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_ID", "SLURM_PROCID"):
+        env.pop(k, None)                    # submitted from within a Slurm job: this job is not part of it
     env.update(NAGAYA_JOB_ID=str(job_id), NAGAYA_JOB_NAME=r["name"], NAGAYA_JOB_CPUS=str(len(cpus) or r["cpus"]))
     cwd = r["cwd"] if os.path.isdir(r["cwd"]) else os.path.expanduser("~")
-    argv = [_nagaya_exe(cfg), "run", *json.loads(r["run_args"]), r["ref"], *json.loads(r["command"])]
+    run_args = json.loads(r["run_args"])
     log = os.open(state_dir / "logs" / f"{job_id}.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    gpu_fds: list[int] = []                 # flocks holding the job's GPUs: released when this watcher ends
+    if r["gpus"].isdigit() and int(r["gpus"]) > 0 and "--gpus" in run_args:
+        from nagaya.errors import NagayaError
+        from nagaya.sched.gpulock import take
+
+        def cancelled() -> bool:
+            return bool(conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+
+        try:
+            got = take(_config_of(env), int(r["gpus"]), cancelled)
+        except NagayaError as e:
+            os.write(log, f"nagaya: {e.message}\n".encode())
+            conn.execute("UPDATE jobs SET state = 'FAILED', end_time = ?, exit_code = 1, reason = ? WHERE id = ?",
+                         (time.time(), e.message, job_id))
+            return 0
+        if got is None:
+            conn.execute("UPDATE jobs SET state = 'CANCELLED', end_time = ?, reason = 'cancelled waiting for GPUs' "
+                         "WHERE id = ?", (time.time(), job_id))
+            return 0
+        gpus, gpu_fds = got
+        run_args[run_args.index("--gpus") + 1] = ",".join(map(str, gpus))
+        env["NAGAYA_JOB_GPUS"] = ",".join(map(str, gpus))
+    # A build job (no image: build/remote.py) runs its nagaya command on the host, as the user like any job.
+    argv = ([nagaya_exe(cfg), "run", *run_args, r["ref"], *json.loads(r["command"])] if r["ref"]
+            else [nagaya_exe(cfg), *json.loads(r["command"])])
     libc = ctypes.CDLL(None, use_errno=True)
 
     def pre() -> None:
@@ -102,6 +138,10 @@ def watch(cfg: Any, state_dir: Path, job_id: int, cpus: list[int]) -> int:
     pidfd = os.pidfd_open(child.pid)
     pg = child.pid
     start = time.monotonic()
+    # `nagaya job usage`: the job's CPU and memory every few seconds, beside its log
+    held = [int(g) for g in env.get("NAGAYA_JOB_GPUS", "").split(",") if g.isdigit()]
+    sampler = Sampler(child.pid, state_dir / "logs" / f"{job_id}.usage", gpus=len(held),
+                      gpu=GpuReader(held, find_smi(cfg.gpu), cfg.gpu.root) if held else None)
     limit = r["time_limit"]
     grace = max(0, cfg.sched.kill_grace)
     ending = ""                             # CANCELLED | TIMEOUT once the job is being ended
@@ -120,6 +160,8 @@ def watch(cfg: Any, state_dir: Path, job_id: int, cpus: list[int]) -> int:
         if child.poll() is not None:
             break
         now = time.monotonic()
+        if not suspended_at:
+            sampler.tick(now)
         q = conn.execute("SELECT cancel_requested, want_suspended FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if not ending:
             if q["cancel_requested"]:
@@ -147,6 +189,8 @@ def watch(cfg: Any, state_dir: Path, job_id: int, cpus: list[int]) -> int:
                 conn.execute("UPDATE jobs SET state = 'RUNNING', suspended_total = ? WHERE id = ?",
                              (suspended_total, job_id))
     rc = child.returncode
+    for fd in gpu_fds:                      # the app is gone: its GPUs are free for the next job
+        os.close(fd)
     code = rc if rc >= 0 else 128 - rc
     state = ending or ("COMPLETED" if rc == 0 else "FAILED")
     conn.execute("UPDATE jobs SET state = ?, exit_code = ?, end_time = ? WHERE id = ?",
@@ -207,7 +251,7 @@ class Runner:
         nrun = len(running)
         used_n = sum(x["ntasks"] * x["cpus"] for x in running)
         used = {int(c) for x in running for c in x["cpu_list"].split(",") if c}
-        for r in conn.execute("SELECT id, ntasks, cpus, depends, array_id, array_limit FROM jobs "
+        for r in conn.execute("SELECT id, ntasks, cpus, depends, array_id, array_limit, interactive FROM jobs "
                               "WHERE state = 'PENDING' ORDER BY id").fetchall():
             if r["array_limit"] and per_array.get(r["array_id"], 0) >= r["array_limit"]:
                 continue                        # its array's limit: later jobs may still go
@@ -223,11 +267,13 @@ class Runner:
             if nrun >= self.max_jobs or used_n + need > self.max_cpus:
                 break                           # first in, first out: no job jumps the queue
             cpus = [c for c in self.pool if c not in used][:need] if self.pool else []
-            if conn.execute("UPDATE jobs SET state = 'RUNNING', start_time = ?, host = ?, cpu_list = ?, pid = NULL "
-                            "WHERE id = ? AND state = 'PENDING'",
+            # `run --alloc`: its own process (the pid it recorded) is the watcher; it waits for this state.
+            if conn.execute("UPDATE jobs SET state = 'RUNNING', start_time = ?, host = ?, cpu_list = ?, "
+                            "pid = CASE WHEN interactive = 1 THEN pid ELSE NULL END WHERE id = ? AND state = 'PENDING'",
                             (time.time(), self.host, ",".join(map(str, cpus)), r["id"])).rowcount != 1:
                 continue                        # cancelled meanwhile
-            todo.append((r["id"], cpus))
+            if not r["interactive"]:
+                todo.append((r["id"], cpus))
             if r["array_id"] is not None:
                 per_array[r["array_id"]] = per_array.get(r["array_id"], 0) + 1
             nrun += 1

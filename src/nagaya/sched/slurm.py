@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nagaya.errors import Conflict, NagayaError, NotFound, PermissionDenied, UsageError
-from nagaya.sched.models import ACTIVE, JobInfo, JobSpec, format_time, iso, parse_after
+from nagaya.sched.models import ACTIVE, JobInfo, JobSpec, UsageSample, format_time, iso, parse_after
 
 _STATE = {"COMPLETING": "RUNNING", "CONFIGURING": "RUNNING", "REQUEUED": "PENDING", "RESIZING": "RUNNING",
           "STAGE_OUT": "RUNNING", "SIGNALING": "RUNNING", "PREEMPTED": "CANCELLED", "DEADLINE": "TIMEOUT"}
@@ -90,6 +90,8 @@ def batch_script(spec: JobSpec, nagaya: str, prologue: tuple[str, ...] = ()) -> 
         lines.append('export NAGAYA_ARRAY_TASK_ID="$SLURM_ARRAY_TASK_ID"')
     if spec.compose:                        # the stack's supervisor runs on the batch host; it sruns the replicas
         lines.append("exec " + shlex.join([nagaya, "compose", "up", "-f", spec.compose]))
+    elif spec.build:                        # a build runs buildah rootless on the batch host, as the user
+        lines.append("exec " + shlex.join([nagaya, "build", "--recipe", spec.build]))
     elif spec.script:
         first = spec.script.splitlines()[0] if spec.script.startswith("#!") else "#!/bin/sh"
         interp = shlex.split(first[2:]) or ["/bin/sh"]
@@ -195,8 +197,17 @@ class SlurmScheduler:
         d = lines[0] if lines else self._accounting(job_id)    # slurmctld forgets finished jobs after MinJobAge
         # Another user's job is reported exactly like a missing one: its existence is not ours to know.
         if d.get("UserId", "").split("(")[0] != self.me and os.geteuid() != 0:
-            raise NotFound(f"job {job_id} not found")
+            raise self._not_found(job_id)
         return d
+
+    def _not_found(self, job_id: str) -> NotFound:
+        """The one answer for a missing job and for another user's, word for word."""
+        try:
+            self._bin("sacct")
+        except UsageError:
+            return NotFound(f"job {job_id} not found")
+        return NotFound(f"job {job_id} not found (Slurm keeps finished jobs for MinJobAge only, and "
+                        "sacct has no record of it)")
 
     # sacct's fields under the names `scontrol show job` uses, so _info reads both alike.
     _SACCT = (("JobId", "JobID"), ("UserId", "User"), ("JobState", "State"), ("ExitCode", "ExitCode"),
@@ -211,11 +222,10 @@ class SlurmScheduler:
             r = self._run("sacct", "-X", "-P", "-n", "-j", job_id,
                           "--format=" + ",".join(f for _, f in self._SACCT))
         except UsageError:                  # no sacct on this host
-            raise NotFound(f"job {job_id} not found") from None
+            raise self._not_found(job_id) from None
         rows = [x.split("|") for x in r.stdout.splitlines() if x.split("|")[0] == job_id] if r.returncode == 0 else []
         if not rows or len(rows[0]) < len(self._SACCT):
-            raise NotFound(f"job {job_id} not found (Slurm keeps finished jobs for MinJobAge only, and "
-                           "sacct has no record of it)")
+            raise self._not_found(job_id)
         # Comment is the only free-text field; fields after it are fixed-form, so rejoin any '|' inside it.
         row = rows[0]
         extra = len(row) - len(self._SACCT)
@@ -313,6 +323,51 @@ class SlurmScheduler:
     def resume(self, job_id: str) -> None:
         self._control(job_id, "scontrol", "resume")
 
+    def hold(self, job_id: str) -> None:
+        if self.status(job_id).state != "PENDING":
+            raise Conflict(f"job {job_id} is not pending: only a pending job can be held")
+        self._control(job_id, "scontrol", "uhold")      # a user hold (JobHeldUser): the owner may release it
+
+    def release(self, job_id: str) -> None:
+        if self.status(job_id).state != "PENDING":
+            raise Conflict(f"job {job_id} is not pending: only a held job can be released")
+        self._control(job_id, "scontrol", "release")
+
+    def usage(self, job_id: str) -> list[dict[str, Any]]:
+        """One sample from Slurm's accounting: `sstat` for a running job (its steps so far), else `sacct`'s
+        totals; CPU time from TRESUsageInTot, memory as the largest step's peak (TRESUsageInMax). [] where
+        the site gathers no step accounting (JobAcctGatherType=none) or has no sacct. Each look at a running
+        job is kept in the user's own file (sched/usage.py keep): the history, oldest first, is the answer."""
+        from nagaya.sched.usage import keep, read
+
+        info = self.status(job_id)              # NotFound for another user's job
+        kept = self.cfg.sched_state_dir / "usage" / f"slurm-{info.id}.usage"
+        if info.state not in ACTIVE and (history := read(kept)):
+            return history                      # ended: what was seen while it ran
+        fmt = "--format=JobID,TRESUsageInTot,TRESUsageInMax"
+        try:
+            if info.state in ACTIVE:
+                r = self._run("sstat", "-n", "-P", "-a", "-j", info.id, fmt)
+            else:
+                r = self._run("sacct", "-n", "-P", "-j", info.id, fmt)
+        except (UsageError, OSError, subprocess.TimeoutExpired):
+            return []
+        if r.returncode != 0:
+            return []
+        cpu, rss, seen = 0.0, 0, False
+        for line in r.stdout.splitlines():
+            parts = line.split("|")
+            if len(parts) < 3 or "." not in parts[0]:       # steps only: the job's own line repeats them
+                continue
+            tot, peak = tres(parts[1]), tres(parts[2])
+            if "cpu" in tot or "mem" in peak:
+                seen = True
+                cpu += tot.get("cpu", 0)
+                rss = max(rss, int(peak.get("mem", 0)))
+        if not seen:
+            return []
+        return keep(kept, UsageSample(t=time.time(), cpu_seconds=round(cpu, 2), rss_bytes=rss))
+
     def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
         info = self.status(job_id)
         if info.reason.startswith("tasks: ") and "." not in job_id:    # an array: each task's log in turn
@@ -336,3 +391,26 @@ class SlurmScheduler:
             if not follow or state not in ACTIVE:
                 return
             time.sleep(0.3)
+
+
+_MEM_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def tres(text: str) -> dict[str, float]:
+    """A TRES usage string (`cpu=00:01:05,mem=1.50M,energy=0`): cpu in seconds, mem in bytes."""
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        k, _, v = item.partition("=")
+        try:
+            if k == "cpu":
+                days, _, hms = v.rpartition("-")
+                secs = 0.0
+                for x in hms.split(":"):
+                    secs = secs * 60 + float(x)
+                out["cpu"] = int(days or 0) * 86400 + secs
+            elif k == "mem":
+                num = v.rstrip("KMGTP")
+                out["mem"] = float(num) * _MEM_UNITS[v[len(num):]]
+        except (ValueError, KeyError):
+            continue
+    return out

@@ -31,7 +31,7 @@ class SubmitRequest(Record):
 
 
 def find_script(args: list[str]) -> tuple[Path, str] | None:
-    """The script form: the first argument is a file on this machine that carries #NAGAYA/#SBATCH lines."""
+    """The script form: the first argument is a file on this machine that carries #NAGAYA/#SBATCH/#PBS/#$ lines."""
     if not args:
         return None
     p = Path(args[0])
@@ -42,7 +42,7 @@ def find_script(args: list[str]) -> tuple[Path, str] | None:
     except (OSError, UnicodeDecodeError):
         return None
     head = [x.strip() for x in text.splitlines()[:200]]
-    return (p, text) if any(x.startswith(("#NAGAYA", "#SBATCH")) for x in head) else None
+    return (p, text) if any(x.startswith(("#NAGAYA", "#SBATCH", "#PBS", "#$")) for x in head) else None
 
 
 def _compose_check(path: Path, nodes: int) -> str:
@@ -81,10 +81,10 @@ def submit_job(req: SubmitRequest, cfg: Any = None) -> dict[str, Any]:
     cfg = cfg or config.load()
     sched = get_scheduler(cfg, req.backend or directives.get("backend"))
     if compose is None:
-        from nagaya.sched import pin_image
+        from nagaya.image.resolve import pin as pin_image
 
         ref, digest = pin_image(cfg, image)
-        if cfg.image.policy:                # refused now rather than on the node (where `nagaya run` checks again)
+        if cfg.image.policy or cfg.image.vuln_block:    # refused now, not on the node (`nagaya run` checks again)
             from nagaya.trust.gate import admit
 
             admit(cfg, ref, digest)

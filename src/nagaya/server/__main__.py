@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
 
     from nagaya.server.app import SETTINGS_ENV
     from nagaya.server.settings import ServerSettings
-    from nagaya.store import SiteDatabase
+    from nagaya.sitedb import SiteDatabase
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = Path(argv[0]).absolute()

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from nagaya import __version__
 from nagaya.errors import NagayaError
-from nagaya.server import api, notifications, token_service
+from nagaya.server import api, notifications, scans, token_service
 from nagaya.server.authn import Authenticator
 from nagaya.server.base import NotesMiddleware, Site
 from nagaya.server.job_service import default_jobs
@@ -33,6 +33,7 @@ def create_app(settings: ServerSettings, authenticator: Authenticator | None = N
     for router in api.routers(site, jobs):
         app.include_router(router)
     app.include_router(notifications.router(site))
+    app.include_router(scans.router(site))
     install_portal(app, site, jobs)
     return app
 

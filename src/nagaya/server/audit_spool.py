@@ -126,8 +126,8 @@ def _read_one(dfd: int, site_dir: str, name: str, offsets: dict[str, Any], files
 
 def ingest(site: Any, spool: Spool, state_fd: int, now: datetime, dry_run: bool) -> dict[str, Any]:
     from nagaya.errors import NagayaError
-    from nagaya.store import lifecycle
-    from nagaya.store.service import SiteService
+    from nagaya.sitedb.auditlog import spool_time
+    from nagaya.sitedb.service import SiteService
 
     report: dict[str, Any] = {"files": len(spool.files), "ingested": 0, "duplicates": 0, "refused": 0,
                               "malformed": sum(f.malformed for f in spool.files), "errors": list(spool.errors)}
@@ -140,8 +140,8 @@ def ingest(site: Any, spool: Spool, state_fd: int, now: datetime, dry_run: bool)
                     svc = SiteService(s)
                     for rec in f.records:
                         try:
-                            new = lifecycle.record_cli_event(svc, f.owner, rec, f"spool:{rec.get('host', '')}",
-                                                             when=lifecycle.spool_time(rec, now))
+                            new = svc.record_cli_event(f.owner, rec, f"spool:{rec.get('host', '')}",
+                                               when=spool_time(rec, now))
                         except NagayaError:
                             counts["refused"] += 1          # e.g. a server-only action: never from a client
                             continue

@@ -1,6 +1,6 @@
 """Password back ends, chosen in config (JupyterHub's Authenticator shape): a small Protocol with a PAM
 implementation (real Unix accounts) and an LDAP one. They only check passwords and answer who exists and
-in which groups; everything else (projects, roles, tokens) lives in the store."""
+in which groups; everything else (projects, roles, tokens) lives in the site database."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextvars
+import json
 import logging
 import os
 import time
@@ -16,20 +17,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from nagaya.errors import AuthError, NotFound, TooManyAttempts, UsageError
+from nagaya.errors import AuthError, NagayaError, NotFound, TooManyAttempts, UsageError
 from nagaya.server.authn import Authenticator, Identity, make_authenticator
 from nagaya.server.ratelimit import DEVICE_PREFIX, Devices, LoginLimiter
 from nagaya.server.registry_client import SiteRegistry
 from nagaya.server.settings import ServerSettings
 from nagaya.server.tokens import TokenIssuer
-from nagaya.store import Principal, SiteDatabase, lifecycle
-from nagaya.store.models import utcnow
-from nagaya.store.service import MANIFEST_TYPES, ROBOT_RE, MemberInfo, SiteService
+from nagaya.sitedb import Principal, SiteDatabase
+from nagaya.sitedb.models import utcnow
+from nagaya.sitedb.projects import MemberInfo
+from nagaya.sitedb.repositories import MANIFEST_TYPES
+from nagaya.sitedb.service import SiteService
+from nagaya.sitedb.tokens import ROBOT_RE
+from nagaya.sitedb.users import Users
 
 log = logging.getLogger("nagaya.server")
 # Per request: a note for the caller (an account about to expire), sent as the X-Nagaya-Warning header.
@@ -221,24 +225,24 @@ class Site:
 
     def note_expiry(self, user: Any) -> None:
         notes = NOTES.get()
-        warning = lifecycle.expiry_warning(user, utcnow(), self.settings.expiry_warn_days)
+        warning = Users.expiry_warning(user, utcnow(), self.settings.expiry_warn_days)
         if notes is not None and warning:
             notes["warning"] = warning
 
-    def registry(self, repository: str, subject: str, actions: list[str], timeout: float = 30,
-                 http: httpx.Client | None = None) -> SiteRegistry:
-        """The site registry for one repository, with tokens this server issues to `subject` for `actions`."""
-        return SiteRegistry(self.issuer, self.settings.registry, repository, subject, actions, timeout, http)
+    def registry(self, repository: str, subject: str, actions: list[str], timeout: float = 30) -> SiteRegistry:
+        """The site registry for one repository, with tokens this server issues to `subject` for `actions`
+        (nagaya.image.registry.Registry: close it, or use it in a `with`)."""
+        return SiteRegistry(self.issuer, self.settings.registry, repository, subject, actions, timeout)
 
     def manifest_size(self, repository: str, digest: str, media_type: str) -> int | None:
         """Bytes an image occupies (config + layers), read back from the registry with a server token."""
         if not self.settings.registry or media_type not in MANIFEST_TYPES:
             return None
         try:
-            r = self.registry(repository, INTERNAL, ["pull"], timeout=5).get_manifest(digest)
-            r.raise_for_status()
-            m = r.json()
-        except (httpx.HTTPError, ValueError) as e:
+            with self.registry(repository, INTERNAL, ["pull"], timeout=5) as reg:
+                data, _mt, _digest = reg.get_manifest(digest)
+            m = json.loads(data)
+        except (NagayaError, ValueError) as e:
             log.warning("cannot read %s@%s for its size: %s", repository, digest, e)
             return None
         if "layers" in m:

@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
-
-from nagaya.errors import NotFound, UsageError
+from nagaya.errors import UsageError
+from nagaya.image import oci
+from nagaya.image.registry import Registry
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 SINGLE = (OCI_MANIFEST, DOCKER_MANIFEST)
 BLOCK = 512
-CHUNK = 1 << 20
 
 
 def _header(name: str, size: int, mtime: int, kind: bytes = tarfile.REGTYPE) -> bytes:
@@ -37,12 +36,11 @@ def _pad(size: int) -> int:
 class Archive:
     """Plan of the archive for one single-platform image manifest; `stream()` yields its bytes."""
 
-    def __init__(self, http: httpx.Client, base: str, auth: Callable[[], dict[str, str]], manifest: bytes,
-                 media_type: str, digest: str, tag: str) -> None:
+    def __init__(self, registry: Registry, manifest: bytes, media_type: str, digest: str, tag: str) -> None:
         if media_type not in SINGLE:
             raise UsageError("this image is a multi-platform index; download it with `nagaya pull` instead")
         m: dict[str, Any] = json.loads(manifest)
-        self.http, self.base, self.auth = http, base, auth
+        self.registry = registry
         self.manifest, self.digest = manifest, digest
         self.blobs: list[tuple[str, int]] = [(m["config"]["digest"], int(m["config"]["size"]))]
         for layer in m.get("layers", []):
@@ -74,18 +72,9 @@ class Archive:
         yield _header(f"blobs/sha256/{self.digest[7:]}", len(m), self.mtime) + m + b"\0" * _pad(len(m))
         for digest, size in self.blobs:
             yield _header(f"blobs/sha256/{digest[7:]}", size, self.mtime)
-            sent = 0
-            # A fresh registry token per blob: a long download outlives one token.
-            with self.http.stream("GET", f"{self.base}/blobs/{digest}", headers=self.auth()) as r:
-                if r.status_code != 200:
-                    raise NotFound(f"blob {digest} is missing from the registry ({r.status_code})")
-                for chunk in r.iter_bytes(CHUNK):
-                    sent += len(chunk)
-                    if sent > size:
-                        raise UsageError(f"blob {digest} is larger than its manifest says")
-                    yield chunk
-            if sent != size:
-                # Too late for an error status: end the stream short so the client sees a broken download.
-                raise UsageError(f"blob {digest} is shorter than its manifest says")
+            # size-bounded and checked against the digest at the end; a 401 (a long download outlives one
+            # token) fetches a fresh token. An error here is too late for a status: the stream ends short,
+            # so the client sees a broken download.
+            yield from self.registry.iter_blob(oci.Descriptor("application/octet-stream", digest, size), "blob")
             yield b"\0" * _pad(size)
         yield b"\0" * (2 * BLOCK)

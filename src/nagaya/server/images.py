@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import httpx
-
 from nagaya.errors import PermissionDenied, UsageError
-from nagaya.store import Principal, authorize
-from nagaya.store.service import SiteService, forget_manifest
+from nagaya.server.registry_client import as_site_errors
+from nagaya.sitedb import Principal, authorize
+from nagaya.sitedb.service import SiteService
 
 if TYPE_CHECKING:
     from nagaya.server.base import Site
@@ -24,12 +23,8 @@ def delete_image(site: Site, principal: Principal, repository: str, digest: str)
             raise PermissionDenied(f"your role in this project does not allow deleting images in {repository}")
     if not digest.startswith("sha256:") or len(digest) != 71:
         raise UsageError("bad digest")
-    try:
-        # a token for exactly what authz granted, issued to the caller: the registry's notification says who
-        resp = site.registry(repository, principal.name, ["delete"]).delete_manifest(digest)
-    except httpx.HTTPError as e:
-        raise UsageError(f"the registry did not answer: {e}") from None
-    if resp.status_code not in (202, 404):
-        raise UsageError(f"the registry refused the delete ({resp.status_code})")
+    # a token for exactly what authz granted, issued to the caller: the registry's notification says who
+    with as_site_errors(f"{repository}@{digest}"), site.registry(repository, principal.name, ["delete"]) as reg:
+        reg.delete_manifest(digest)                             # already gone (404) is fine: forget it too
     with site.db.session() as db:
-        return forget_manifest(SiteService(db), repository, digest)
+        return SiteService(db).forget_manifest(repository, digest)

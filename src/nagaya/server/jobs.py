@@ -1,4 +1,7 @@
-"""Jobs from the portal, run AS THE USER, never in the server process.
+"""Jobs from the portal, run AS THE USER, never in the server process: the dispatcher's `UserSchedulers`.
+
+`Dispatched.for_user(user)` is a `Scheduler` (sched/__init__.py) like the CLI's backends: the portal calls it
+with a typed JobSpec and gets JobInfo back. Underneath, each call crosses to the user's side as data.
 
 The server runs as the service account and must not run user code, nor hold a way to become any user by
 itself. It only writes a *request* (data: an operation, the logged-in user's name, a JobSpec's fields) into
@@ -11,13 +14,14 @@ dir, or Slurm's sbatch as the user). The reply comes back through the spool.
 What the dispatcher refuses: unknown operations, unknown users, root and system accounts (uid below
 UID_MIN), the service account itself, malformed specs. The trust it places in the service account is the
 portal's unavoidable one (the portal decides who is logged in); it never runs a command line from the
-request, only `nagaya.sched` calls with typed arguments.
+request, only `nagaya.sched` calls with typed arguments: a spec crosses as its wire form (onbehalf.spec_to_wire),
+checked by the dispatcher and again on the user's side (onbehalf.spec_from_wire) before it becomes a JobSpec.
 
 Layout: SPOOL/requests/ID.json (written by the server, atomically), SPOOL/replies/ID.json (by the
 dispatcher). SPOOL is root:SERVICE 0750, both subdirectories 0770.
 
-The other gateway, for sites whose scheduler is Slurm, needs no root part at all: slurmrest.py submits
-through slurmrestd with a short-lived JWT per user (`[sched] portal_submit = "slurmrestd"`).
+The other `UserSchedulers`, for sites whose scheduler is Slurm, needs no root part at all: sched/slurmrest.py
+submits through slurmrestd with a short-lived JWT per user (`[sched] portal_submit = "slurmrestd"`).
 """
 
 from __future__ import annotations
@@ -35,95 +39,48 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from nagaya import safefs
 from nagaya.errors import Conflict, NagayaError, NotFound, PermissionDenied, UsageError
+from nagaya.sched.models import JobInfo, JobSpec
+from nagaya.sched.onbehalf import (  # noqa: F401 - NOBODY, UID_MIN: this module's names before sched/onbehalf.py
+    BUSY,
+    LOG_TAIL,
+    NOBODY,
+    UID_MIN,
+    USER_OPS,
+    JobsBusy,
+    JobsUnavailable,
+    LogTail,
+    PerUser,
+    PullLogin,
+    info_from_wire,
+    spec_from_wire,
+    spec_to_wire,
+    target_user,
+    user_env,
+)
 
-OPS = ("submit", "list", "status", "cancel", "logs")
-UID_MIN = 1000
-NOBODY = (65534, 4294967294)             # the overflow ids (nobody, nfsnobody): above UID_MIN, yet no one's
+OPS = ("submit", "list", "status", "cancel", "suspend", "resume", "hold", "release", "logs", "app_submit", "usage",
+       "terminal", "app_relay", "build_submit")
+CONTROLS = {"cancel": "cancelled", "suspend": "suspended", "resume": "resumed", "hold": "held", "release": "released"}
 # Seconds, not minutes: a server thread waits this long at most, whatever the user's files or processes do.
 OP_TIMEOUT = 15.0                        # the user's operation, then its whole process group is killed
 REPLY_TIMEOUT = OP_TIMEOUT + 5.0         # the server's wait for a reply (the dispatcher may queue it briefly)
-USER_OPS = 4                             # one user's operations in flight: per server process, and in the dispatcher
 MAX_OPS = 32                             # all users' operations in flight in the dispatcher
 REQUEST_MAX = 64 * 1024                  # bytes of a request file (a job spec, a login token)
 OUTPUT_MAX = 8 << 20                     # bytes the dispatcher reads of an operation's output
-LOG_TAIL = 64 * 1024
 _RID = re.compile(r"^[0-9a-f]{32}$")
-_SPEC_FIELDS = {"image": str, "ref": str, "digest": str, "command": list, "nodes": int, "ntasks": int, "cpus": int,
-                "mem": str, "gpus": str, "time_limit": int, "name": str}
-
-
-class JobsUnavailable(NagayaError):
-    """No job service on this site (no dispatcher running, or no scheduler backend)."""
-
-
-class JobsBusy(NagayaError):
-    """Too many of this user's job operations in flight (HTTP 429): answered at once, never queued."""
-
-
-BUSY = "too many of your job operations are in flight; wait for them to finish and try again"
 _KINDS: dict[str, type[NagayaError]] = {"NotFound": NotFound, "PermissionDenied": PermissionDenied,
                                         "Conflict": Conflict, "JobsBusy": JobsBusy,
                                         "JobsUnavailable": JobsUnavailable}
 
 
-class JobGateway(Protocol):
-    """What the portal needs of a scheduler, always on behalf of one named user."""
-
-    def call(self, user: str, op: str, args: dict[str, Any]) -> Any: ...
-
-
-class PerUser:
-    """Counts each user's operations in flight and refuses one more than `limit` at once (thread-safe)."""
-
-    def __init__(self, limit: int = USER_OPS, total: int | None = None) -> None:
-        self.limit, self.total = limit, total
-        self._n: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, user: str) -> bool:
-        with self._lock:
-            n = self._n.get(user, 0)
-            if n >= self.limit or (self.total is not None and sum(self._n.values()) >= self.total):
-                return False
-            self._n[user] = n + 1
-            return True
-
-    def release(self, user: str) -> None:
-        with self._lock:
-            n = self._n.get(user, 0) - 1
-            if n > 0:
-                self._n[user] = n
-            else:
-                self._n.pop(user, None)
-
-
-class BoundedGateway:
-    """Any gateway with a per-user cap: a user's (USER_OPS + 1)th operation in flight is refused at once
-    with JobsBusy, so one user's slow or hostile operations hold at most USER_OPS threads of the job pool."""
-
-    def __init__(self, inner: JobGateway, per_user: int = USER_OPS) -> None:
-        self.inner = inner
-        self.flight = PerUser(per_user)
-
-    def __getattr__(self, name: str) -> Any:          # available(), pull_token_hours, ... of the inner one
-        return getattr(self.inner, name)
-
-    def call(self, user: str, op: str, args: dict[str, Any]) -> Any:
-        if not self.flight.acquire(user):
-            raise JobsBusy(BUSY)
-        try:
-            return self.inner.call(user, op, args)
-        finally:
-            self.flight.release(user)
-
-
 class SpoolGateway:
-    """The server's side of the spool: write a request, wait for its reply."""
+    """The server's side of the spool, the wire under SpoolScheduler: write a request, wait for its reply."""
 
     def __init__(self, spool: Path, timeout: float = REPLY_TIMEOUT) -> None:
         self.spool = spool
@@ -168,6 +125,129 @@ class SpoolGateway:
         return data.get("result")
 
 
+class SpoolScheduler:
+    """The `Scheduler` protocol for one user, over the dispatcher: each call is one request through the spool,
+    run as the user by their own backend (`get_scheduler`), its answer decoded back into typed values."""
+
+    name = "dispatcher"
+
+    def __init__(self, wire: Any, user: str, login: PullLogin | None = None) -> None:
+        self.wire, self.user, self.login = wire, user, login      # wire: SpoolGateway (or a test's stand-in)
+
+    def _call(self, op: str, args: dict[str, Any]) -> Any:
+        return self.wire.call(self.user, op, args)
+
+    # ---- the dispatcher's operations beyond the protocol, typed like the rest ------------------------------
+    def terminal(self, job_id: str, rows: int = 24, cols: int = 80) -> tuple[str, str]:
+        """A terminal into the running job (server/job_terminal.py): the one-use socket's name in SPOOL/terms
+        and the secret the server sends first."""
+        out = self._call("terminal", {"job_id": job_id, "rows": rows, "cols": cols})
+        name, secret = (str(out.get(k, "")) for k in ("socket", "secret")) if isinstance(out, dict) else ("", "")
+        if not _socket_name(name) or not secret:
+            raise NagayaError("the job service answered nonsense")
+        return name, secret
+
+    def app_relay(self, session: str, job_id: str, node: str) -> str:
+        """A one-use relay to the session's app on `node` (server/app_relay.py): its socket's name in SPOOL/terms."""
+        out = self._call("app_relay", {"session": session, "job_id": job_id, "node": node})
+        name = str(out.get("socket", "")) if isinstance(out, dict) else ""
+        if not _socket_name(name):
+            raise NagayaError("the job service opened no relay")
+        return name
+
+    def submit_build(self, recipe: dict[str, Any], login: PullLogin, spec: JobSpec, upload: str = "",
+                     rebuild_of: str = "") -> str:
+        """A build job (server/build_launch.py): the user's side prepares its directory, then submits `spec`
+        (its name, cpus, mem, time limit) with JobSpec.build set to the recipe."""
+        args: dict[str, Any] = {"recipe": recipe, "login": login.to_dict(), "spec": spec_to_wire(spec)}
+        if upload:
+            args["upload"] = upload
+        if rebuild_of:
+            args["rebuild_of"] = rebuild_of
+        out = self._call("build_submit", args)
+        if not isinstance(out, dict) or not isinstance(out.get("id"), str):
+            raise NagayaError("the job service answered nonsense")
+        return str(out["id"])
+
+    def _spec_args(self, spec: JobSpec) -> dict[str, Any]:
+        args: dict[str, Any] = {"spec": spec_to_wire(spec)}
+        if self.login is not None:
+            args["login"] = self.login.to_dict()
+        return args
+
+    def submit(self, spec: JobSpec) -> str:
+        return str(self._call("submit", self._spec_args(spec))["id"])
+
+    def submit_app(self, spec: JobSpec, app: Any) -> str:
+        """An interactive app (server/app_launch.py's AppRequest): the user's side wraps the command in its launcher."""
+        return str(self._call("app_submit", {**app.to_dict(), **self._spec_args(spec)})["id"])
+
+    def status(self, job_id: str) -> JobInfo:
+        return info_from_wire(self._call("status", {"job_id": job_id}))
+
+    def list(self, all_users: bool = False) -> list[JobInfo]:
+        if all_users:
+            raise PermissionDenied("the portal lists only your own jobs")
+        out = self._call("list", {})
+        if not isinstance(out, list):
+            raise NagayaError("the job operation answered nonsense")
+        return [info_from_wire(j) for j in out]
+
+    def cancel(self, job_id: str) -> None:
+        self._call("cancel", {"job_id": job_id})
+
+    def suspend(self, job_id: str) -> None:
+        self._call("suspend", {"job_id": job_id})
+
+    def resume(self, job_id: str) -> None:
+        self._call("resume", {"job_id": job_id})
+
+    def hold(self, job_id: str) -> None:
+        self._call("hold", {"job_id": job_id})
+
+    def release(self, job_id: str) -> None:
+        self._call("release", {"job_id": job_id})
+
+    def tail(self, job_id: str, limit: int = LOG_TAIL) -> LogTail:
+        out = self._call("logs", {"job_id": job_id})
+        if not isinstance(out, dict) or not isinstance(out.get("log", ""), str):
+            raise NagayaError("the job operation answered nonsense")
+        return LogTail(log=out.get("log", "")[-limit:], truncated=bool(out.get("truncated")))
+
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[bytes]:
+        return iter([self.tail(job_id).log.encode()])
+
+    def usage(self, job_id: str) -> list[dict[str, Any]]:
+        out = self._call("usage", {"job_id": job_id})
+        return [x for x in out if isinstance(x, dict)] if isinstance(out, list) else []
+
+
+def _socket_name(name: str) -> bool:
+    return name.endswith(".sock") and "/" not in name and 5 < len(name) < 80
+
+
+class Dispatched:
+    """The site's `UserSchedulers` through the root dispatcher's spool (STATE_DIR/jobs-spool)."""
+
+    name = "dispatcher"
+    pull_token_hours = 0            # the user's side pulls at once: the portal's token lives minutes
+
+    def __init__(self, wire: Any) -> None:
+        self.wire = wire
+
+    def available(self) -> bool:
+        up = getattr(self.wire, "available", None)
+        return bool(up()) if up is not None else True
+
+    def for_user(self, user: str, login: PullLogin | None = None) -> SpoolScheduler:
+        return SpoolScheduler(self.wire, user, login)
+
+    def __getattr__(self, name: str) -> Any:          # the wire's spool, for the terminals beside it
+        if name == "wire":
+            raise AttributeError(name)
+        return getattr(self.wire, name)
+
+
 # ---- the dispatcher (root) -------------------------------------------------------------------------------
 #
 # The spool's directories are writable by the service account, so everything the dispatcher does in them
@@ -177,29 +257,29 @@ class SpoolGateway:
 # or replaced, never followed. Operations are capped per user and in total, and killed (their whole
 # process group) after OP_TIMEOUT.
 
-def target_user(user: str, service_account: str) -> pwd.struct_passwd:
-    """The account a job runs as: a real user, never root, a system account or the service account."""
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise PermissionDenied(f"no such user {user}") from None
-    if pw.pw_uid < UID_MIN or pw.pw_uid in NOBODY or user == service_account:
-        raise PermissionDenied(f"jobs are not run for {user}")
-    return pw
-
-
 def _check(req: dict[str, Any], service_account: str) -> tuple[pwd.struct_passwd, str, dict[str, Any]]:
     op, user, args = req.get("op"), req.get("user"), req.get("args")
     if op not in OPS or not isinstance(user, str) or not isinstance(args, dict):
         raise PermissionDenied("malformed request")
     pw = target_user(user, service_account)
-    if op == "submit":
-        spec = args.get("spec")
-        if not isinstance(spec, dict) or set(spec) - set(_SPEC_FIELDS):
-            raise UsageError("malformed job spec")
-        for k, v in spec.items():
-            if not isinstance(v, _SPEC_FIELDS[k]) or (k == "command" and not all(isinstance(x, str) for x in v)):
-                raise UsageError(f"malformed job spec field {k}")
+    if op == "app_submit":
+        from nagaya.server.app_launch import check_app_args
+
+        check_app_args(args)
+    if op == "build_submit":             # a build job (server/build_launch.py)
+        from nagaya.server.build_launch import check_build_args
+
+        check_build_args(args)
+    if op == "terminal":                 # a long-lived pty as the user (server/job_terminal.py)
+        from nagaya.server.job_terminal import check_args
+
+        check_args(args)
+    if op == "app_relay":                # to an app on another node, through the scheduler (server/app_relay.py)
+        from nagaya.server.app_relay import check_relay_args
+
+        check_relay_args(args)
+    if op in ("submit", "app_submit", "build_submit"):
+        spec_from_wire(args.get("spec"))           # the user's side checks it again before it becomes a JobSpec
     elif op != "list" and not isinstance(args.get("job_id"), str):
         raise UsageError("job_id missing")
     return pw, op, args
@@ -232,8 +312,7 @@ def _collect(p: subprocess.Popen[bytes], timeout: float) -> tuple[bytes, bytes] 
 
 
 def _run_as(pw: pwd.struct_passwd, op: str, args: dict[str, Any], timeout: float = OP_TIMEOUT) -> dict[str, Any]:
-    env = {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name, "LANG": "C.UTF-8",
-           "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    env = user_env(pw)                    # the site's SLURM_CONF etc. as the dispatcher got them, nothing else
     argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--",
             sys.executable, "-I", "-m", "nagaya.server.jobs", "op"]
     # Its own process group (a new session), so that a timeout kills everything the operation started.
@@ -300,6 +379,7 @@ class Dispatcher:
         self.gid = grp.getgrnam(service_account).gr_gid
         self.flight = PerUser(USER_OPS, MAX_OPS)
         self.refused: set[str] = set()
+        self.apps_error = ""
         # STATE_DIR belongs to the service account: open it (and everything above) without following links,
         # then create or open jobs-spool in it, refusing one that the service account made or swapped in.
         sfd = safefs.open_dir(spool.parent, (self.svc_uid,))
@@ -309,6 +389,27 @@ class Dispatcher:
             os.close(sfd)
         self.requests = safefs.mkdir_at(self.spool, "requests", 0o770, 0, self.gid, owners=(0,))
         self.replies = safefs.mkdir_at(self.spool, "replies", 0o770, 0, self.gid, owners=(0,))
+        # Interactive apps' sockets (server/app_launch.py): STATE_DIR-apps/USER/SESSION/, each user's own.
+        from nagaya.server.app_launch import apps_root
+
+        self.apps_path, self.apps = apps_root(spool.parent), -1
+        try:
+            pfd = safefs.open_dir(self.apps_path.parent)
+            try:
+                self.apps = safefs.mkdir_at(pfd, self.apps_path.name, 0o755, 0, 0, owners=(0,))
+            finally:
+                os.close(pfd)
+        except (OSError, safefs.UnsafePath) as e:          # jobs still run; apps answer why they cannot
+            self.apps_error = f"{self.apps_path}: {e}"
+        # Terminals into running jobs (server/job_terminal.py): one-use sockets in SPOOL/terms/.
+        from nagaya.server.job_terminal import Terminals
+
+        self.terminals = Terminals(self.spool, spool, self.svc_uid, self.gid)
+
+        # Uploaded build contexts on their way to the user (server/build_launch.py): STATE_DIR-builds/.
+        from nagaya.server.build_launch import make_uploads_dir
+
+        self.uploads_path = make_uploads_dir(spool.parent, self.gid)
 
     def reply(self, rid: str, out: dict[str, Any]) -> None:
         try:
@@ -357,9 +458,33 @@ class Dispatcher:
         except NagayaError as e:
             self.reply(rid, {"error": e.message, "kind": type(e).__name__})
             return
+        if op == "terminal":                             # its own caps: a terminal lives long
+            self.reply(rid, self.terminals.start(pw, args))
+            return
+        if op == "app_relay":                            # the session's directory is ours to name, never the request's
+            from nagaya.server.app_relay import run_relay
+
+            args["dir"] = str(self.apps_path / pw.pw_name / args["session"])
+            self.reply(rid, self.terminals.start(pw, args, run=run_relay))
+            return
         if not self.flight.acquire(pw.pw_name):
             self.reply(rid, {"error": BUSY, "kind": "JobsBusy"})
             return
+
+        if op == "app_submit":
+            from nagaya.server.app_launch import user_app_dir
+
+            try:
+                if self.apps < 0:
+                    raise OSError(self.apps_error)
+                args["dir"] = str(user_app_dir(self.apps, self.apps_path, pw, self.gid))
+            except (OSError, NagayaError) as e:
+                self.flight.release(pw.pw_name)
+                self.reply(rid, {"error": f"cannot prepare the app directory: {e}"})
+                return
+
+        if op == "build_submit":                          # where the server left the uploaded context
+            args.update(upload_dir=str(self.uploads_path), upload_uid=self.svc_uid)
 
         def work() -> None:
             try:
@@ -414,40 +539,64 @@ def dispatch(spool: Path, service_account: str = "nagaya") -> None:
 # ---- the user's side (runs as the user, started by the dispatcher) -----------------------------------------
 
 def _user_op(op: str, args: dict[str, Any]) -> Any:
+    """One operation on the user's own backend, the same `Scheduler` the CLI uses; answers JSON."""
     from nagaya.config import load
-    from nagaya.sched import JobSpec, get_scheduler, pin_image
+    from nagaya.sched import get_scheduler
+    from nagaya.sched.onbehalf import log_tail
 
     cfg = load()
     sched = get_scheduler(cfg)
     if op == "list":
         return [j.to_json() for j in sched.list()]
-    if op == "submit":
-        spec = dict(args["spec"])
-        with tempfile.TemporaryDirectory(prefix="nagaya-portal-") as tmp:
-            login = args.get("login")
-            if isinstance(login, dict):
-                # A short-lived personal token minted by the portal: pulls the image as this user, then gone.
-                from nagaya.client import authfile
+    if op == "build_submit":                # the build's directory, then a job of `nagaya build --recipe`
+        from nagaya.server.build_launch import submit_build_as_me
 
-                basic = base64.b64encode(f"{login['username']}:{login['secret']}".encode()).decode()
-                data: dict[str, Any] = {"auths": {login["registry"]: {"auth": basic}}, "nagaya": {}}
-                path = Path(tmp) / "auth.json"
-                authfile.save(data, path)
-                os.environ["NAGAYA_AUTH_FILE"] = str(path)
-            ref, digest = pin_image(cfg, spec["image"])
-            spec.update(ref=ref, digest=digest, user=pwd.getpwuid(os.getuid()).pw_name, cwd=os.path.expanduser("~"))
-            return {"id": sched.submit(JobSpec(**spec))}
+        return submit_build_as_me(sched, args)
+    if op in ("submit", "app_submit"):
+        spec = spec_from_wire(args.get("spec"))              # checked again here: this side trusts no one
+        spec.cwd = os.path.expanduser("~")
+        if op == "app_submit":
+            from nagaya.server.app_launch import prepare_app
+
+            spec = prepare_app(args, spec)                   # the launcher around the command, its own cwd
+        return {"id": _submit_as_me(cfg, sched, spec, args.get("login"))}
     job_id = str(args["job_id"])
     if op == "status":
         return sched.status(job_id).to_json()
-    if op == "cancel":
-        sched.cancel(job_id)
-        return {"cancelled": job_id}
+    if op in CONTROLS:
+        control = getattr(sched, op, None)
+        if control is None:
+            raise UsageError(f"the {sched.name} backend cannot {op} jobs")
+        control(job_id)
+        return {CONTROLS[op]: job_id}
+    if op == "usage":                       # the job page's charts (sched/usage.py)
+        return sched.usage(job_id)
     if op == "logs":
-        sched.status(job_id)                # NotFound for someone else's (or no) job
-        data = b"".join(sched.logs(job_id, follow=False))
-        return {"log": data[-LOG_TAIL:].decode(errors="replace"), "truncated": len(data) > LOG_TAIL}
+        return log_tail(sched, job_id).to_dict()
     raise UsageError(f"unknown operation {op}")
+
+
+def _submit_as_me(cfg: Any, sched: Any, spec: JobSpec, login: Any) -> str:
+    """Pin the image as this user (with the portal's short-lived token for it, if any), then submit."""
+    from nagaya.image.resolve import pin as pin_image
+
+    with tempfile.TemporaryDirectory(prefix="nagaya-portal-") as tmp:
+        if isinstance(login, dict):
+            # A short-lived personal token minted by the portal: pulls the image as this user, then gone.
+            from nagaya.client import authfile
+
+            try:
+                who = PullLogin(**{k: str(login[k]) for k in ("registry", "server", "username", "secret")})
+            except KeyError:
+                raise UsageError("malformed pull login") from None
+            basic = base64.b64encode(f"{who.username}:{who.secret}".encode()).decode()
+            data: dict[str, Any] = {"auths": {who.registry: {"auth": basic}}, "nagaya": {}}
+            path = Path(tmp) / "auth.json"
+            authfile.save(data, path)
+            os.environ["NAGAYA_AUTH_FILE"] = str(path)
+        spec.ref, spec.digest = pin_image(cfg, spec.image)
+        spec.user = pwd.getpwuid(os.getuid()).pw_name
+        return sched.submit(spec)
 
 
 def _op_main() -> int:

@@ -11,9 +11,9 @@ shrunk to their size cap."""
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
+import logging
 import os
 import pwd
 import re
@@ -21,27 +21,29 @@ import signal
 import stat
 import subprocess
 import tarfile
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sqlalchemy import delete, func, select
 
 from nagaya import safefs
 from nagaya.config import Config
-from nagaya.errors import NagayaError, SiteError
+from nagaya.errors import ImageError, NagayaError, SiteError
 from nagaya.server import audit_spool
 from nagaya.server import site as site_mod
 from nagaya.server.settings import ServerSettings
-from nagaya.store import lifecycle
-from nagaya.store.models import UserToken
-from nagaya.store.service import SiteService, forget_manifest
+from nagaya.sitedb.archive import archive_root
+from nagaya.sitedb.models import UserToken
+from nagaya.sitedb.service import SiteService
+from nagaya.sitedb.users import TagRow
 
 LOCK = "maintain.lock"
 ACTOR = "$nagaya-maintain"
 GC_TIMEOUT = 1800
+log = logging.getLogger("nagaya.server")
 
 
 def become_service_account(cfg: Config) -> None:
@@ -104,7 +106,7 @@ def maintain(cfg: Config, state_dir: Path | None, *, dry_run: bool, now: datetim
             report: dict[str, Any] = {"dry_run": dry_run, "now": now.isoformat() + "Z", "skipped": None}
             report["audit_spool"] = audit_spool.ingest(site, spool, dfd, now, dry_run) if spool else None
             with site.db.session() as s:
-                report["handover"] = lifecycle.hand_over(SiteService(s), now, dry_run)
+                report["handover"] = [h.as_dict() for h in SiteService(s).hand_over(now, dry_run)]
             report["archived"] = archive_expired(site, archive_root(site.settings, state_dir), now, dry_run)
             report["retention"] = apply_retention(site, dry_run)
             report["gc"] = garbage_collect(cfg, state_dir, dry_run) if gc else None
@@ -174,10 +176,6 @@ def prune_tokens(svc: SiteService, days: int, now: datetime, dry_run: bool) -> i
     return int(n)
 
 
-def archive_root(settings: ServerSettings, state_dir: Path) -> Path:
-    return Path(settings.archive_dir) if settings.archive_dir else state_dir / "archive"
-
-
 def gc_shared_caches(cfg: Config, dry_run: bool) -> list[dict[str, Any]]:
     """`nagaya cache gc` for the site's shared node caches, down to `[image] cache_max_size`. An image a
     running container uses is never removed (the container holds a shared flock on its squashfs)."""
@@ -209,47 +207,59 @@ def gc_shared_caches(cfg: Config, dry_run: bool) -> list[dict[str, Any]]:
     return out
 
 
-def _registry_get(site: Any, repository: str, path: str, accept: str = "") -> bytes:
-    r = site.registry(repository, ACTOR, ["pull"], timeout=300).request(
-        "GET", path, headers={"Accept": accept} if accept else {}, follow_redirects=True)
-    r.raise_for_status()
-    return bytes(r.content)
-
-
 def _delete_manifest(site: Any, repository: str, digest: str) -> bool:
-    r = site.registry(repository, ACTOR, ["delete"]).delete_manifest(digest)
-    return r.status_code in (202, 404)           # 404: already gone (an earlier, interrupted run)
+    """Whether the manifest is gone now (deleted, or already gone after an earlier, interrupted run); a
+    registry that refuses or does not answer leaves it, and the index, for the next run."""
+    try:
+        with site.registry(repository, ACTOR, ["delete"]) as reg:
+            reg.delete_manifest(digest)
+    except NagayaError as e:
+        log.warning("cannot delete %s@%s: %s", repository, digest, e)
+        return False
+    return True
 
 
-def write_oci_archive(site: Any, row: lifecycle.TagRow, out: Path) -> int:
+def write_oci_archive(site: Any, row: TagRow, out: Path) -> int:
     """One image as an OCI archive (oci-layout, index.json, blobs), every blob checked against its digest.
     Written to a temporary name and renamed: a half-written archive is never taken for a good one."""
-    manifest = _registry_get(site, row.repository, f"manifests/{row.digest}", row.media_type)
-    if "sha256:" + hashlib.sha256(manifest).hexdigest() != row.digest:
-        raise SiteError(f"{row.repository}@{row.digest[:19]}: manifest digest mismatch; not archived")
-    m = json.loads(manifest)
-    if "layers" not in m:
-        raise SiteError(f"{row.repository}:{row.tag} is an index; archiving multi-platform images is not supported")
-    tmp = out.with_name(out.name + ".part")
-    total = 0
-    with tarfile.open(tmp, "w") as tar:
-        def add(name: str, data: bytes) -> None:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            tar.addfile(info, io.BytesIO(data))
+    from nagaya.image import oci
 
-        add("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-        index = {"schemaVersion": 2, "manifests": [{
-            "mediaType": row.media_type, "digest": row.digest, "size": len(manifest),
-            "annotations": {"org.opencontainers.image.ref.name": row.tag}}]}
-        add("index.json", json.dumps(index).encode())
-        add(f"blobs/sha256/{row.digest.split(':', 1)[1]}", manifest)
-        for desc in [m["config"], *m["layers"]]:
-            blob = _registry_get(site, row.repository, f"blobs/{desc['digest']}")
-            if "sha256:" + hashlib.sha256(blob).hexdigest() != desc["digest"]:
-                raise SiteError(f"{row.repository}: blob {desc['digest'][:19]} digest mismatch; not archived")
-            add(f"blobs/sha256/{desc['digest'].split(':', 1)[1]}", blob)
-            total += len(blob)
+    with site.registry(row.repository, ACTOR, ["pull"], timeout=300) as reg:
+        try:
+            manifest, _mt, _d = reg.get_manifest(row.digest)         # checked against its digest
+        except ImageError as e:
+            raise SiteError(f"{row.repository}@{row.digest[:19]}: {e.message}; not archived") from None
+        m = json.loads(manifest)
+        if "layers" not in m:
+            raise SiteError(f"{row.repository}:{row.tag} is an index; archiving multi-platform images is not "
+                            "supported")
+        tmp = out.with_name(out.name + ".part")
+        total = 0
+        with tarfile.open(tmp, "w") as tar:
+            def add(name: str, data: bytes) -> None:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+
+            add("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+            index = {"schemaVersion": 2, "manifests": [{
+                "mediaType": row.media_type, "digest": row.digest, "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": row.tag}}]}
+            add("index.json", json.dumps(index).encode())
+            add(f"blobs/sha256/{row.digest.split(':', 1)[1]}", manifest)
+            for desc in [m["config"], *m["layers"]]:
+                d = oci.Descriptor.parse(desc, f"{row.repository}: blob")
+                # spooled to a temporary file, size-bounded and checked against its digest
+                with tempfile.TemporaryFile(dir=out.parent) as f:
+                    try:
+                        reg.fetch_blob(d, f, f"{row.repository}: blob")
+                    except ImageError as e:
+                        raise SiteError(f"{e.message}; not archived") from None
+                    info = tarfile.TarInfo(f"blobs/sha256/{d.digest.split(':', 1)[1]}")
+                    info.size, info.mode, info.mtime = d.size, 0o644, 0
+                    f.seek(0)
+                    tar.addfile(info, f)
+                total += d.size
     os.replace(tmp, out)
     return total
 
@@ -258,7 +268,7 @@ def archive_expired(site: Any, archive_dir: Path, now: datetime, dry_run: bool) 
     """Images of users expired longer than the grace period: archived (one OCI archive per tag plus an
     index.json per project), then removed from the registry. A failed archive removes nothing."""
     with site.db.session() as s:
-        due = lifecycle.archive_due(SiteService(s), now, site.settings.expiry_grace_days)
+        due = SiteService(s).archive_due(now, site.settings.expiry_grace_days)
     out: list[dict[str, Any]] = []
     for project, rows in due:
         pdir = archive_dir / project
@@ -276,7 +286,7 @@ def archive_expired(site: Any, archive_dir: Path, now: datetime, dry_run: bool) 
             pdir.mkdir(parents=True, exist_ok=True, mode=0o750)
             try:
                 item["size"] = write_oci_archive(site, row, pdir / name)
-            except (httpx.HTTPError, SiteError, ValueError) as e:
+            except (NagayaError, ValueError) as e:
                 item["error"] = str(e)
                 continue
             entries = [e for e in entries if (e["repository"], e["tag"]) != (row.repository, row.tag)]
@@ -294,7 +304,7 @@ def archive_expired(site: Any, archive_dir: Path, now: datetime, dry_run: bool) 
             with site.db.session() as s:
                 svc = SiteService(s)
                 for r in repos:
-                    forget_manifest(svc, r, digest)
+                    svc.forget_manifest(r, digest)
                 for i in items:
                     i["removed"] = True
                     svc.audit("expiry.archive", ACTOR, repository=i["repository"], tag=i["tag"], digest=digest,
@@ -311,7 +321,7 @@ def _write_json(path: Path, data: Any) -> None:
 def apply_retention(site: Any, dry_run: bool) -> list[dict[str, Any]]:
     out = []
     with site.db.session() as s:
-        plan = lifecycle.retention_plan(SiteService(s))
+        plan = SiteService(s).retention_plan()
     for rm in plan:
         item = {"repository": rm.repository, "digest": rm.digest, "tags": rm.tags, "size": rm.size,
                 "deleted": False}
@@ -324,7 +334,7 @@ def apply_retention(site: Any, dry_run: bool) -> list[dict[str, Any]]:
         item["deleted"] = True
         with site.db.session() as s:
             svc = SiteService(s)
-            forget_manifest(svc, rm.repository, rm.digest)
+            svc.forget_manifest(rm.repository, rm.digest)
             svc.audit("retention.delete", ACTOR, repository=rm.repository, digest=rm.digest,
                       details={"tags": rm.tags, "size": rm.size})
     return out

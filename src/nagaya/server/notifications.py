@@ -8,16 +8,15 @@ import json
 import logging
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Request
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from nagaya.errors import AuthError, UsageError
+from nagaya.errors import AuthError, NagayaError, UsageError
+from nagaya.server import scans
 from nagaya.server.base import INTERNAL, Site
-from nagaya.store import lifecycle
-from nagaya.store.models import Repository, Tag
-from nagaya.store.service import SiteService
+from nagaya.sitedb.models import Repository, Tag
+from nagaya.sitedb.service import SiteService
 
 log = logging.getLogger("nagaya.server")
 
@@ -53,6 +52,9 @@ def router(site: Site) -> APIRouter:
                 continue
             with site.db.session() as s:
                 applied += SiteService(s).apply_registry_event(ev, size)
+            pushed = scans.wanted(ev)
+            if pushed:
+                scans.schedule(site, *pushed)               # in the background: the registry waits for no scan
         return {"applied": applied}
 
     def _restore_immutable(ev: dict[str, Any]) -> bool:
@@ -63,18 +65,17 @@ def router(site: Site) -> APIRouter:
         repo, tag, digest = str(target.get("repository")), str(target.get("tag")), str(target.get("digest"))
         with site.db.session() as s:
             svc = SiteService(s)
-            if not lifecycle.is_immutable(svc, repo, tag):
+            if not svc.is_immutable(repo, tag):
                 return False
             old = s.scalar(select(Tag).join(Repository).where(Repository.name == repo, Tag.name == tag))
             if old is None or old.digest == digest:
                 return False                                  # a first push, or the same image again
             old_digest, old_type = old.digest, old.media_type
-        registry = site.registry(repo, INTERNAL, ["pull", "push"], timeout=10)
         try:
-            r = registry.get_manifest(old_digest, old_type)
-            r.raise_for_status()
-            registry.put_manifest(tag, r.content, r.headers.get("content-type", old_type)).raise_for_status()
-        except httpx.HTTPError as e:
+            with site.registry(repo, INTERNAL, ["pull", "push"], timeout=10) as registry:
+                data, media_type, _d = registry.get_manifest(old_digest)
+                registry.put_manifest(tag, data, media_type or old_type)
+        except NagayaError as e:
             log.error("cannot restore immutable tag %s:%s: %s", repo, tag, e)
             return False
         with site.db.session() as s:

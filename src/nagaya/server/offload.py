@@ -42,7 +42,7 @@ def job_pool(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
     """Run a handler that waits on a job operation (the dispatcher, slurmrestd) in a pool of its own,
     JOB_THREADS threads: however long such operations take, the default pool (logins, password /token)
     and the quick pool (pages, tokens) stay free. One user holds at most jobs.USER_OPS of these threads
-    (jobs.BoundedGateway); a request beyond that is answered 429 at once."""
+    (sched/onbehalf.py: Bounded); a request beyond that is answered 429 at once."""
     @functools.wraps(fn)
     async def run(*args: Any, **kwargs: Any) -> Any:
         global _job_limiter

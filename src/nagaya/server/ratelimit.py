@@ -26,8 +26,8 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select
 
-from nagaya.store import SiteDatabase
-from nagaya.store.models import LoginFailure
+from nagaya.sitedb import SiteDatabase
+from nagaya.sitedb.models import LoginFailure
 
 MAX_FAILURES = 5                   # per user+IP (or device) within FAILURE_WINDOW, then 429 until it passes
 FAILURE_WINDOW = 600

@@ -1,49 +1,64 @@
-"""The server's one client of the site registry: one repository, tokens from the site's own issuer (the token
-source) for exactly the actions asked, issued to a subject so the registry's notifications say who acted
-(a user the server acts for, or the server itself: INTERNAL, maintenance's actor).
+"""The server's client of the site registry: nagaya.image.registry.Registry (the CLI's client) with a token
+source of the server's own. Tokens come from the site's issuer for exactly the actions asked, issued to a
+subject so the registry's notifications say who acted (a user the server acts for, or the server itself:
+INTERNAL, maintenance's actor). No user's token is ever sent: the server signs its own, and sends them to
+the site registry only (Registry._may_authorize; blob redirects go without one).
 
 Every registry call of the server goes through here: index sizes, undoing a moved immutable tag, image
-delete, the portal's manifest and download, maintenance's archive and retention."""
+delete, the portal's manifest, download and size picture, signature checks, scan on push and its SBOM,
+maintenance's archive and retention."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from nagaya.store.service import MANIFEST_TYPES
+from nagaya.errors import ImageError, ImageNotFound, NotFound, RegistryError, UsageError
+from nagaya.image.registry import Registry
 
 if TYPE_CHECKING:
     from nagaya.server.tokens import TokenIssuer
 
-MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
+
+class IssuerTokens:
+    """A token source: registry scopes -> a token the site's issuer signs for `subject`."""
+
+    def __init__(self, issuer: TokenIssuer, subject: str) -> None:
+        self.issuer, self.subject = issuer, subject
+
+    def __call__(self, scopes: tuple[str, ...]) -> str:
+        access: list[dict[str, Any]] = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": [a for a in actions.split(",") if a]})
+        return str(self.issuer.issue(self.subject, access)["token"])
 
 
-class SiteRegistry:
+class SiteRegistry(Registry):
+    """One repository of the site registry, as `subject` with `actions`. The site registry is spoken to
+    over plain HTTP on its own address, as the server has always done."""
+
     def __init__(self, issuer: TokenIssuer, registry: str, repository: str, subject: str, actions: list[str],
-                 timeout: float = 30, http: httpx.Client | None = None) -> None:
-        self.issuer, self.repository, self.subject, self.actions = issuer, repository, subject, actions
-        self.base = f"http://{registry}/v2/{repository}"
-        self.timeout = timeout
-        self.http = http
+                 timeout: float = 30) -> None:
+        self.subject = subject
+        super().__init__(registry, repository, tuple(actions), insecure=[registry], timeout=timeout,
+                         token_source=IssuerTokens(issuer, subject))
+        # The registry's access log then tells the server's own reads (scan on push, size pictures,
+        # maintenance) from what users' nagaya clients fetched.
+        self.http.headers["User-Agent"] = "nagaya-server"
 
-    def auth(self) -> dict[str, str]:
-        """The token source: a fresh registry token for this repository and these actions."""
-        tok = self.issuer.issue(self.subject, [{"type": "repository", "name": self.repository,
-                                                "actions": self.actions}])
-        return {"Authorization": f"Bearer {tok['token']}"}
 
-    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        headers = {**self.auth(), **kw.pop("headers", {})}
-        send: Callable[..., httpx.Response] = self.http.request if self.http is not None else httpx.request
-        return send(method, f"{self.base}/{path}", headers=headers, timeout=kw.pop("timeout", self.timeout), **kw)
-
-    def get_manifest(self, reference: str, media_type: str = "") -> httpx.Response:
-        return self.request("GET", f"manifests/{reference}", headers={"Accept": media_type or MANIFEST_ACCEPT})
-
-    def put_manifest(self, reference: str, data: bytes, media_type: str) -> httpx.Response:
-        return self.request("PUT", f"manifests/{reference}", content=data, headers={"Content-Type": media_type})
-
-    def delete_manifest(self, digest: str) -> httpx.Response:
-        return self.request("DELETE", f"manifests/{digest}")
+@contextlib.contextmanager
+def as_site_errors(what: str) -> Iterator[None]:
+    """The registry client's errors as the doors' errors: a missing image is a 404 (NotFound), anything
+    else the registry did wrong a 400 with its one-line reason."""
+    try:
+        yield
+    except ImageNotFound:
+        raise NotFound(f"{what} not found") from None
+    except RegistryError as e:
+        raise UsageError(f"the registry did not answer as expected: {e.message}") from None
+    except ImageError as e:
+        raise UsageError(e.message) from None

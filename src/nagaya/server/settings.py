@@ -41,6 +41,18 @@ class ServerSettings:
     job_nagaya: str = ""                  # the nagaya executable jobs run
     job_partition: str = ""
     portal_pull_hours: int = 24
+    vulndb: str = ""                      # the site's vulnerability database: pushed images are scanned against it
+    keys_dir: str = ""                    # [image] keys_dir and policy: the portal shows signature states with them
+    image_policy: list[Any] = field(default_factory=list)
+    build_upload_max: int = 256 << 20     # [builds]: the Build page (server/builds.py): an upload's bytes at most,
+    build_unpacked_max: int = 2 << 30     # ... the context unpacked (checked by the job),
+    build_git_hosts: str = ""             # ... HOST or HOST:PORT builds may clone from (comma-separated; none: off),
+    build_git_schemes: str = "https"      # ... the git URL schemes allowed,
+    build_max_running: int = 2            # ... one user's builds at once,
+    build_hours: int = 2                  # ... a build job's time limit
+    app_idle_minutes: int = 60            # [apps]: interactive sessions' idle limit, whole life, warning
+    app_max_hours: int = 12
+    app_warn_minutes: int = 10
 
     @property
     def process_count(self) -> int:

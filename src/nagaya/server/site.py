@@ -253,15 +253,18 @@ def _registry_config(state_dir: Path, reg_addr: str, server_url: str, service: s
     }
 
 
-def _spawn(name: str, argv: list[str], state_dir: Path, acct: _Account, log_as: _Account | None = None) -> int:
+def _spawn(name: str, argv: list[str], state_dir: Path, acct: _Account, log_as: _Account | None = None,
+           keep: tuple[str, ...] = ()) -> int:
     """Start a daemon as `acct`; its log is opened as the state dir's owner (`log_as`), so a link planted
-    in logs/ cannot make root append to a file of its choosing."""
+    in logs/ cannot make root append to a file of its choosing. `keep`: variables of this command's own
+    environment the daemon gets too."""
     with _as(log_as or acct):
         fd = os.open(state_dir / "logs" / f"{name}.log",
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     log = os.fdopen(fd, "ab")
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(state_dir), "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1"}
+    env.update({k: os.environ[k] for k in keep if k in os.environ})
     kw: dict[str, Any] = {}
     if os.geteuid() == 0:
         kw = {"user": acct.uid, "group": acct.gid, "extra_groups": acct.groups}
@@ -324,6 +327,16 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
         pam_service=cfg.server.pam_service, admin_users=list(cfg.server.admin_users),
         admin_groups=list(cfg.server.admin_groups), ldap=cfg.ldap.to_dict(), **jobs)
     settings.workers = cfg.server.workers        # server processes (uvicorn workers); 0: one per CPU
+    settings.vulndb = cfg.image.vulndb           # scan on push (nagaya.server.scans)
+    settings.keys_dir, settings.image_policy = cfg.image.keys_dir, list(cfg.image.policy)   # signature states
+    settings.app_idle_minutes, settings.app_max_hours, settings.app_warn_minutes = (      # [apps] limits
+        cfg.apps.idle_minutes, cfg.apps.max_hours, cfg.apps.warn_minutes)
+    from nagaya.units import parse_size
+
+    b = cfg.builds                               # [builds]: the Build page's limits (server/builds.py)
+    settings.build_upload_max, settings.build_unpacked_max = parse_size(b.upload_max), parse_size(b.unpacked_max)
+    settings.build_git_hosts, settings.build_git_schemes = b.git_hosts, b.git_schemes
+    settings.build_max_running, settings.build_hours = b.max_running, b.hours
     settings_path = state_dir / "server.json"
     reg_cfg = state_dir / "registry.yml"     # JSON is YAML: no YAML writer needed
     reg_doc = _registry_config(state_dir, registry, server_url, cfg.server.service, cfg.server.issuer,
@@ -344,9 +357,14 @@ def up(cfg: Config, state_dir: Path | None = None) -> SiteStatus:
     if os.geteuid() == 0 and settings.portal_submit == "dispatcher":
         # The portal's job dispatcher: the only part that runs as root, and only to start each user's own
         # scheduler operations as that user (server/jobs.py). Without root the portal shows jobs as off.
+        # Where the site's scheduler config is (SLURM_CONF...) as `site up` was given it: what the dispatcher
+        # passes on to each user's operations (sched/onbehalf.py user_env).
+        from nagaya.sched.onbehalf import SITE_ENV
+
         root = _Account("root", 0, 0, [], "/root")
         st.pids["jobs"] = _spawn("jobs", [sys.executable, "-m", "nagaya.server.jobs", "dispatch",
-                                          str(state_dir / "jobs-spool"), acct.name], state_dir, root, acct)
+                                          str(state_dir / "jobs-spool"), acct.name], state_dir, root, acct,
+                                 keep=SITE_ENV)
         _write_status(state_dir, st, acct)
     try:
         _wait_ready(st, state_dir)

@@ -12,8 +12,9 @@ from nagaya.errors import PermissionDenied, UsageError
 from nagaya.server.base import Site, credentials
 from nagaya.server.offload import quick
 from nagaya.server.tokens import Scope
-from nagaya.store import authorize, lifecycle
-from nagaya.store.service import ROBOT_RE, SiteService
+from nagaya.sitedb import authorize
+from nagaya.sitedb.service import SiteService
+from nagaya.sitedb.tokens import ROBOT_RE
 
 
 def router(site: Site) -> APIRouter:
@@ -45,7 +46,7 @@ def router(site: Site) -> APIRouter:
                         continue
                     if sc.type == "repository":
                         granted = authorize(s, principal, sc.name, sc.actions)
-                        if "push" in granted and (why := lifecycle.push_refusal(svc, sc.name)):
+                        if "push" in granted and (why := svc.push_refusal(sc.name)):
                             # refuse the whole request: a token without `push` gives clients no reason
                             svc.audit("quota.refused", principal.name, repository=sc.name, details={"why": why})
                             s.commit()

@@ -110,7 +110,71 @@ def origin(cfg, text: str, digest: str) -> str:
 
 
 def admit(cfg, text: str, digest: str) -> None:
-    """Return if the policy lets the image `text` (resolved to `digest`) run here; PolicyRefused otherwise."""
+    """Return if the policies (signatures, then vulnerabilities) let the image `text` (resolved to `digest`)
+    run here; PolicyRefused otherwise."""
+    _admit_signed(cfg, text, digest)
+    if getattr(cfg.image, "vuln_block", None):
+        _admit_vulns(cfg, text, digest)
+
+
+_SEVERITIES = ("unknown", "negligible", "low", "medium", "high", "critical")
+
+
+def _vuln_rule(rules: list, name: str) -> tuple[int, dict] | None:
+    """`[image] vuln_block`'s rule for an image from `name`: the longest scope, as for signatures."""
+    best: tuple[int, dict] | None = None
+    best_len = -1
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict) or not isinstance(rule.get("scope"), str) or not rule["scope"] or \
+                rule.get("severity") not in _SEVERITIES or not isinstance(rule.get("except", []), list):
+            raise UsageError(f"site config [image] vuln_block rule {i + 1}: needs scope = \"REGISTRY/PROJECT[/REPO]\" "
+                             f"or \"*\", severity = one of {', '.join(_SEVERITIES[2:])}, optional except = [CVEs]")
+        scope = rule["scope"].rstrip("/")
+        n = 0 if scope == "*" else len(scope) if name and (name == scope or name.startswith(scope + "/")) else -1
+        if n > best_len:
+            best, best_len = (i, rule), n
+    return best
+
+
+def covers(cfg, name: str) -> str:
+    """Which site policy (signatures or vulnerabilities) applies to images from `name`, "" for none.
+    A lazily read image's squashfs artifact is neither signed nor scanned, so such images are pulled in full."""
+    m = match(cfg.image.policy, name) if cfg.image.policy else None
+    if m is not None and m[1].get("allow") != "unsigned":
+        return f"the site's signing policy (rule {m[0] + 1})"
+    v = _vuln_rule(cfg.image.vuln_block, name) if getattr(cfg.image, "vuln_block", None) else None
+    if v is not None:
+        return f"the site's vulnerability policy (rule {v[0] + 1})"
+    return ""
+
+
+def _verdict_holds(path: str, ctx: str) -> bool:
+    """A verdict kept for this digest under exactly these rules, keys and database (its first line)."""
+    try:
+        with open(path) as f:
+            return f.readline().rstrip("\n") == ctx
+    except (OSError, ValueError):
+        return False
+
+
+def _admit_vulns(cfg, text: str, digest: str) -> None:
+    name = origin(cfg, text, digest)
+    m = _vuln_rule(cfg.image.vuln_block, name)
+    if m is None:
+        return
+    index, rule = m
+    db = cfg.image.vulndb
+    ctx = "|".join([digest, name, str(index), repr(sorted(rule.items())), repr(cfg.image.vuln_allow),
+                    db + "=" + _stamp(db)])
+    path = os.path.join(cfg.cache_root, "vulnpolicy", digest[7:])
+    if _verdict_holds(path, ctx):
+        return
+    from nagaya.scan.policy import check
+
+    check(cfg, index, rule, digest, text, ctx, path)
+
+
+def _admit_signed(cfg, text: str, digest: str) -> None:
     rules = cfg.image.policy
     if not rules:
         return
@@ -121,12 +185,8 @@ def admit(cfg, text: str, digest: str) -> None:
     index, rule = m
     ctx = context(cfg, index, rule, name, digest)
     path = os.path.join(cfg.cache_root, "trust", digest[7:])
-    try:
-        with open(path) as f:
-            if f.readline().rstrip("\n") == ctx:
-                return
-    except (OSError, ValueError):
-        pass
+    if _verdict_holds(path, ctx):
+        return
     from nagaya.trust.policy import verify_for_rule
 
     verify_for_rule(cfg, index, rule, name, digest, text, ctx, path)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -50,16 +48,6 @@ def _repo_of(reference: str) -> str:
     return name[:colon] if colon > slash else name
 
 
-def _upload(reg: Registry, data: bytes) -> str:
-    digest = oci.sha256_digest(data)
-    if not reg.has_blob(digest, push=True):
-        with tempfile.NamedTemporaryFile(prefix="nagaya-sig-") as f:
-            f.write(data)
-            f.flush()
-            reg.upload_blob(Path(f.name), digest, len(data))
-    return digest
-
-
 def _sig_manifest(reg: Registry, digest: str) -> dict[str, Any] | None:
     tag = sig_tag(digest)
     if reg.head_manifest(tag) is None:
@@ -80,7 +68,8 @@ def sign(reg: Registry, ref: Reference, key: ec.EllipticCurvePrivateKey) -> tupl
     digest = resolve(reg, ref)
     body = payload(ref.name, digest)
     sig = base64.b64encode(keys.sign(key, body)).decode()
-    layer = {"mediaType": MT_PAYLOAD, "size": len(body), "digest": _upload(reg, body), "annotations": {ANN_SIG: sig}}
+    layer = {"mediaType": MT_PAYLOAD, "size": len(body), "digest": reg.upload_bytes(body),
+             "annotations": {ANN_SIG: sig}}
     old = _sig_manifest(reg, digest)
     layers = [x for x in (old or {}).get("layers", []) if isinstance(x, dict)
               and not (x.get("digest") == layer["digest"] and (x.get("annotations") or {}).get(ANN_SIG) == sig)]
@@ -91,7 +80,7 @@ def sign(reg: Registry, ref: Reference, key: ec.EllipticCurvePrivateKey) -> tupl
                         separators=(",", ":")).encode()
     manifest = {"schemaVersion": 2, "mediaType": oci.MT_OCI_MANIFEST,
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": len(config),
-                           "digest": _upload(reg, config)},
+                           "digest": reg.upload_bytes(config)},
                 "layers": layers}
     tag = sig_tag(digest)
     reg.put_manifest(tag, json.dumps(manifest, separators=(",", ":")).encode(), oci.MT_OCI_MANIFEST)

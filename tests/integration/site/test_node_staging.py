@@ -40,10 +40,12 @@ def node_caches() -> Iterator[Path]:
 
 
 def blob_gets(site: Site, repo: str, digest: str) -> int:
-    """How many times the registry served this blob of this repository (its access log, a line per request;
-    other tests' repositories share the layer)."""
+    """How many times the registry served this blob of this repository to nagaya clients (its access log, a
+    line per request; other tests' repositories share the layer, and the server's own scan on push reads the
+    layers too, as nagaya-server)."""
     log = (site.state_dir / "logs" / "registry.log").read_text(errors="replace")
-    return len(re.findall(rf'"GET /v2/{re.escape(repo)}/blobs/{re.escape(digest)} HTTP', log))
+    return len(re.findall(rf'"GET /v2/{re.escape(repo)}/blobs/{re.escape(digest)} HTTP[^"]*" \d+ \d+ "[^"]*" "nagaya"',
+                          log))
 
 
 def test_registry_image_is_staged_once_per_node(site: Site, cluster: SlurmCluster, image_archive: Path,

@@ -234,20 +234,20 @@ def test_gateway_over_a_unix_socket(restd: str, jwt_key: Path, rest_users: tuple
                                     tmp_path: Path) -> None:
     """The same gateway with `slurmrestd_url = "unix:PATH"`: tokens, the owner filter and Slurm's errors."""
     from nagaya.errors import NotFound, PermissionDenied
-    from nagaya.server.slurmrest import SlurmRestGateway
+    from nagaya.sched.slurmrest import SlurmRest
 
     one, two = rest_users
-    gw = SlurmRestGateway(f"unix:{RESTD_SOCKET[-1]}", jwt_key, tmp_path, service_account="nagaya")
-    mine = gw.call(one.name, "list", {})
-    assert mine and {j["user"] for j in mine} == {one.name}       # the jobs of the test above, only theirs
-    assert gw.call(two.name, "list", {}) == []
+    gw = SlurmRest(f"unix:{RESTD_SOCKET[-1]}", jwt_key, tmp_path, service_account="nagaya")
+    mine = gw.for_user(one.name).list()
+    assert mine and {j.user for j in mine} == {one.name}          # the jobs of the test above, only theirs
+    assert gw.for_user(two.name).list() == []
     with pytest.raises(NotFound):
-        gw.call(two.name, "status", {"job_id": mine[0]["id"]})
+        gw.for_user(two.name).status(mine[0].id)
     with pytest.raises(NotFound):
-        gw.call(one.name, "status", {"job_id": "999999"})
+        gw.for_user(one.name).status("999999")
     for who in ("root", "nagaya", "nobody"):
         with pytest.raises(PermissionDenied):
-            gw.call(who, "list", {})
+            gw.for_user(who).list()
 
 
 def test_site_up_refuses_a_key_everyone_can_read(site_system: None, base_dir: Path, jwt_key: Path) -> None:

@@ -9,9 +9,7 @@ from fastapi import APIRouter, Request
 
 from nagaya.errors import UsageError
 from nagaya.server.base import Site, credentials, to_json
-from nagaya.store import lifecycle
-from nagaya.store.service import SiteService
-from nagaya.store.usage import usage_overview
+from nagaya.sitedb.service import SiteService
 from nagaya.units import naive_utc
 
 
@@ -23,13 +21,13 @@ def router(site: Site) -> APIRouter:
     def get_quota(request: Request, name: str) -> dict[str, Any]:
         with site.db.session() as s:
             svc = SiteService(s)
-            p = svc.project(site.principal(svc, credentials(request)), name)
-            return to_json(lifecycle.quota_info(svc, p))
+            return to_json(svc.quota(site.principal(svc, credentials(request)), name))
 
     @r.get("/api/admin/usage", tags=["admin"], summary="Every project's storage use and quota (site admins)")
     def usage(request: Request) -> list[dict[str, Any]]:
         with site.db.session() as s:
-            return to_json(usage_overview(s, site.principal(SiteService(s), credentials(request))))
+            svc = SiteService(s)
+            return to_json(svc.usage_overview(site.principal(svc, credentials(request))))
 
     @r.put("/api/admin/projects/{name}/quota", tags=["admin"], summary="Set (or clear, null) a storage quota")
     def put_quota(request: Request, name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -38,14 +36,14 @@ def router(site: Site) -> APIRouter:
             raise UsageError("quota_bytes must be an integer or null")
         with site.db.session() as s:
             svc = SiteService(s)
-            return to_json(lifecycle.set_quota(svc, site.principal(svc, credentials(request)), name, q))
+            return to_json(svc.set_quota(site.principal(svc, credentials(request)), name, q))
 
     @r.put("/api/admin/projects/{name}/policy", tags=["admin"],
              summary="Retention (keep_newest, keep_pattern) and immutable tag patterns of a project")
     def put_policy(request: Request, name: str, body: dict[str, Any]) -> dict[str, Any]:
         with site.db.session() as s:
             svc = SiteService(s)
-            return to_json(lifecycle.set_policy(svc, site.principal(svc, credentials(request)), name, body))
+            return to_json(svc.set_policy(site.principal(svc, credentials(request)), name, body))
 
     @r.put("/api/admin/users/{name}/expiry", tags=["admin"],
              summary="Set (or clear) when an account expires; dry_run shows the consequences only")
@@ -57,7 +55,7 @@ def router(site: Site) -> APIRouter:
             raise UsageError(f"invalid expires_at {raw!r}") from None
         with site.db.session() as s:
             svc = SiteService(s)
-            return lifecycle.set_expiry(svc, site.principal(svc, credentials(request)), name, when,
-                                        settings.expiry_grace_days, bool(body.get("dry_run")))
+            return to_json(svc.set_expiry(site.principal(svc, credentials(request)), name, when,
+                                          settings.expiry_grace_days, bool(body.get("dry_run"))))
 
     return r

@@ -8,9 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from nagaya.server.base import Site, credentials
-from nagaya.store import auditlog, lifecycle
-from nagaya.store.auditlog import AuditQuery, as_row
-from nagaya.store.service import SiteService
+from nagaya.sitedb.auditlog import AuditQuery, as_row
+from nagaya.sitedb.service import SiteService
 from nagaya.units import naive_utc
 
 
@@ -21,7 +20,8 @@ def router(site: Site) -> APIRouter:
     def audit(request: Request, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
         with site.db.session() as s:
             svc = SiteService(s)
-            return [as_row(e) for e in svc.audit_events(site.principal(svc, credentials(request)), limit, action)]
+            q = AuditQuery(action=action or "", exact_action=True, limit=min(limit, 10000))
+            return [as_row(e) for e in svc.audit_events(site.principal(svc, credentials(request)), q)]
 
     @r.post("/api/audit", tags=["audit"], status_code=201,
               summary="Report a CLI event (run, submit, pull, ...) of the authenticated user")
@@ -30,17 +30,19 @@ def router(site: Site) -> APIRouter:
             svc = SiteService(s)
             p = site.principal(svc, credentials(request), allow_password=False)
             host = request.client.host if request.client else ""
-            lifecycle.ingest_cli_event(svc, p, body, f"cli:{host}")
+            svc.ingest_cli_event(p, body, f"cli:{host}")
             return {"recorded": True}
 
     @r.get("/api/admin/audit", tags=["admin"], summary="Query the audit trail (site admins), oldest first")
     def admin_audit(request: Request, user: str = "", since: datetime | None = None, until: datetime | None = None,
-                    image: str = "", action: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+                    image: str = "", action: str = "", repository: str = "",
+                    limit: int = 1000) -> list[dict[str, Any]]:
         with site.db.session() as s:
             svc = SiteService(s)
             p = site.principal(svc, credentials(request))
-            rows = auditlog.search(s, p, AuditQuery(actor=user, since=naive_utc(since), until=naive_utc(until),
-                                                    image=image, action=action, limit=limit, oldest_first=True))
+            rows = svc.audit_events(p, AuditQuery(actor=user, since=naive_utc(since), until=naive_utc(until),
+                                                  image=image, action=action, repository=repository, limit=limit,
+                                                  oldest_first=True))
             return [as_row(e) for e in rows]
 
     return r

@@ -12,8 +12,8 @@ from sqlalchemy import select
 from nagaya import __version__
 from nagaya.errors import AuthError
 from nagaya.server.base import NOTES, Site, credentials, to_json
-from nagaya.store.models import Project
-from nagaya.store.service import SiteService
+from nagaya.sitedb.models import Project
+from nagaya.sitedb.service import SiteService
 
 DEVICE_HEADER = "x-nagaya-device"   # POST /api/login: the device token an earlier login of this client got
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
+from nagaya.image import attachments
 from nagaya.server.base import Site, credentials, to_json
 from nagaya.server.images import delete_image
-from nagaya.store import authorize, lifecycle
-from nagaya.store.service import SiteService
+from nagaya.sitedb import authorize
+from nagaya.sitedb.archive import archive_root
+from nagaya.sitedb.service import SiteService
 
 
 def router(site: Site) -> APIRouter:
@@ -23,11 +25,15 @@ def router(site: Site) -> APIRouter:
             svc = SiteService(s)
             return to_json(svc.repositories(site.principal(svc, credentials(request)), project))
 
-    @r.get("/api/repositories/{repository:path}/tags", tags=["repositories"])
-    def tags(request: Request, repository: str) -> list[dict[str, Any]]:
+    @r.get("/api/repositories/{repository:path}/tags", tags=["repositories"],
+           summary="A repository's tags, each with its attachments (signature, SBOM, lazy-pull squashfs)")
+    def tags(request: Request, repository: str, include_all: bool = Query(False, alias="all")) -> list[dict[str, Any]]:
+        """Attachment tags (`sha256-HEX.sig|sbom|sqfs|att`) are listed under their image's `attachments`;
+        `all=true` lists them as rows too (with `attachment_of`)."""
         with site.db.session() as s:
             svc = SiteService(s)
-            return to_json(svc.tags(site.principal(svc, credentials(request)), repository))
+            rows = svc.tags(site.principal(svc, credentials(request)), repository)
+        return attachments.listing_json(rows, to_json(rows), include_all=include_all)
 
     @r.delete("/api/repositories/{repository:path}/manifests/{digest}", tags=["repositories"],
               summary="Delete an image (the manifest and every tag on it): owners and maintainers")
@@ -42,14 +48,14 @@ def router(site: Site) -> APIRouter:
         with site.db.session() as s:
             svc = SiteService(s)
             p = site.principal(svc, credentials(request), allow_password=False)
-            return lifecycle.archived(svc, p, lifecycle.archive_root(settings), digest)
+            return to_json(svc.archived(p, archive_root(settings), digest))
 
     @r.get("/api/archive/{project}/{name}", tags=["archive"], summary="One archived image (OCI archive)")
     def archive_get(request: Request, project: str, name: str) -> Any:
         with site.db.session() as s:
             svc = SiteService(s)
             p = site.principal(svc, credentials(request), allow_password=False)
-            path = lifecycle.archive_file(svc, p, lifecycle.archive_root(settings), project, name)
+            path = svc.archive_file(p, archive_root(settings), project, name)
         return FileResponse(path, media_type="application/x-tar")
 
     @r.get("/api/tag-policy", tags=["repositories"], summary="Whether a push may move this tag")
@@ -59,7 +65,7 @@ def router(site: Site) -> APIRouter:
             p = site.principal(svc, credentials(request))
             # answered only to those who may push there: patterns are not public
             mine = "push" in authorize(s, p, repository, ["push"])
-            immutable = mine and lifecycle.is_immutable(svc, repository, tag)
+            immutable = mine and svc.is_immutable(repository, tag)
             return {"repository": repository, "tag": tag, "immutable": immutable}
 
     return r

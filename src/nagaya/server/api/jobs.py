@@ -1,4 +1,4 @@
-"""/api/jobs: the same operations as the Jobs page, for personal access tokens."""
+"""/api/jobs: the same operations as the Jobs page, for personal access tokens (JobInfo as its JSON)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from nagaya.errors import AuthError, PermissionDenied
-from nagaya.server.base import Site, credentials, to_json
+from nagaya.server.base import Site, credentials
 from nagaya.server.job_service import JobService
 from nagaya.server.offload import job_pool
-from nagaya.store import Principal
-from nagaya.store.service import SiteService
+from nagaya.sitedb import Principal
+from nagaya.sitedb.service import SiteService
 
 
 class JobSubmit(BaseModel):
@@ -41,7 +41,7 @@ def router(site: Site, jobs: JobService) -> APIRouter:
     @r.get("", summary="Your jobs")
     @job_pool
     def list_jobs(request: Request) -> Any:
-        return to_json(jobs.call(user(request).name, "list", {}))
+        return [j.to_json() for j in jobs.list(user(request).name)]
 
     @r.post("", status_code=201, summary="Submit a job as yourself")
     @job_pool
@@ -53,17 +53,34 @@ def router(site: Site, jobs: JobService) -> APIRouter:
     @r.get("/{job_id}", summary="One of your jobs")
     @job_pool
     def status(request: Request, job_id: str) -> Any:
-        return jobs.call(user(request).name, "status", {"job_id": job_id})
+        return jobs.status(user(request).name, job_id).to_json()
 
     @r.get("/{job_id}/log", summary="The end of a job's output (64 KiB)")
     @job_pool
     def log(request: Request, job_id: str) -> Any:
-        return jobs.call(user(request).name, "logs", {"job_id": job_id})
+        return jobs.logs(user(request).name, job_id).to_dict()
+
+    @r.get("/{job_id}/usage", summary="A job's CPU, memory and GPU use over time (samples, oldest first)")
+    @job_pool
+    def usage(request: Request, job_id: str) -> Any:
+        return jobs.usage(user(request).name, job_id)
 
     @r.delete("/{job_id}", summary="Cancel one of your jobs")
     @job_pool
     def cancel(request: Request, job_id: str) -> dict[str, Any]:
         jobs.cancel(user(request).name, job_id, via="api")
         return {"cancelled": job_id}
+
+    def control(what: str, done: str, summary: str) -> None:
+        @r.post(f"/{{job_id}}/{what}", summary=summary, name=f"{what}_job")
+        @job_pool
+        def endpoint(request: Request, job_id: str) -> dict[str, Any]:
+            getattr(jobs, what)(user(request).name, job_id, via="api")
+            return {done: job_id}
+
+    control("suspend", "suspended", "Suspend one of your running jobs (where the scheduler lets users)")
+    control("resume", "resumed", "Resume one of your suspended jobs")
+    control("hold", "held", "Keep one of your pending jobs from starting")
+    control("release", "released", "Let one of your held jobs start")
 
     return r

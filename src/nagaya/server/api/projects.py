@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from nagaya.server.base import Site, credentials, to_json
-from nagaya.store.service import SiteService
+from nagaya.sitedb.service import SiteService
 
 
 class ProjectCreate(BaseModel):

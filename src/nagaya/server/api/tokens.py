@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from nagaya.server.base import Site, credentials, to_json
-from nagaya.store.models import utcnow
-from nagaya.store.service import SiteService, rotate_robot
+from nagaya.sitedb.models import utcnow
+from nagaya.sitedb.service import SiteService
 
 
 class TokenCreate(BaseModel):
@@ -52,7 +52,7 @@ def router(site: Site) -> APIRouter:
     def rotate_token(request: Request, name: str, token_name: str) -> dict[str, Any]:
         with site.db.session() as s:
             svc = SiteService(s)
-            info_, new = rotate_robot(svc, site.principal(svc, credentials(request)), name, token_name)
+            info_, new = svc.rotate_robot(site.principal(svc, credentials(request)), name, token_name)
             out = to_json(info_)
             out["secret"] = new.secret
             return out

@@ -17,11 +17,9 @@ from nagaya.server.jobs import REPLY_TIMEOUT, JobsUnavailable
 from nagaya.server.offload import job_pool, offload
 from nagaya.server.portal.base import Portal
 from nagaya.server.portal.sessions import WebSession
-from nagaya.store import Principal, auditlog
-from nagaya.store import service as svcmod
-from nagaya.store.auditlog import COLUMNS, AuditQuery, as_row
-from nagaya.store.service import SiteService
-from nagaya.store.usage import usage_overview
+from nagaya.sitedb import Principal
+from nagaya.sitedb.auditlog import COLUMNS, AuditQuery, as_row
+from nagaya.sitedb.service import SiteService
 from nagaya.units import parse_day
 
 
@@ -40,8 +38,8 @@ def router(portal: Portal) -> APIRouter:
     def admin_users(request: Request) -> Response:
         s, p, _ = admin(request)
         with site.db.session() as db:
-            users = svcmod.users_overview(SiteService(db), p)
-            usage = usage_overview(db, p)
+            svc = SiteService(db)
+            users, usage = svc.users_overview(p), svc.usage_overview(p)
         return page(request, "admin_users.html", s, "admin", users=users, usage=usage)
 
     @r.get("/admin/jobs", response_class=HTMLResponse)
@@ -58,10 +56,10 @@ def router(portal: Portal) -> APIRouter:
             jobs.gw()
             with site.db.session() as db:
                 # only the users who ever submitted through the portal or the API: one query each
-                names = sorted({e.actor for e in auditlog.search(db, p, AuditQuery(action="job.submit",
-                                                                                   limit=100000))})
+                names = sorted({e.actor for e in SiteService(db).audit_events(p, AuditQuery(action="job.submit",
+                                                                                               limit=100000))})
             pool = ThreadPoolExecutor(4)
-            futures = {pool.submit(jobs.call, n, "list", {}): n for n in names}
+            futures = {pool.submit(jobs.list, n): n for n in names}
             done, _late = wait(futures, timeout=REPLY_TIMEOUT + 1)
             pool.shutdown(wait=False, cancel_futures=True)
             for f, n in sorted(futures.items(), key=lambda x: x[1]):
@@ -80,7 +78,7 @@ def router(portal: Portal) -> APIRouter:
         filters = {k: q.get(k, "").strip() for k in ("action", "actor", "repository", "since", "until")}
 
         with site.db.session() as db:
-            rows = auditlog.search(db, p, AuditQuery(
+            rows = SiteService(db).audit_events(p, AuditQuery(
                 action=filters["action"], actor=filters["actor"], repository=filters["repository"],
                 since=parse_day(filters["since"]), until=parse_day(filters["until"], end=True), limit=limit))
             out = [as_row(e, timespec="seconds") for e in rows]
@@ -111,7 +109,5 @@ def router(portal: Portal) -> APIRouter:
         _s, p, _ = admin(request)
         rows, _f = _audit_rows(request, p, 100000)
         return JSONResponse(rows, headers={"Content-Disposition": content_disposition("nagaya-audit.json")})
-
-    return r
 
     return r

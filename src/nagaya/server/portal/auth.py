@@ -12,7 +12,7 @@ from nagaya.errors import AuthError, TooManyAttempts
 from nagaya.server.base import NOTES
 from nagaya.server.portal.base import DEVICE_COOKIE, DEVICE_DAYS, LOGIN_COOKIE, Portal, client_address, secure
 from nagaya.server.portal.sessions import COOKIE
-from nagaya.store.service import SiteService
+from nagaya.sitedb.service import SiteService
 
 
 def router(portal: Portal) -> APIRouter:

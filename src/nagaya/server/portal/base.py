@@ -22,14 +22,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 
-from nagaya.errors import AuthError, NagayaError, PermissionDenied, UsageError
+from nagaya.errors import AuthError, NagayaError, NotFound, PermissionDenied, UsageError
 from nagaya.server.base import Site
 from nagaya.server.job_service import JobService
 from nagaya.server.portal.sessions import COOKIE, PRINCIPAL_TTL, Sessions, WebSession
 from nagaya.server.status import http_status
-from nagaya.store import Principal
-from nagaya.store.models import utcnow
-from nagaya.store.service import SiteService
+from nagaya.sitedb import Principal, authorize
+from nagaya.sitedb.models import utcnow
+from nagaya.sitedb.service import SiteService
 from nagaya.units import format_size, format_time
 
 LOGIN_COOKIE = "nagaya_login"
@@ -95,6 +95,14 @@ _REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|[a-z0-9]+(?:[+._-][a-z0-9]
 def check_ref(ref: str) -> None:
     if not _REF.fullmatch(ref):           # fullmatch: `$` would let a trailing newline through
         raise UsageError("not a tag or a digest: " + ascii(ref[:80]))
+
+
+def command_words(command: str) -> list[str]:
+    """A form's command line as the words it runs (shell quoting, no shell)."""
+    try:
+        return shlex.split(command)
+    except ValueError as e:
+        raise UsageError(f"cannot read the command: {e}") from None
 
 
 def secure(request: Request) -> bool:
@@ -174,11 +182,26 @@ class Portal:
         page_headers(out)
         return out
 
+    def image_choices(self, s: WebSession) -> list[Any]:
+        """The images a form may offer this login (the Jobs and Sessions pages)."""
+        with self.site.db.session() as db:
+            svc = SiteService(db)
+            return self.jobs.images(svc, self.principal(svc, s))
+
+    def principal_of(self, s: WebSession) -> Principal:
+        with self.site.db.session() as db:
+            return self.principal(SiteService(db), s)
+
+    def may_pull(self, s: WebSession, repository: str) -> None:
+        """Pages of an image: a repository this login may not pull is a missing one (404), never a 403."""
+        with self.site.db.session() as db:
+            if "pull" not in authorize(db, self.principal(SiteService(db), s), repository, ["pull"]):
+                raise NotFound(f"repository {repository} not found")
+
     def back(self, url: str, s: WebSession, kind: str = "", msg: str = "") -> RedirectResponse:
         if msg:
             s.flash.append((kind or "ok", msg))
         return RedirectResponse(url, status_code=303)
-
 
     def router(self) -> APIRouter:
         return APIRouter(route_class=PortalRoute, include_in_schema=False)

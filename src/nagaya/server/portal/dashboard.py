@@ -7,8 +7,7 @@ from fastapi.responses import HTMLResponse
 
 from nagaya.server.offload import offload
 from nagaya.server.portal.base import Portal
-from nagaya.store import service as svcmod
-from nagaya.store.service import SiteService
+from nagaya.sitedb.service import SiteService
 
 
 def router(portal: Portal) -> APIRouter:
@@ -21,8 +20,12 @@ def router(portal: Portal) -> APIRouter:
         s = sess_of(request)
         with site.db.session() as db:
             svc = SiteService(db)
-            info = svcmod.summary(svc, principal(svc, s))
+            info = svc.summary(principal(svc, s))
+        from nagaya.server.scans import fixes_by_repository
+
+        fixes = fixes_by_repository(site, [r.name for r in info.repositories[:8]])    # from scans on push
         return page(request, "dashboard.html", s, "dashboard", projects=info.projects, repos=info.repositories[:8],
+                    fixes=fixes,
                     n_repos=len(info.repositories), n_tokens=info.active_tokens,
                     jobs_on=jobs.available(recent=True))
 

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import HTMLResponse
 
 from nagaya.encode import content_disposition
-from nagaya.errors import NagayaError, NotFound, UsageError
+from nagaya.errors import NotFound
 from nagaya.server import images as images_ops
 from nagaya.server.offload import offload
 from nagaya.server.portal.base import Portal, check_ref, client_address
-from nagaya.store import authorize
-from nagaya.store.service import SiteService
+from nagaya.server.registry_client import as_site_errors
+from nagaya.sitedb import authorize
+from nagaya.sitedb.service import SiteService
 
 
 def router(portal: Portal) -> APIRouter:
@@ -53,8 +52,30 @@ def router(portal: Portal) -> APIRouter:
             tags = svc.tags(p, repository)
             can_delete = "delete" in authorize(db, p, repository, ["delete"])
         ref = f"{settings.registry}/{repository}"
-        return page(request, "repository.html", s, "images", repository=repository, tags=tags, ref=ref,
-                    can_delete=can_delete, quote=shlex.quote)
+        from nagaya.image import attachments
+        from nagaya.server import image_trust
+
+        listing = attachments.split(tags)       # signatures, SBOMs, squashfs: badges under their image
+        trust = image_trust.for_tags(site, repository, [t.digest for t in listing.images])  # signatures, scans
+        return page(request, "repository.html", s, "images", repository=repository, tags=listing.images, ref=ref,
+                    can_delete=can_delete, quote=shlex.quote, trust=trust, listing=listing)
+
+    @r.get("/sbom/{repository:path}")
+    def sbom(request: Request, repository: str, ref: str) -> Response:
+        """The image's SPDX 2.3 SBOM, made when it was pushed (nagaya.server.scans)."""
+        import json
+
+        from nagaya.server.scans import latest
+
+        s = sess_of(request)
+        check_ref(ref)
+        portal.may_pull(s, repository)
+        row = latest(site, ref)
+        if row is None or row.repository != repository or not row.sbom:
+            raise NotFound(f"no SBOM of {repository}@{ref[:19]} (it is made when the image is pushed)")
+        name = f"{repository.replace('/', '_')}_{ref.replace(':', '-')[:24]}.spdx.json"
+        return Response(json.dumps(row.sbom, indent=1), media_type="application/spdx+json",
+                        headers={"Content-Disposition": content_disposition(name)})
 
     @r.get("/manifest/{repository:path}")
     def manifest(request: Request, repository: str, ref: str) -> Response:
@@ -62,20 +83,11 @@ def router(portal: Portal) -> APIRouter:
         exists yet)."""
         s = sess_of(request)
         check_ref(ref)
-        with site.db.session() as db:
-            p = principal(SiteService(db), s)
-            if "pull" not in authorize(db, p, repository, ["pull"]):
-                raise NotFound(f"repository {repository} not found")
-        try:
-            resp = site.registry(repository, s.user, ["pull"]).get_manifest(ref)
-        except httpx.HTTPError as e:
-            raise UsageError(f"the registry did not answer: {e}") from None
-        if resp.status_code == 404:
-            raise NotFound(f"{repository}:{ref} not found")
-        if resp.status_code != 200:
-            raise UsageError(f"the registry answered {resp.status_code}")
+        portal.may_pull(s, repository)
+        with as_site_errors(f"{repository}:{ref}"), site.registry(repository, s.user, ["pull"]) as reg:
+            data, media_type, _digest = reg.get_manifest(ref)
         name = f"{repository.replace('/', '_')}_{ref.replace(':', '-')[:24]}.manifest.json"
-        return Response(resp.content, media_type=resp.headers.get("content-type", "application/json"),
+        return Response(data, media_type=media_type or "application/json",
                         headers={"Content-Disposition": content_disposition(name)})
 
     @r.get("/download/{repository:path}")
@@ -87,36 +99,23 @@ def router(portal: Portal) -> APIRouter:
 
         s = sess_of(request)
         check_ref(ref)
-        with site.db.session() as db:
-            p = principal(SiteService(db), s)
-            if "pull" not in authorize(db, p, repository, ["pull"]):
-                raise NotFound(f"repository {repository} not found")
+        portal.may_pull(s, repository)
         tag = re.sub(r"[^A-Za-z0-9._-]", "_", tag)[:128] or "latest"
 
-        http = httpx.Client(timeout=60, follow_redirects=True)
-        registry = site.registry(repository, s.user, ["pull"], timeout=60, http=http)
+        registry = site.registry(repository, s.user, ["pull"], timeout=60)
         try:
-            resp = registry.get_manifest(ref)
-            if resp.status_code == 404:
-                raise NotFound(f"{repository}@{ref} not found")
-            if resp.status_code != 200:
-                raise UsageError(f"the registry answered {resp.status_code}")
-            digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
-            if ref.startswith("sha256:") and ref != digest:
-                raise UsageError("the registry sent a manifest that does not match its digest")
-            media_type = resp.headers.get("content-type", "").split(";")[0].strip()
-            archive = Archive(http, registry.base, registry.auth, resp.content, media_type, digest, tag)
-        except (httpx.HTTPError, NagayaError) as e:
-            http.close()
-            if isinstance(e, NagayaError):
-                raise
-            raise UsageError(f"the registry did not answer: {e}") from None
+            with as_site_errors(f"{repository}@{ref}"):
+                data, media_type, digest = registry.get_manifest(ref)     # a digest ref is verified
+            archive = Archive(registry, data, media_type, digest, tag)
+        except BaseException:
+            registry.close()
+            raise
 
         def body() -> Iterator[bytes]:
             try:
                 yield from archive.stream()
             finally:
-                http.close()
+                registry.close()
 
         name = f"{repository.replace('/', '_')}_{tag}.oci.tar"
         with site.db.session() as db:
@@ -130,8 +129,7 @@ def router(portal: Portal) -> APIRouter:
                      csrf: str = Form("")) -> Response:
         s = sess_of(request)
         need_csrf(request, s, csrf)
-        with site.db.session() as db:
-            p = principal(SiteService(db), s)
+        p = portal.principal_of(s)
         images_ops.delete_image(site, p, repository, digest)
         rest = f"/images/{repository}"
         with site.db.session() as db:

@@ -8,7 +8,8 @@ from fastapi.responses import HTMLResponse
 from nagaya.errors import PermissionDenied
 from nagaya.server.offload import offload
 from nagaya.server.portal.base import Portal
-from nagaya.store.service import SiteService
+from nagaya.server.portal.usage_charts import storage_bar
+from nagaya.sitedb.service import SiteService
 
 
 def router(portal: Portal) -> APIRouter:
@@ -51,8 +52,12 @@ def router(portal: Portal) -> APIRouter:
             repos = svc.repositories(p, name)
             manage = p.is_admin or info.role in ("owner", "maintainer")
             tokens = svc.robots(p, name) if manage else []
+            bar = None
+            if p.is_admin or info.role:     # members (and admins) see the figure the quota check uses
+                quota = svc.quota(p, name)
+                bar = storage_bar(quota.used_bytes, quota.quota_bytes, svc.quota_attachments(p, name))
         return page(request, "project.html", s, "projects", project=info, members=members, repos=repos,
-                    tokens=tokens, is_owner=p.is_admin or info.role == "owner", manage=manage)
+                    tokens=tokens, is_owner=p.is_admin or info.role == "owner", manage=manage, bar=bar)
 
     @r.post("/projects/{name}/members")
     def add_member(request: Request, name: str, member: str = Form(...), kind: str = Form("user"),

@@ -11,8 +11,8 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 
-from nagaya.store import Principal, SiteDatabase
-from nagaya.store.models import PortalSession
+from nagaya.sitedb import Principal, SiteDatabase
+from nagaya.sitedb.models import PortalSession
 
 COOKIE = "nagaya_session"
 IDLE_TIMEOUT = 2 * 3600            # seconds without a request before a session ends

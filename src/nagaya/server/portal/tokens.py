@@ -12,9 +12,8 @@ from nagaya.errors import UsageError
 from nagaya.server.offload import offload
 from nagaya.server.portal.base import Portal
 from nagaya.server.portal.sessions import WebSession
-from nagaya.store import service as svcmod
-from nagaya.store.models import utcnow
-from nagaya.store.service import SiteService
+from nagaya.sitedb.models import utcnow
+from nagaya.sitedb.service import SiteService
 
 
 def router(portal: Portal) -> APIRouter:
@@ -65,7 +64,7 @@ def router(portal: Portal) -> APIRouter:
         need_csrf(request, s, csrf)
         with site.db.session() as db:
             svc = SiteService(db)
-            info, new = svcmod.rotate_robot(svc, principal(svc, s), project, name)
+            info, new = svc.rotate_robot(principal(svc, s), project, name)
         return _secret_page(request, s, info, new, "rotated")
 
     return r
