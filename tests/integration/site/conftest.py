@@ -222,6 +222,20 @@ def push(who: SiteUser | User, archive: Path, ref: str, creds: tuple[str, str] |
     return skopeo(who, ["copy", f"oci-archive:{archive}", f"docker://{ref}"], creds)
 
 
+def indexed(site: Site, who: SiteUser, repository: str, tag: str, deadline_s: float = 30) -> dict:
+    """Wait for the registry's (asynchronous) push notification to reach the server's index: a push has
+    returned before the server knows of it, and a job, session or page that names the tag reads the index."""
+    end = time.monotonic() + deadline_s
+    while True:
+        r = site.api("GET", f"/api/repositories/{repository}/tags", auth=who.creds(site.registry))
+        if r.status_code == 200:
+            hit = [t for t in r.json() if t["tag"] == tag]
+            if hit:
+                return hit[0]
+        assert time.monotonic() < end, f"{repository}:{tag} never reached the index"
+        time.sleep(0.2)
+
+
 # ---- PostgreSQL: Debian's server, started here as the postgres user on a private port and socket dir ------
 
 def _free_port() -> int:

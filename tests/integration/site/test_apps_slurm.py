@@ -27,7 +27,7 @@ import pytest
 from tests.conftest import require
 from tests.helpers import images
 from tests.helpers.slurm import SlurmCluster
-from tests.integration.site.conftest import Site, SiteUser, module_people, push, site_down, site_up
+from tests.integration.site.conftest import Site, SiteUser, indexed, module_people, push, site_down, site_up
 
 pytestmark = pytest.mark.integration
 
@@ -121,6 +121,7 @@ def world(cluster: SlurmCluster) -> Iterator[dict[str, Any]]:
         ref = f"{site.registry}/{alice.name}/py:1"
         r = push(alice, python_image(top), ref, creds["alice"])
         assert r.returncode == 0, r.stderr
+        indexed(site, alice, f"{alice.name}/py", "1")          # a session names the tag: the index must have it
         app = alice.u.home / "slurm_web_app.py"
         app.write_text(APP)
         os.chown(app, alice.u.uid, alice.u.gid)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.site.conftest import Site, SiteUser, module_people, push
+from tests.integration.site.conftest import Site, SiteUser, indexed, module_people, push
 from tests.security.helpers import portal
 
 pytestmark = pytest.mark.integration
@@ -22,6 +22,7 @@ def test_size_picture(site: Site, users: dict[str, SiteUser], image_archive: Pat
     owner, other = users["owner"], users["other"]
     repo = f"{owner.name}/sized"
     assert push(owner, image_archive, f"{site.registry}/{repo}:1", owner.creds(site.registry)).returncode == 0
+    indexed(site, owner, repo, "1")                             # the image's page lists the index's tags
     c, _ = portal(site, owner.name, owner.password)
     page = c.get(f"/images/{repo}")
     assert page.status_code == 200 and f'hx-get="/image-size/{repo}?ref=sha256:' in page.text

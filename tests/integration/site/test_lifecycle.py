@@ -24,6 +24,7 @@ from tests.integration.site.conftest import (
     Site,
     SiteUser,
     ensure_user,
+    indexed,
     module_people,
     push,
     run_root,
@@ -41,19 +42,6 @@ def lc(site: Site, site_system: None) -> dict[str, SiteUser]:
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, f"rc={r.returncode}\n{r.stderr[-2000:]}\n{r.stdout[-1000:]}"
     return r
-
-
-def indexed(site: Site, admin: SiteUser, repository: str, tag: str, deadline_s: float = 30) -> dict:
-    """Wait for the registry's (asynchronous) notification to reach the server's index."""
-    end = time.monotonic() + deadline_s
-    while True:
-        r = site.api("GET", f"/api/repositories/{repository}/tags", auth=admin.creds(site.registry))
-        if r.status_code == 200:
-            hit = [t for t in r.json() if t["tag"] == tag]
-            if hit:
-                return hit[0]
-        assert time.monotonic() < end, f"{repository}:{tag} never reached the index"
-        time.sleep(0.2)
 
 
 def admin_audit(admin: SiteUser, *args: str) -> list[dict]:
