@@ -157,7 +157,10 @@ class Tmux:
         return self.user.run(["tmux", "-L", self.sock, "capture-pane", "-p", "-S", "-200"]).stdout
 
     def wait(self, text: str, timeout: float = 30) -> str:
-        return wait_for(lambda: text in (s := self.screen()) and s, timeout, f"{text!r} on the terminal")
+        try:
+            return wait_for(lambda: text in (s := self.screen()) and s, timeout, f"{text!r} on the terminal")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the terminal shows:\n{self.screen().rstrip()}") from None
 
     def close(self) -> None:
         self.user.run(["tmux", "-L", self.sock, "kill-server"])

@@ -3,6 +3,7 @@ unprivileged users: the conformance checks of the Slurm suite, on Grid Engine's 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -252,3 +253,26 @@ def test_arrays_and_dependencies(alice: User, bob: User) -> None:
     assert logs(alice, anyway) == "after any\n"
     r = bob.nagaya("submit", "--image", "bb", "--after", arr, "--", "true", cwd=CWD[bob.name])
     assert r.returncode != 0 and "not found" in r.stderr, r.stderr
+
+
+def test_alloc_on_gridengine_with_a_terminal(alice: User) -> None:
+    """`nagaya run --alloc` is Grid Engine's own interactive job (qrsh -pty yes) on this terminal: the shell
+    in the container has the terminal, the job is listed while it runs, its exit status comes back."""
+    from tests.integration.test_job_exec import Tmux
+
+    t = Tmux(alice, f"cd {CWD[alice.name]}; nagaya run --alloc --scheduler gridengine --time 2 bb sh; "
+                    "echo ALLOC-EXIT=$?")
+    try:
+        # The shell's prompt first, as a person would: Grid Engine 8.1.9's shepherd can lose a job whose
+        # terminal gets input before the job's shell has started (README: Grid Engine, interactive jobs).
+        t.wait("built-in commands", 90)               # busybox sh has started: its banner, then the prompt
+        t.keys('[ -t 0 ] && echo TTY-""YES', "Enter")
+        t.wait("TTY-YES", 60)
+        jobs = json.loads(alice.nagaya("jobs", "--json").stdout)
+        assert [j["state"] for j in jobs if j["name"] == "interactive"] == ["RUNNING"], jobs
+        t.keys("exit 4", "Enter")
+        t.wait("ALLOC-EXIT=4", 60)
+    finally:
+        t.close()
+    rec = (alice.home / ".local/share/nagaya/audit.jsonl").read_text().splitlines()
+    assert any('"action":"alloc"' in x and '"backend":"gridengine"' in x for x in rec)

@@ -2,8 +2,7 @@
 and two execds in network and UTS namespaces of their own, tests/helpers/gridengine.py). `submit --nodes 3`
 runs one task per host of the job's parallel environment ($PE_HOSTFILE, qrsh -inherit); `nagaya job exec`
 enters the container on the host and task asked for, as a task of the job (qrsh -inherit, never ssh).
-(`nagaya run --alloc` on Grid Engine, qrsh -pty, has no test here: on this machine's test cluster its job
-sometimes ends before it starts, accounting "failed 100", for a cause not yet found.)"""
+(`nagaya run --alloc` on Grid Engine, qrsh -pty, is tested in test_sched_gridengine.py.)"""
 
 from __future__ import annotations
 
