@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.site.conftest import Site, SiteUser, push, skopeo
+from tests.integration.site.conftest import Site, SiteUser, indexed, push, skopeo
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +64,7 @@ def matrix(site: Site, logged_in: dict[str, SiteUser], image_archive: Path) -> d
     for key in EXPECT:
         r = push(owner, image_archive, f"{site.registry}/{PROJECT}/victim-{key}:1", oc)
         assert r.returncode == 0, r.stderr
+    indexed(site, owner, f"{PROJECT}/seed", "1")                # the tags listing below reads the index
     time.sleep(1.2)                                             # let the 1-second token expire
     actors = {k: Actor(k, logged_in[v], logged_in[v].creds(site.registry)) for k, v in HUMANS.items()}
     actors["anonymous"] = Actor("anonymous", logged_in["outsider"], None)
