@@ -62,10 +62,19 @@ PartitionName=debug Nodes=n[1-{n}] Default=YES MaxTime=INFINITE State=UP
 SUBNET = "10.77.0"          # netns mode: the host bridge is .1, node nK is .(10+K)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and never handed out before in this process: the kernel may offer a just-closed port
+    again, and a cluster's ports are picked before its daemons bind them (once a slurmd got slurmctld's)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class SlurmCluster:
