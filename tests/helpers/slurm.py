@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers.ports import free_port
+
 CONF = """\
 ClusterName=nagaya
 SlurmctldHost={host}({ctld_addr})
@@ -60,21 +62,6 @@ PartitionName=debug Nodes=n[1-{n}] Default=YES MaxTime=INFINITE State=UP
 
 
 SUBNET = "10.77.0"          # netns mode: the host bridge is .1, node nK is .(10+K)
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def _free_port() -> int:
-    """A port free now and never handed out before in this process: the kernel may offer a just-closed port
-    again, and a cluster's ports are picked before its daemons bind them (once a slurmd got slurmctld's)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 class SlurmCluster:
@@ -202,16 +189,16 @@ class SlurmCluster:
         gres = self._make_gpus() if self.gpus else ""
         gres_attr = f" Gres=gpu:{self.gpus}" if self.gpus else ""
         nodes = "\n".join(f"NodeName={n} NodeHostname={n if self.netns else socket.gethostname()} "
-                          f"NodeAddr={self.addr(n)} Port={_free_port()} CPUs={self.cpus} RealMemory=1000 "
+                          f"NodeAddr={self.addr(n)} Port={free_port()} CPUs={self.cpus} RealMemory=1000 "
                           f"State=UNKNOWN{gres_attr}" for n in self.nodes)
         acct = "AccountingStorageType=accounting_storage/none"
         if self.accounting:
-            dbd_port = _free_port()
+            dbd_port = free_port()
             acct = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
                     f"AccountingStoragePort={dbd_port}\nAccountingStoreFlags=job_comment\n"
                     f"AccountingStoragePass={d}/munge/munge.socket")     # slurmdbd's munge: ours, not the default
         self.conf.write_text(CONF.format(host=socket.gethostname(), ctld_addr=f"{SUBNET}.1" if self.netns else
-                                         "127.0.0.1", ctld_port=_free_port(), dir=d, nodes=nodes, n=self.n,
+                                         "127.0.0.1", ctld_port=free_port(), dir=d, nodes=nodes, n=self.n,
                                          extra=gres + self.extra_conf, accounting=acct,
                                          min_job_age=self.min_job_age))
         self.conf.chmod(0o644)
@@ -246,7 +233,7 @@ class SlurmCluster:
                             "--auth-root-authentication-method=socket"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"mariadb-install-db: {r.stderr}")
-        my_port, sock = _free_port(), run / "sock"
+        my_port, sock = free_port(), run / "sock"
         p = subprocess.Popen([*as_mysql, "mariadbd", "--no-defaults", f"--datadir={db}", f"--socket={sock}",
                               f"--port={my_port}", "--bind-address=127.0.0.1", f"--pid-file={run}/mariadbd.pid",
                               f"--log-error={run}/mariadbd.log", "--skip-name-resolve", "--skip-log-bin",

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.fake_gpu import fake_gpus
+from tests.helpers.ports import free_port
 from tests.helpers.users import User
 from tests.integration.sched_helpers import ensure_users, import_images, wait_for
 
@@ -70,12 +71,6 @@ def workdir(alice: User) -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _project(user: User, workdir: Path, text: str, dotenv: str = "") -> Path:
     d = user.mkdir(workdir / "stack")
     (d / "compose.yml").write_text(text)
@@ -103,7 +98,7 @@ def _no_leftovers(user: User, before: set[str]) -> None:
 
 @pytest.fixture
 def stack(alice: User, workdir: Path) -> tuple[User, Path, int]:
-    port = _free_port()
+    port = free_port()
     d = _project(alice, workdir, STACK.format(tail="sleep 600"), dotenv=f"GREETING=hi-from-dotenv\nPORT={port}\n")
     return alice, d, port
 
@@ -155,7 +150,7 @@ def test_detach_and_down(stack: tuple[User, Path, int]) -> None:
 
 
 def test_a_failing_service_stops_the_stack(alice: User, workdir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     d = _project(alice, workdir, STACK.format(tail="exit 3"), dotenv=f"GREETING=x\nPORT={port}\n")
     before = _pids(alice)
     r = alice.nagaya("compose", "up", cwd=d, timeout=90)

@@ -22,6 +22,7 @@ import pytest
 from nagaya.compose import keys
 from nagaya.compose.spec import interpolate, read_env_file
 from tests.helpers.fake_gpu import fake_gpus
+from tests.helpers.ports import free_port
 from tests.helpers.users import User
 from tests.integration.sched_helpers import ensure_users, import_images, wait_for
 
@@ -43,12 +44,6 @@ def workdir(alice: User) -> Iterator[Path]:
     os.chown(d, alice.uid, alice.gid)
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def corpus_env(user: User) -> dict[str, str]:

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from tests.conftest import require
 from tests.helpers.fake_gpu import fake_gpus
+from tests.helpers.ports import free_port
 from tests.helpers.slurm import SlurmCluster
 from tests.helpers.users import User
 from tests.integration.sched_helpers import ensure_users, import_images, wait_for, wait_state
@@ -81,19 +81,13 @@ def user(cluster: SlurmCluster, rootfs: Path, app_layout: Path) -> Iterator[User
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pids(user: User) -> set[str]:
     return {p.split()[0] for p in user.processes()}
 
 
 def _stack(user: User, name: str) -> Path:
     d = user.mkdir(CWD[user.name] / name)
-    (d / "compose.yml").write_text(STACK.format(port=_free_port()))
+    (d / "compose.yml").write_text(STACK.format(port=free_port()))
     (d / "httpd.sh").write_text(HTTPD_SH)
     (d / "client.sh").write_text(CLIENT_SH)
     user.chown_tree(d)

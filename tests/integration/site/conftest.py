@@ -10,7 +10,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from tests.conftest import require
 from tests.helpers import images
+from tests.helpers.ports import free_port
 from tests.helpers.users import User
 
 CI = os.environ.get("CI") == "true"
@@ -238,11 +238,6 @@ def indexed(site: Site, who: SiteUser, repository: str, tag: str, deadline_s: fl
 
 # ---- PostgreSQL: Debian's server, started here as the postgres user on a private port and socket dir ------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @dataclass
 class Postgres:
@@ -272,7 +267,7 @@ def postgres(site_system: None) -> Iterator[Postgres]:
     as_pg = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
     r = run_root([*as_pg, str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
     assert r.returncode == 0, r.stderr
-    port = _free_port()
+    port = free_port()
     r = run_root([*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(d / "pg.log"), "-w", "-t", "60", "-o",
                   f"-p {port} -k {sock} -c listen_addresses=''", "start"])
     assert r.returncode == 0, r.stderr + (d / "pg.log").read_text(errors="replace")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.ports import free_port
 from tests.integration.site.conftest import SiteUser, require, run_root, site_down, site_up
 
 pytestmark = pytest.mark.integration
@@ -34,12 +34,6 @@ class Ldap:
                 "group_filter": "(&(objectClass=posixGroup)(memberUid={username}))",
                 "group_lookup_filter": "(&(objectClass=posixGroup)(cn={group}))",
                 "bind_dn": ROOT_DN, "bind_password": ROOT_PW, "start_tls": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +60,7 @@ rootpw {ROOT_PW}
 directory {d}/db
 """)
     shutil.chown(d / "db", "openldap", "openldap")
-    port = _free_port()
+    port = free_port()
     uri = f"ldap://127.0.0.1:{port}"
     # -d 0: stay in the foreground, so this fixture owns (and stops) the daemon
     proc = subprocess.Popen(["/usr/sbin/slapd", "-d", "0", "-f", str(d / "slapd.conf"), "-h", uri + "/",

@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.site.conftest import Site, SiteUser, _free_port, ensure_group, ensure_user
+from tests.helpers.ports import free_port
+from tests.integration.site.conftest import Site, SiteUser, ensure_group, ensure_user
 
 pytestmark = pytest.mark.integration
 PYTHON = "/opt/nagaya/bin/python"
@@ -32,7 +33,7 @@ PYTHON = "/opt/nagaya/bin/python"
 def clock_moved(site: Site, offset: str) -> Iterator[str]:
     """The site's server, once more, on another port with its clock moved by `offset`; yields its URL."""
     settings = json.loads((site.state_dir / "server.json").read_text())
-    settings["port"] = _free_port()
+    settings["port"] = free_port()
     d = Path(tempfile.mkdtemp(prefix="nagaya-clock-"))
     path = d / "server.json"
     path.write_text(json.dumps(settings))

@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from tests.conftest import require
-from tests.helpers.slurm import SlurmCluster, _free_port
+from tests.helpers.ports import free_port
+from tests.helpers.slurm import SlurmCluster
 from tests.integration.site.conftest import Site, SiteUser, daemons, ensure_user, push, site_down, site_up
 
 pytestmark = pytest.mark.integration
@@ -59,7 +60,7 @@ def cluster(jwt_key: Path) -> Iterator[SlurmCluster]:
 def restd(cluster: SlurmCluster) -> Iterator[str]:
     """slurmrestd on a loopback port (what the site uses) and on a unix socket (RESTD_SOCKET, for the gateway
     test)."""
-    port = _free_port()
+    port = free_port()
     log = open(cluster.dir / "slurmrestd.log", "wb")
     sock_dir = cluster.dir / "restd"
     sock_dir.mkdir()
