@@ -188,6 +188,16 @@ class PBSCluster:
             self._until(lambda h=h: self._node_free(h), 60, f"the node {h}")
         return self
 
+    def mount_tables(self) -> list[str]:
+        """Every host's mount table: this one's, and each extra mom's (`ip netns exec` gives it a mount
+        namespace of its own, which its jobs share)."""
+        out = ["/proc/self/mounts"]
+        for h in self.extra:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int((self.home_of(h) / "mom_priv" / "mom.lock").read_text().split()[0])
+                out.append(f"/proc/{pid}/mounts")
+        return out
+
     def _node_free(self, host: str) -> bool:
         r = self.cmd("pbsnodes", "-F", "json", host, check=False)
         with contextlib.suppress(ValueError, KeyError):
@@ -242,6 +252,9 @@ class PBSCluster:
             etc = Path("/etc/netns") / ns
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text("\n".join(["127.0.0.1 localhost", f"{addr} {self.host}", *names]) + "\n")
+            # No name server there: glibc then asks 127.0.0.1, refused at once, where the host's server would
+            # only time out (it cost each mom start 20 s)
+            (etc / "resolv.conf").write_text("# nagaya's PBS test host: names come from its hosts file\n")
             self.made.append(["rm", "-rf", str(etc)])
         with open(HOSTS, "r+b") as f:           # in place: /etc/hosts may be a bind mount
             text = f.read().decode()
