@@ -132,6 +132,8 @@ class Terms:
 END = r"""
 app=0; ending=""; timer=0; killer=0; fds=(); pids=()
 end() {
+  # `p`, `k` local: end() runs as a trap while the wait loop below is waiting on its own "$p"
+  local p k
   [ -n "$ending" ] && return; ending=$1; echo "$1" > "$endf"
   [ "$app" -gt 0 ] || return
   @END_REMOTE@
