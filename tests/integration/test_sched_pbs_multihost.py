@@ -209,3 +209,7 @@ def test_compose_across_the_jobs_hosts(alice: User, cluster: PBSCluster) -> None
     finally:
         alice.nagaya("cancel", job)
     assert wait_state(alice, job, timeout=cluster.kill_delay + 40)["state"] in ("CANCELLED", "FAILED", "COMPLETED")
+    # every replica, on either host, ended on the stop signal (TERM: 143), none was KILLed (137)
+    st = ps()
+    assert st.get("status") == "down", st
+    assert {x["name"]: x["exit_code"] for x in st["replicas"]} == {x["name"]: 143 for x in st["replicas"]}, st
