@@ -10,7 +10,9 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import pytest
 from tests.conftest import require
 from tests.helpers.pbs import PBS_EXEC, PBSCluster
 from tests.helpers.users import User
-from tests.integration.sched_helpers import ensure_users, import_images, live_processes, wait_for, wait_state
+from tests.integration.sched_helpers import ensure_users, import_images, live_processes, show, wait_for, wait_state
 from tests.integration.sched_helpers import submit as _submit
 
 pytestmark = pytest.mark.integration
@@ -213,3 +215,37 @@ def test_compose_across_the_jobs_hosts(alice: User, cluster: PBSCluster) -> None
     st = ps()
     assert st.get("status") == "down", st
     assert {x["name"]: x["exit_code"] for x in st["replicas"]} == {x["name"]: 143 for x in st["replicas"]}, st
+
+
+def _root_nagaya(cluster: PBSCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """nagaya as root (a PBS manager): suspending is an operator action in PBS."""
+    first = os.environ.get("NAGAYA_TEST_BIN", "")
+    env = {**os.environ, **cluster.env, "NAGAYA_SCHED_BACKEND": "pbs",
+           "PATH": f"{first}:{os.environ['PATH']}" if first else os.environ["PATH"]}
+    return subprocess.run(["nagaya", *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_suspend_and_resume_reach_every_host(alice: User, cluster: PBSCluster) -> None:
+    """PBS's own suspend stops every host's tasks (the other hosts' through their moms) and resume continues
+    them; then qdel ends both."""
+    job, tag = _counting(alice)
+    files = _wait_counting(alice, job, tag)
+    r = alice.nagaya("job", "suspend", job)
+    assert r.returncode != 0 and "operator" in r.stderr, r.stderr
+    r = _root_nagaya(cluster, "job", "suspend", job)
+    assert r.returncode == 0, r.stderr
+    wait_state(alice, job, ("SUSPENDED",), 20)
+
+    def counts() -> list[str]:
+        return [f.read_text() for f in files]
+    frozen = wait_for(lambda: (a := counts()) == (time.sleep(0.5), counts())[1] and a, 30, "both ranks to stop")
+    time.sleep(2)
+    assert counts() == frozen and show(alice, job)["state"] == "SUSPENDED"
+    r = _root_nagaya(cluster, "job", "resume", job)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: all(a != b for a, b in zip(counts(), frozen, strict=True)), 20, "both ranks to continue")
+    assert alice.nagaya("cancel", job).returncode == 0
+    assert wait_state(alice, job, timeout=cluster.kill_delay + 40)["state"] == "CANCELLED"
+    _cleaned_up_on_both(alice, job, cluster)
+    for f in files:
+        f.unlink()
