@@ -342,7 +342,7 @@ class Stack:
     def _on_node(self, node: str, argv: list[str], label: str, gpus: bool = False, r: Replica | None = None) \
             -> list[str]:
         if self.backend in ("gridengine", "pbs"):
-            return self._on_host(node, argv, r if r is not None and not label.endswith("_health") else None)
+            return self._on_host(node, argv, r)
         if self.backend != "slurm":
             return argv
         # deploy.resources: the step's CPUs and memory (placement checked they fit the job on that node).
@@ -367,7 +367,7 @@ class Stack:
             return argv
         if self.backend == "pbs":
             tmrsh = os.path.join(self.cfg.sched.pbs_bin, "pbs_tmrsh")
-            if r is None:                       # a healthcheck: short, its output is what it printed
+            if r is None:                       # a healthcheck: short, its output is what the client prints
                 return [tmrsh, node, *argv]
             from nagaya.sched.pbs import task_argv
 
@@ -670,17 +670,16 @@ class Stack:
                 if r.returncode == 0:
                     return
             sig = signal.SIGTERM
-        if self.backend == "pbs" and isinstance(p.args, list) and len(p.args) > 7 and p.args[2:6] == \
-                ["/bin/bash", "-c", task_relay(), "relay"]:
-            # A replica on another host: PBS's pbs_tmrsh client passes no signal on (it would only die, and
-            # its task live on until the job's end), so a second task there tells the replica's relay.
-            from nagaya.sched.pbs import signal_argv
+        if self.backend == "pbs" and isinstance(p.args, list):
+            from nagaya.sched.pbs import relayed, signal_argv
 
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(signal_argv(str(p.args[0]), str(p.args[1]), str(p.args[7]),
-                                           signal.Signals(sig).name.removeprefix("SIG")),
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env=self.step_env)
-            return
+            if (task := relayed(p.args)) is not None:
+                # A replica on another host: PBS's pbs_tmrsh client passes no signal on (it would only die, and
+                # its task live on until the job's end), so a second task there tells the replica's relay.
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    subprocess.run(signal_argv(*task, signal.Signals(sig).name.removeprefix("SIG")),
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env=self.step_env)
+                return
         with contextlib.suppress(ProcessLookupError):
             p.send_signal(sig)
 
@@ -696,12 +695,6 @@ class Stack:
             if name.strip() == label:
                 return step
         return ""
-
-
-def task_relay() -> str:
-    from nagaya.sched.pbs import TASK_RELAY
-
-    return TASK_RELAY.strip()
 
 
 def stop(d: Path, timeout: float = STOP_GRACE + 20) -> bool:

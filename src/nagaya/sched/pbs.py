@@ -85,6 +85,13 @@ def task_argv(tmrsh: str, host: str, key: str, grace: int, log: str, argv: list[
     return [tmrsh, host, "/bin/bash", "-c", TASK_RELAY.strip(), "relay", str(grace), key, log, *argv]
 
 
+def relayed(argv: list[Any]) -> tuple[str, str, str] | None:
+    """(pbs_tmrsh, HOST, KEY) of a task_argv() command line; None for any other."""
+    if len(argv) > 7 and argv[2:6] == ["/bin/bash", "-c", TASK_RELAY.strip(), "relay"]:
+        return str(argv[0]), str(argv[1]), str(argv[7])
+    return None
+
+
 def signal_argv(tmrsh: str, host: str, key: str, sig: str = "TERM") -> list[str]:
     """The task that passes SIG on to the relay KEY on HOST."""
     return [tmrsh, host, "/bin/bash", "-c", TASK_SIGNAL.strip(), "signal", key, sig]
