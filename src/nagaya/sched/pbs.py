@@ -47,13 +47,14 @@ KEY = re.compile(r"(\d+)(?:\[(\d*)\])?(?:\..*)?")
 
 # A task on another host of a multi-host job (the wrapper's ranks, compose's replicas there) is started by
 # `pbs_tmrsh HOST` (PBS's TM interface: a task of the job on that host's mom, in its accounting, KILLed by PBS
-# at the job's end) under this relay. PBS's own TERM (qdel, qsig) reaches only the first host's session, so
-# an ending is passed on by a second task on that host (TASK_SIGNAL) that tells the relay, which gives its
-# app the signal, then KILL after the grace. The handoff cannot be lost: the signaller writes its mark, then
-# reads the relay's pid; the relay publishes its pid (written aside, renamed), then looks for a mark. Both
-# live in the job's $TMPDIR on that host (private to the job, removed by PBS). Arguments: GRACE KEY LOG ARGV...
+# at the job's end) under this relay. qdel's TERM (and any qsig signal; suspend/resume PBS passes on to every
+# host itself) reaches only the first host's session, so an ending is passed on by a second task on that host
+# (TASK_SIGNAL) that tells the relay, which gives its app the signal, then KILL after the grace. The handoff
+# cannot be lost: the signaller writes its mark, then reads the relay's pid; the relay publishes its pid
+# (written aside, renamed), then looks for a mark. Both live in the job's $TMPDIR on that host (private to the
+# job, removed by PBS), named by job and key. Arguments: GRACE KEY LOG ARGV...
 TASK_RELAY = r"""
-g=$1; d=${TMPDIR:-/tmp}/.nagaya-task-$2; exec >>"$3" 2>&1 </dev/null; shift 3; a=0; t=0; k=0
+g=$1; d=${TMPDIR:-/tmp}/.nagaya-$PBS_JOBID-$2; exec >>"$3" 2>&1 </dev/null; shift 3; a=0; t=0; k=0
 setpriv --pdeathsig KILL -- "$@" & a=$!
 end() {
   [ $t = 1 ] && return; t=1; s=$(cat "$d.end" 2>/dev/null); s=${s:-TERM}
@@ -73,7 +74,7 @@ exit $r
 """
 # Arguments: KEY SIGNAL (the relay's, as `kill -SIGNAL` takes it).
 TASK_SIGNAL = r"""
-d=${TMPDIR:-/tmp}/.nagaya-task-$1
+d=${TMPDIR:-/tmp}/.nagaya-$PBS_JOBID-$1
 echo "$2" >"$d.end.$$" && mv -f "$d.end.$$" "$d.end"
 p=$(cat "$d.pid" 2>/dev/null) && kill -TERM "$p" 2>/dev/null
 exit 0
