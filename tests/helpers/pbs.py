@@ -6,6 +6,12 @@ shared/notes/openpbs.md.
 Each start is fresh (a half-initialised datastore from a failed start breaks every later one, pitfall 2):
 `pbs_postinstall`, PBS_START_MOM=1, a 1-2 s mom poll (SIGKILL after kill_delay waits for it), job history,
 a consumable `ngpus` backed by fake /dev/nvidiaN nodes with nagaya's per-device locks, kill_delay, 4 CPUs.
+
+`extra_hosts=N`: N more execution hosts (nypb1..), each a pbs_mom in a network and UTS namespace of its own
+(its own host name and address on a host bridge, as tests/helpers/gridengine.py does for Grid Engine), with a
+PBS_HOME and a pbs.conf of its own (PBS_SERVER = this host, PBS_START_MOM=1 only) that it alone reads: every
+daemon is started with an explicit environment, one after the other, and each node must be `free` before the
+next starts.
 """
 
 from __future__ import annotations
@@ -59,15 +65,43 @@ def _pbs_pids() -> list[int]:
     return out
 
 
+SUBNET = "10.79.0"      # extra hosts: the bridge is .1, host nypbK .(10+K) (GE's tests use 10.78.0, Slurm's 10.77.0)
+BRIDGE = "nypbbr0"
+MARK = "# nagaya-pbs-netns"
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _daemon_env(**extra: str) -> dict[str, str]:
+    """A PBS daemon's whole environment: nothing of the caller's PBS_* (a PBS_CONF_FILE meant for another
+    mom would make this one read the wrong pbs.conf), a clean PATH (keeps pyenv's python out)."""
+    keep = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "LC_ALL", "TERM", "USER", "LOGNAME")}
+    return {**keep, "PATH": CLEAN_PATH, **extra}
+
+
 class PBSCluster:
-    def __init__(self, gpus: int = 2, ncpus: int = 4, kill_delay: int = 5) -> None:
+    def __init__(self, gpus: int = 2, ncpus: int = 4, kill_delay: int = 5, extra_hosts: int = 0) -> None:
         self.gpus = gpus
         self.ncpus = ncpus
         self.kill_delay = kill_delay
         self.host = socket.gethostname().split(".")[0]
+        self.extra = [f"nypb{i}" for i in range(1, extra_hosts + 1)]
+        self.made: list[list[str]] = []
         self.dir = Path(tempfile.mkdtemp(prefix="nagaya-pbs-"))
         self.dir.chmod(0o755)
         self.hosts_saved: bytes | None = None
+
+    @staticmethod
+    def home_of(h: str) -> Path:
+        """An extra host's PBS_HOME (the first host's is PBS_HOME)."""
+        return Path(f"{PBS_HOME}-{h}")
+
+    @staticmethod
+    def tmp_of(h: str) -> Path:
+        """An extra host's $tmpdir: its jobs' $TMPDIR must not be the first host's (one file system here)."""
+        return Path(f"/var/tmp/nagaya-pbs-{h}")
+
+    def conf_of(self, h: str) -> Path:
+        return self.dir / f"pbs-{h}.conf"
 
     @property
     def env(self) -> dict[str, str]:
@@ -104,8 +138,11 @@ class PBSCluster:
     def _start(self) -> PBSCluster:
         self._stop_daemons()
         self._purge()
+        self._undo_net()
         self._fix_hosts()
-        env = {**os.environ, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        if self.extra:
+            self._make_hosts_net()          # names first: the server resolves its nodes when they are created
+        env = _daemon_env()
         r = subprocess.run([f"{PBS_EXEC}/libexec/pbs_postinstall", "server", "", PBS_EXEC, PBS_HOME, "postgres"],
                            capture_output=True, text=True, env=env, timeout=120)
         if not CONF.exists():
@@ -119,6 +156,8 @@ class PBSCluster:
                 os.unlink(p)
         mom = Path(PBS_HOME) / "mom_priv" / "config"
         mom.write_text(f"$clienthost {self.host}\n$min_check_poll 1\n$max_check_poll 2\n")
+        for h in self.extra:                # copies of a pristine mom home, made before any mom has run
+            self._make_mom_home(h)
         r = subprocess.run([INIT, "start"], capture_output=True, text=True, env=env, timeout=180)
         self._until(lambda: self.cmd("qstat", "-B", check=False).returncode == 0, 60,
                     f"the server ({r.stdout[-1500:]} {r.stderr[-1500:]})")
@@ -135,15 +174,117 @@ class PBSCluster:
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{pid}/exe").resolve().name == "pbs_sched":
                     os.kill(pid, signal.SIGHUP)
-        self._until(self._node_free, 60, "the node")
+        self._until(lambda: self._node_free(self.host), 60, "the node")
+        for h in self.extra:                # one mom at a time, each free before the next starts
+            self.qmgr(f"create node {h}", f"set node {h} resources_available.ncpus = {self.ncpus}",
+                      f"set node {h} resources_available.ngpus = 0")
+            ns = f"nagaya-{h}"
+            r = subprocess.run(["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
+                                f"hostname {h} && exec {PBS_EXEC}/sbin/pbs_mom"],
+                               capture_output=True, text=True, env=_daemon_env(PBS_CONF_FILE=str(self.conf_of(h))),
+                               timeout=60)
+            if r.returncode != 0:
+                raise RuntimeError(f"pbs_mom on {h}: {r.stdout.strip()} {r.stderr.strip()}")
+            self._until(lambda h=h: self._node_free(h), 60, f"the node {h}")
         return self
 
-    def _node_free(self) -> bool:
-        r = self.cmd("pbsnodes", "-F", "json", self.host, check=False)
-        with contextlib.suppress(ValueError):
-            node = json.loads(r.stdout)["nodes"][self.host]
+    def mount_tables(self) -> list[str]:
+        """Every host's mount table: this one's, and each extra mom's (`ip netns exec` gives it a mount
+        namespace of its own, which its jobs share)."""
+        out = ["/proc/self/mounts"]
+        for h in self.extra:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int((self.home_of(h) / "mom_priv" / "mom.lock").read_text().split()[0])
+                out.append(f"/proc/{pid}/mounts")
+        return out
+
+    def _node_free(self, host: str) -> bool:
+        r = self.cmd("pbsnodes", "-F", "json", host, check=False)
+        with contextlib.suppress(ValueError, KeyError):
+            node = json.loads(r.stdout)["nodes"][host]
             return bool(node.get("state") == "free")
         return False
+
+    def _make_mom_home(self, h: str) -> None:
+        """An extra host's PBS_HOME (a copy of the first host's mom parts), its pbs.conf and $tmpdir."""
+        home = self.home_of(h)
+        home.mkdir(mode=0o755)
+        for part in ("aux", "checkpoint", "mom_logs", "mom_priv", "spool", "undelivered", "pbs_environment"):
+            src = Path(PBS_HOME) / part
+            if src.is_dir():
+                shutil.copytree(src, home / part, symlinks=True)
+            elif src.exists():
+                shutil.copy2(src, home / part)
+        (home / "mom_priv" / "config").write_text(
+            f"$clienthost {self.host}\n$min_check_poll 1\n$max_check_poll 2\n$tmpdir {self.tmp_of(h)}\n")
+        tmp = self.tmp_of(h)
+        tmp.mkdir(exist_ok=True)
+        tmp.chmod(0o1777)
+        self.conf_of(h).write_text(f"PBS_EXEC={PBS_EXEC}\nPBS_HOME={home}\nPBS_SERVER={self.host}\n"
+                                   "PBS_START_SERVER=0\nPBS_START_SCHED=0\nPBS_START_COMM=0\nPBS_START_MOM=1\n")
+
+    def _sh(self, *argv: str, undo: list[str] | None = None) -> None:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
+        if undo:
+            self.made.append(undo)
+
+    def _make_hosts_net(self) -> None:
+        """Each extra host: a network namespace on a host bridge whose /etc/hosts (`ip netns exec`'s
+        /etc/netns/NS/hosts) names this host by its real address, routed through the bridge: the moms talk
+        through pbs_comm by name and address, so every host must see the same address for a name."""
+        addr = socket.gethostbyname(self.host)
+        self._sh("ip", "link", "add", BRIDGE, "type", "bridge", undo=["ip", "link", "del", BRIDGE])
+        self._sh("ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
+        self._sh("ip", "link", "set", BRIDGE, "up")
+        names = [f"{SUBNET}.{10 + i} {h}" for i, h in enumerate(self.extra, 1)]
+        for i, h in enumerate(self.extra, 1):
+            ns, veth = f"nagaya-{h}", f"nypbv{i}"
+            self._sh("ip", "netns", "add", ns, undo=["ip", "netns", "del", ns])
+            self._sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                     undo=["ip", "link", "del", veth])
+            self._sh("ip", "link", "set", veth, "master", BRIDGE, "up")
+            self._sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{10 + i}/24", "dev", "eth0")
+            self._sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            self._sh("ip", "-n", ns, "link", "set", "lo", "up")
+            self._sh("ip", "-n", ns, "route", "add", "default", "via", f"{SUBNET}.1")
+            etc = Path("/etc/netns") / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text("\n".join(["127.0.0.1 localhost", f"{addr} {self.host}", *names]) + "\n")
+            # No name server there: glibc then asks 127.0.0.1, refused at once, where the host's server would
+            # only time out (it cost each mom start 20 s)
+            (etc / "resolv.conf").write_text("# nagaya's PBS test host: names come from its hosts file\n")
+            self.made.append(["rm", "-rf", str(etc)])
+        with open(HOSTS, "r+b") as f:           # in place: /etc/hosts may be a bind mount
+            text = f.read().decode()
+            f.seek(0)
+            f.write((text.rstrip("\n") + "\n" + "".join(f"{x} {MARK}\n" for x in names)).encode())
+            f.truncate()
+
+    @staticmethod
+    def _unmark_hosts() -> None:
+        with contextlib.suppress(OSError), open(HOSTS, "r+b") as f:
+            lines = f.read().decode().splitlines(keepends=True)
+            kept = [x for x in lines if not x.rstrip().endswith(MARK)]
+            if kept != lines:
+                f.seek(0)
+                f.write("".join(kept).encode())
+                f.truncate()
+
+    def _undo_net(self) -> None:
+        """What _make_hosts_net made (this run's, or an earlier run's that died before undoing it)."""
+        for undo in reversed(self.made):
+            subprocess.run(undo, capture_output=True, timeout=30)
+        self.made.clear()
+        r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+        for line in r.stdout.splitlines():
+            ns = line.split()[0] if line.split() else ""
+            if re.fullmatch(r"nagaya-nypb\d+", ns):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+                shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, timeout=30)
+        self._unmark_hosts()
 
     def _fix_hosts(self) -> None:
         """Only when the host name resolves to loopback: map it to the host's real address (the original
@@ -214,7 +355,10 @@ class PBSCluster:
     def _stop_daemons(self) -> None:
         if os.path.exists(INIT) and CONF.exists():
             with contextlib.suppress(subprocess.SubprocessError):
-                subprocess.run([INIT, "stop"], capture_output=True, timeout=120)
+                subprocess.run([INIT, "stop"], capture_output=True, timeout=120, env=_daemon_env())
+        for pid in _pbs_pids():             # the extra hosts' moms (the init script knows only this host's)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
         while _pbs_pids() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -225,6 +369,10 @@ class PBSCluster:
     @staticmethod
     def _purge() -> None:
         shutil.rmtree(PBS_HOME, ignore_errors=True)
+        for p in Path(PBS_HOME).parent.glob(Path(PBS_HOME).name + "-nypb*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in Path("/var/tmp").glob("nagaya-pbs-nypb*"):
+            shutil.rmtree(p, ignore_errors=True)
         for p in (CONF, Path("/etc/init.d/pbs"), Path("/etc/systemd/system/multi-user.target.wants/pbs.service")):
             with contextlib.suppress(OSError):
                 p.unlink()
@@ -235,5 +383,6 @@ class PBSCluster:
                 self.delete_all_jobs()
         self._stop_daemons()
         self._purge()
+        self._undo_net()
         self._restore_hosts()
         shutil.rmtree(self.dir, ignore_errors=True)

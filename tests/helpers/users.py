@@ -35,8 +35,11 @@ class User:
         return cls(name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
 
     def env(self, **extra: str) -> dict[str, str]:
-        e = {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name, "PATH": PATH, "LANG": "C.UTF-8",
-             "TERM": "xterm"}
+        # NAGAYA_TEST_BIN (optional): a directory whose `nagaya` the users run before the installed one, so a
+        # worktree's code is what the tests exercise (its jobs find the same `nagaya` on PATH).
+        first = os.environ.get("NAGAYA_TEST_BIN", "")
+        e = {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
+             "PATH": f"{first}:{PATH}" if first else PATH, "LANG": "C.UTF-8", "TERM": "xterm"}
         e.update(self.extra_env)
         e.update(extra)
         return e

@@ -342,7 +342,7 @@ class Stack:
     def _on_node(self, node: str, argv: list[str], label: str, gpus: bool = False, r: Replica | None = None) \
             -> list[str]:
         if self.backend in ("gridengine", "pbs"):
-            return self._on_host(node, argv)
+            return self._on_host(node, argv, r)
         if self.backend != "slurm":
             return argv
         # deploy.resources: the step's CPUs and memory (placement checked they fit the job on that node).
@@ -358,14 +358,22 @@ class Stack:
                         "--gres=none")
         return [*srun, *argv]
 
-    def _on_host(self, node: str, argv: list[str]) -> list[str]:
+    def _on_host(self, node: str, argv: list[str], r: Replica | None = None) -> list[str]:
         """Grid Engine / PBS: a replica on another host of the job runs as a task of the job through the
         scheduler's own launcher (qrsh -inherit, with GE's -notify warnings ignored as in the job's wrapper;
-        pbs_tmrsh); on the job's first host, where this supervisor runs, directly."""
+        pbs_tmrsh, a replica under PBS's task relay: see _signal); on the job's first host, where this
+        supervisor runs, directly."""
         if node == self.nodes[0]:
             return argv
         if self.backend == "pbs":
-            return [os.path.join(self.cfg.sched.pbs_bin, "pbs_tmrsh"), node, *argv]
+            tmrsh = os.path.join(self.cfg.sched.pbs_bin, "pbs_tmrsh")
+            if r is None:                       # a healthcheck: short, its output is what the client prints
+                return [tmrsh, node, *argv]
+            from nagaya.sched.pbs import task_argv
+
+            svc = self.project.services[r.service]
+            return task_argv(tmrsh, node, f"c-{r.name}", int(svc.stop_grace_period),
+                             str(self.dir / "logs" / f"{r.name}.log"), argv)
         inner = ["bash", "-c", 'trap "" USR1 USR2; exec "$@"', "replica", *argv]
         return [os.path.join(self.cfg.sched.gridengine_bin, "qrsh"), "-inherit", "-nostdin", node,
                 " ".join(shlex.quote(a) for a in inner)]       # qrsh joins its arguments for a shell
@@ -662,6 +670,16 @@ class Stack:
                 if r.returncode == 0:
                     return
             sig = signal.SIGTERM
+        if self.backend == "pbs" and isinstance(p.args, list):
+            from nagaya.sched.pbs import relayed, signal_argv
+
+            if (task := relayed(p.args)) is not None:
+                # A replica on another host: PBS's pbs_tmrsh client passes no signal on (it would only die, and
+                # its task live on until the job's end), so a second task there tells the replica's relay.
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    subprocess.run(signal_argv(*task, signal.Signals(sig).name.removeprefix("SIG")),
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env=self.step_env)
+                return
         with contextlib.suppress(ProcessLookupError):
             p.send_signal(sig)
 

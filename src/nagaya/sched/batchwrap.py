@@ -109,7 +109,7 @@ class Terms:
 
     def __init__(self, backend: str, setup: str, traps: str, group: bool, relay_cancel: bool, quiet: str = "",
                  host: str = "$HOSTNAME", slots: str = "1", hostfile: str = "", own_tasks: bool = False,
-                 remote: str = "") -> None:
+                 remote: str = "", end_remote: str = "") -> None:
         self.backend = backend              # nagaya's name for it (`job show --backend`)
         self.setup = setup                  # sets $task, $endf, $gpuf, $log (and what the scheduler needs first)
         self.traps = traps                  # the scheduler's own signals (TERM and ALRM are the wrapper's)
@@ -120,6 +120,7 @@ class Terms:
         self.hostfile = hostfile            # the variable naming the job's host list (multi-host jobs)
         self.own_tasks = own_tasks          # a cancel reaches every host's task from the scheduler itself
         self.remote = remote                # bash: a function `remote HOST ARGV...` running ARGV there as a task
+        self.end_remote = end_remote        # bash, in end(): pass the ending on to the other hosts' tasks
 
     def with_setup(self, first: str) -> Terms:
         """These terms with `first` (bash) run before the setup."""
@@ -131,8 +132,11 @@ class Terms:
 END = r"""
 app=0; ending=""; timer=0; killer=0; fds=(); pids=()
 end() {
+  # `p`, `k` local: end() runs as a trap while the wait loop below is waiting on its own "$p"
+  local p k
   [ -n "$ending" ] && return; ending=$1; echo "$1" > "$endf"
   [ "$app" -gt 0 ] || return
+  @END_REMOTE@
   @RELAY@
   local to=("${pids[@]}")
   [ "$1" = CANCELLED ] && [ @OWN_TASKS@ = 1 ] && to=("$app")    # the scheduler signals the other hosts' tasks
@@ -167,7 +171,15 @@ if [ -n "$ending" ]; then      # cancelled while the GPUs were being taken
 fi
 rc=0
 for p in "${pids[@]}"; do      # the first task's status, unless it succeeded and another did not
-  r=0; while kill -0 "$p" 2>/dev/null; do wait "$p"; r=$?; done
+  # `wait PID` first: bash keeps the status of a task that ended before the loop reached it (kill -0 would
+  # find it gone, and its status lost). A trapped signal interrupts wait (128+N): wait again while the task
+  # lives, and once more after it ended (its status is still kept; 127 once it was already taken).
+  while :; do
+    wait "$p"; r=$?
+    kill -0 "$p" 2>/dev/null && continue
+    [ "$r" -gt 128 ] && { wait "$p"; x=$?; [ "$x" -ne 127 ] && r=$x; }
+    break
+  done
   [ "$rc" -eq 0 ] && rc=$r
 done
 [ "$timer" -gt 0 ] && kill "$timer" 2>/dev/null
@@ -189,7 +201,7 @@ def _fill(text: str, t: Terms) -> str:
         'every process of the job itself'
     for key, value in (("TARGET", target), ("RELAY", relay), ("QUIET", t.quiet), ("BACKEND", t.backend),
                        ("HOSTFILE", t.hostfile), ("OWN_TASKS", "1" if t.own_tasks else "0"), ("HOST", t.host),
-                       ("SLOTS", t.slots)):
+                       ("SLOTS", t.slots), ("END_REMOTE", t.end_remote.strip() or ":")):
         text = text.replace(f"@{key}@", value)
     return text.strip()
 

@@ -45,26 +45,95 @@ SUBSTATE_DELETED = 91           # qdel'd (before or while running); 92 finished,
 ARRAY = re.compile(r"(\d+)-(\d+)(?::(\d+))?(?:%(\d+))?")
 KEY = re.compile(r"(\d+)(?:\[(\d*)\])?(?:\..*)?")
 
+# A task on another host of a multi-host job (the wrapper's ranks, compose's replicas there) is started by
+# `pbs_tmrsh HOST` (PBS's TM interface: a task of the job on that host's mom, in its accounting, KILLed by PBS
+# at the job's end) under this relay. qdel's TERM (and any qsig signal; suspend/resume PBS passes on to every
+# host itself) reaches only the first host's session, so an ending is passed on by a second task on that host
+# (TASK_SIGNAL) that tells the relay, which gives its app the signal, then KILL after the grace. The handoff
+# cannot be lost: the signaller writes its mark, then reads the relay's pid; the relay publishes its pid
+# (written aside, renamed), then looks for a mark. Both live in the job's $TMPDIR on that host (private to the
+# job, removed by PBS), named by job and key. Arguments: GRACE KEY LOG ARGV...
+TASK_RELAY = r"""
+g=$1; d=${TMPDIR:-/tmp}/.nagaya-$PBS_JOBID-$2; exec >>"$3" 2>&1 </dev/null; shift 3; a=0; t=0; k=0
+setpriv --pdeathsig KILL -- "$@" & a=$!
+end() {
+  [ $t = 1 ] && return; t=1; s=$(cat "$d.end" 2>/dev/null); s=${s:-TERM}
+  kill -CONT $a 2>/dev/null; kill -"$s" $a 2>/dev/null; ( sleep "$g"; kill -KILL $a 2>/dev/null ) & k=$!
+}
+trap end TERM
+echo $$ >"$d.pid.$$" && mv -f "$d.pid.$$" "$d.pid"
+[ -e "$d.end" ] && end
+while :; do
+  wait $a; r=$?
+  kill -0 $a 2>/dev/null && continue
+  [ $r -gt 128 ] && { wait $a; x=$?; [ $x -ne 127 ] && r=$x; }
+  break
+done
+rm -f "$d.pid"; [ $k -gt 0 ] && kill $k 2>/dev/null
+exit $r
+"""
+# Arguments: KEY SIGNAL (the relay's, as `kill -SIGNAL` takes it).
+TASK_SIGNAL = r"""
+d=${TMPDIR:-/tmp}/.nagaya-$PBS_JOBID-$1
+echo "$2" >"$d.end.$$" && mv -f "$d.end.$$" "$d.end"
+p=$(cat "$d.pid" 2>/dev/null) && kill -TERM "$p" 2>/dev/null
+exit 0
+"""
+
+
+def task_argv(tmrsh: str, host: str, key: str, grace: int, log: str, argv: list[str]) -> list[str]:
+    """ARGV as a task of the job on HOST under the relay (its output appended to LOG)."""
+    return [tmrsh, host, "/bin/bash", "-c", TASK_RELAY.strip(), "relay", str(grace), key, log, *argv]
+
+
+def relayed(argv: list[Any]) -> tuple[str, str, str] | None:
+    """(pbs_tmrsh, HOST, KEY) of a task_argv() command line; None for any other."""
+    if len(argv) > 7 and argv[2:6] == ["/bin/bash", "-c", TASK_RELAY.strip(), "relay"]:
+        return str(argv[0]), str(argv[1]), str(argv[7])
+    return None
+
+
+def signal_argv(tmrsh: str, host: str, key: str, sig: str = "TERM") -> list[str]:
+    """The task that passes SIG on to the relay KEY on HOST."""
+    return [tmrsh, host, "/bin/bash", "-c", TASK_SIGNAL.strip(), "signal", key, sig]
+
+
 # PBS's terms for the shared wrapper (batchwrap.py): the app runs in the job's session, so PBS's qdel
 # TERM/KILL and qsig suspend's STOP/CONT reach it directly; the wrapper writes the log itself (PBS would spool
 # it on the node until the job ends), so `logs -f` follows it live. A multi-host job's other hosts run their
-# task through `pbs_tmrsh` (PBS's TM interface: the task is the job's, on its mom, in its accounting).
+# task under TASK_RELAY through `pbs_tmrsh`; their clients here ignore TERM, so the wrapper waits on them
+# (waiting on the tasks) while qdel's TERM and kill_delay run their course, and end() tells each relay.
 TERMS = batchwrap.Terms(
     backend="pbs",
     setup=r"""
 cd "${PBS_O_WORKDIR:-$HOME}" || exit 1
 base=${PBS_JOBID%%[.[]*}; task=""
 if [ -n "${PBS_ARRAY_INDEX:-}" ]; then task=.$PBS_ARRAY_INDEX; export NAGAYA_ARRAY_TASK_ID=$PBS_ARRAY_INDEX; fi
-endf=$st/$base$task.end; gpuf=$st/$base$task.gpus
+endf=$st/$base$task.end; gpuf=$st/$base$task.gpus; log=$st/$base$task.out
 export NAGAYA_BATCH_JOB="pbs $base$task"       # names the container's record (job exec)
-exec >>"$st/$base$task.out" 2>&1
+exec >>"$log" 2>&1
 """,
     traps="", group=False, relay_cancel=False, host="$(hostname -s)", slots="${NCPUS:-1}",
     hostfile="$PBS_NODEFILE",
     remote=r"""
-remote() {      # a task on another host of the job, through PBS's TM interface (the job's own cookie)
-  local h=$1; shift; exec "$tmrsh" "$h" "$@"
+relay=$(cat <<'NAGAYA_TASK_EOF'
+@RELAY@
+NAGAYA_TASK_EOF
+)
+signal=$(cat <<'NAGAYA_TASK_EOF'
+@SIGNAL@
+NAGAYA_TASK_EOF
+)
+remote() {      # rank $r on host $1, as a task of the job (PBS's TM interface) under the relay
+  local h=$1; shift
+  trap '' TERM
+  exec "$tmrsh" "$h" /bin/bash -c "$relay" relay "$grace" "$r" "$log" "$@"
 }
+""".replace("@RELAY@", TASK_RELAY.strip()).replace("@SIGNAL@", TASK_SIGNAL.strip()),
+    end_remote=r"""
+for ((k = 1; k < ${#hosts[@]}; k++)); do      # PBS signals this host's session only: tell each rank's relay
+  ( trap '' TERM; exec "$tmrsh" "${hosts[$k]}" /bin/bash -c "$signal" signal "$k" TERM ) </dev/null >/dev/null 2>&1 &
+done
 """)
 
 
@@ -129,6 +198,8 @@ class PBSScheduler(BatchBackend):
             args += ["-J", spec.array.strip()]          # arrays are rerunnable in PBS (qsub refuses -r n)
         else:
             args += ["-r", "n"]         # a job killed by a server restart is not run a second time
+        if spec.nodes > 1:      # the other hosts' tasks write the job's log themselves: no pbs_demux, no sockets
+            args += ["-W", "no_stdio_sockets=true"]
         deps = []
         for jid, kind in _deps(spec.after):
             if "." in jid:
