@@ -1,0 +1,819 @@
+/* nagaya-squashfs: a read-only FUSE server for nagaya's squashfs images.
+ *
+ * Replaces squashfuse_ll (Debian 12: 0.1.105), which serves one request at a time and lets the kernel cache
+ * little. Here the session loop is multi-threaded and every worker thread has its own decompressor and
+ * readers (libsquashfs's readers keep state and are not thread-safe), so reads run in parallel; the image never
+ * changes while it is mounted, so entries, attributes, pages, symlinks and directory listings are cached by
+ * the kernel for good (long timeouts, keep_cache, cache_readdir, readdirplus).
+ *
+ * Command line, as nagaya starts squashfuse_ll:  nagaya-squashfs [-f] [-o offset=N,...] IMAGE MOUNTPOINT
+ * (MOUNTPOINT is usually /dev/fd/N: a /dev/fuse fd already mounted by the caller). A missing, corrupt or
+ * truncated image is refused before anything is mounted, with one line on stderr and exit status 1.
+ *
+ * Node ids: the root is FUSE_ROOT_ID; any other inode is its squashfs inode reference + 2 (a reference is
+ * block << 16 | offset, well below 2^62), so lookups need no table and forget needs no work. st_ino is the
+ * squashfs inode number (hard links share it), as squashfuse_ll shows it.
+ */
+#define FUSE_USE_VERSION 312
+#define _GNU_SOURCE
+#include <fuse_lowlevel.h>
+#include <sqfs/compressor.h>
+#include <sqfs/data_reader.h>
+#include <sqfs/dir.h>
+#include <sqfs/error.h>
+#include <sqfs/id_table.h>
+#include <sqfs/inode.h>
+#include <sqfs/io.h>
+#include <sqfs/meta_reader.h>
+#include <sqfs/super.h>
+#include <sqfs/xattr.h>
+#include <sqfs/xattr_reader.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#define PROG "nagaya-squashfs"
+#define FOREVER (365.0 * 86400.0)       /* entry and attribute timeout: the image never changes */
+
+/* ---- the image file: pread at an offset (single-file images hold the squashfs inside a larger file) ---- */
+
+typedef struct {
+    sqfs_file_t base;
+    int fd;
+    uint64_t offset, size;
+} img_file_t;
+
+static int img_read_at(sqfs_file_t *f, sqfs_u64 off, void *buf, size_t size) {
+    img_file_t *im = (img_file_t *)f;
+    if (off > im->size || size > im->size - off)
+        return SQFS_ERROR_OUT_OF_BOUNDS;
+    char *p = buf;
+    while (size) {
+        ssize_t n = pread(im->fd, p, size, (off_t)(im->offset + off));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return SQFS_ERROR_IO;
+        p += n, off += (uint64_t)n, size -= (size_t)n;
+    }
+    return 0;
+}
+static int img_write_at(sqfs_file_t *f, sqfs_u64 off, const void *buf, size_t size) {
+    (void)f, (void)off, (void)buf, (void)size;
+    return SQFS_ERROR_UNSUPPORTED;
+}
+static sqfs_u64 img_get_size(const sqfs_file_t *f) { return ((const img_file_t *)f)->size; }
+static int img_truncate(sqfs_file_t *f, sqfs_u64 size) {
+    (void)f, (void)size;
+    return SQFS_ERROR_UNSUPPORTED;
+}
+static void img_destroy(sqfs_object_t *o) { (void)o; }    /* static: lives as long as the process */
+
+/* ---- shared, read-only state ---- */
+
+static struct {
+    img_file_t file;
+    sqfs_super_t super;
+    sqfs_id_table_t *ids;
+    int has_xattrs;
+    uint64_t inode_limit, dir_limit;     /* ends of the inode and directory tables */
+    pthread_key_t key;
+    unsigned threads;
+} G;
+
+/* ---- per-thread readers: libsquashfs's readers cache blocks and are not thread-safe ---- */
+
+typedef struct {
+    sqfs_compressor_t *cmp;
+    sqfs_meta_reader_t *inodes, *dirs;
+    sqfs_data_reader_t *data;
+    sqfs_xattr_reader_t *xattrs;
+} ctx_t;
+
+static void ctx_free(void *p) {
+    ctx_t *c = p;
+    if (!c)
+        return;
+    if (c->xattrs)
+        sqfs_destroy(c->xattrs);
+    if (c->data)
+        sqfs_destroy(c->data);
+    if (c->dirs)
+        sqfs_destroy(c->dirs);
+    if (c->inodes)
+        sqfs_destroy(c->inodes);
+    if (c->cmp)
+        sqfs_destroy(c->cmp);
+    free(c);
+}
+
+/* (1.2 spells two of these SFQS_) */
+static const char *sqfs_err(int e) {
+    switch (e) {
+    case SQFS_ERROR_ALLOC: return "out of memory";
+    case SQFS_ERROR_IO: return "read error";
+    case SQFS_ERROR_COMPRESSOR: return "cannot decompress";
+    case SQFS_ERROR_CORRUPTED: return "corrupt";
+    case SQFS_ERROR_UNSUPPORTED: return "unsupported";
+    case SQFS_ERROR_OVERFLOW: return "corrupt (overflow)";
+    case SQFS_ERROR_OUT_OF_BOUNDS: return "truncated or corrupt (read past its end)";
+    case SFQS_ERROR_SUPER_MAGIC: return "not a squashfs image";
+    case SFQS_ERROR_SUPER_VERSION: return "unsupported squashfs version";
+    case SQFS_ERROR_SUPER_BLOCK_SIZE: return "corrupt superblock (block size)";
+    default: return "corrupt";
+    }
+}
+
+/* Creates the calling thread's readers; on failure *err says why (the start-up check reports it). */
+static ctx_t *ctx_new(int *err) {
+    ctx_t *c = calloc(1, sizeof *c);
+    sqfs_compressor_config_t cfg;
+    int rc = SQFS_ERROR_ALLOC;
+    if (!c)
+        goto fail;
+    if ((rc = sqfs_compressor_config_init(&cfg, (SQFS_COMPRESSOR)G.super.compression_id, G.super.block_size,
+                                          SQFS_COMP_FLAG_UNCOMPRESS)) ||
+        (rc = sqfs_compressor_create(&cfg, &c->cmp)))
+        goto fail;
+    if ((G.super.flags & SQFS_FLAG_COMPRESSOR_OPTIONS) &&
+        (rc = c->cmp->read_options(c->cmp, &G.file.base)) && rc != SQFS_ERROR_UNSUPPORTED)
+        goto fail;
+    rc = SQFS_ERROR_ALLOC;
+    c->inodes = sqfs_meta_reader_create(&G.file.base, c->cmp, G.super.inode_table_start, G.inode_limit);
+    c->dirs = sqfs_meta_reader_create(&G.file.base, c->cmp, G.super.directory_table_start, G.dir_limit);
+    c->data = sqfs_data_reader_create(&G.file.base, G.super.block_size, c->cmp, 0);
+    if (!c->inodes || !c->dirs || !c->data)
+        goto fail;
+    if ((rc = sqfs_data_reader_load_fragment_table(c->data, &G.super)))
+        goto fail;
+    if (G.has_xattrs) {
+        rc = SQFS_ERROR_ALLOC;
+        if (!(c->xattrs = sqfs_xattr_reader_create(0)) ||
+            (rc = sqfs_xattr_reader_load(c->xattrs, &G.super, &G.file.base, c->cmp)))
+            goto fail;
+    }
+    return c;
+fail:
+    if (err)
+        *err = rc;
+    ctx_free(c);
+    return NULL;
+}
+
+static ctx_t *ctx(void) {
+    ctx_t *c = pthread_getspecific(G.key);
+    if (!c && (c = ctx_new(NULL)))
+        pthread_setspecific(G.key, c);
+    return c;
+}
+
+/* ---- inodes ---- */
+
+static uint64_t ref_of(fuse_ino_t ino) { return ino == FUSE_ROOT_ID ? G.super.root_inode_ref : ino - 2; }
+static fuse_ino_t ino_of(uint64_t ref) { return ref == G.super.root_inode_ref ? FUSE_ROOT_ID : ref + 2; }
+
+static int read_inode(ctx_t *c, uint64_t ref, sqfs_inode_generic_t **out) {
+    /* (the block is relative to the inode table: the reader adds its start) */
+    int rc = sqfs_meta_reader_read_inode(c->inodes, &G.super, ref >> 16, ref & 0xffff, out);
+    return rc ? (rc == SQFS_ERROR_ALLOC ? ENOMEM : EIO) : 0;
+}
+
+static int fill_stat(const sqfs_inode_generic_t *n, struct stat *st) {
+    memset(st, 0, sizeof *st);
+    sqfs_u32 uid, gid;
+    if (sqfs_id_table_index_to_id(G.ids, n->base.uid_idx, &uid) ||
+        sqfs_id_table_index_to_id(G.ids, n->base.gid_idx, &gid))
+        return EIO;
+    st->st_ino = n->base.inode_number;
+    st->st_mode = n->base.mode;
+    st->st_uid = uid;
+    st->st_gid = gid;
+    st->st_atime = st->st_mtime = st->st_ctime = n->base.mod_time;
+    st->st_blksize = G.super.block_size;
+    st->st_nlink = 1;
+    switch (n->base.type) {
+    case SQFS_INODE_DIR:
+        st->st_nlink = n->data.dir.nlink;      /* size 0, as squashfuse_ll shows directories */
+        break;
+    case SQFS_INODE_EXT_DIR:
+        st->st_nlink = n->data.dir_ext.nlink;
+        break;
+    case SQFS_INODE_FILE:
+        st->st_size = n->data.file.file_size;
+        break;
+    case SQFS_INODE_EXT_FILE:
+        st->st_nlink = n->data.file_ext.nlink, st->st_size = (off_t)n->data.file_ext.file_size;
+        break;
+    case SQFS_INODE_SLINK:
+        st->st_nlink = n->data.slink.nlink, st->st_size = n->data.slink.target_size;
+        break;
+    case SQFS_INODE_EXT_SLINK:
+        st->st_nlink = n->data.slink_ext.nlink, st->st_size = n->data.slink_ext.target_size;
+        break;
+    case SQFS_INODE_BDEV: case SQFS_INODE_CDEV:
+        st->st_nlink = n->data.dev.nlink;
+        st->st_rdev = makedev((n->data.dev.devno >> 8) & 0xfff, (n->data.dev.devno & 0xff) | ((n->data.dev.devno >> 12) & 0xfff00));
+        break;
+    case SQFS_INODE_EXT_BDEV: case SQFS_INODE_EXT_CDEV:
+        st->st_nlink = n->data.dev_ext.nlink;
+        st->st_rdev = makedev((n->data.dev_ext.devno >> 8) & 0xfff,
+                              (n->data.dev_ext.devno & 0xff) | ((n->data.dev_ext.devno >> 12) & 0xfff00));
+        break;
+    case SQFS_INODE_FIFO: case SQFS_INODE_SOCKET:
+        st->st_nlink = n->data.ipc.nlink;
+        break;
+    case SQFS_INODE_EXT_FIFO: case SQFS_INODE_EXT_SOCKET:
+        st->st_nlink = n->data.ipc_ext.nlink;
+        break;
+    default:
+        return EIO;
+    }
+    if (S_ISREG(st->st_mode))
+        st->st_blocks = st->st_size / 512;   /* as squashfuse_ll counts them */
+    return 0;
+}
+
+static int is_dir(const sqfs_inode_generic_t *n) {
+    return n->base.type == SQFS_INODE_DIR || n->base.type == SQFS_INODE_EXT_DIR;
+}
+static int is_file(const sqfs_inode_generic_t *n) {
+    return n->base.type == SQFS_INODE_FILE || n->base.type == SQFS_INODE_EXT_FILE;
+}
+
+/* ---- directories: read whole, once per open (the kernel caches the listing) or per lookup ---- */
+
+typedef struct {
+    uint64_t ref;
+    uint32_t inum;
+    uint16_t type;
+    char name[];
+} dent_t;
+
+typedef struct {
+    size_t n;
+    dent_t **ents;
+} dir_t;
+
+static void dir_free(dir_t *d) {
+    if (!d)
+        return;
+    for (size_t i = 0; i < d->n; i++)
+        free(d->ents[i]);
+    free(d->ents);
+    free(d);
+}
+
+/* Walks directory `n`; for each entry calls `fn` (non-zero stops the walk, and is returned). */
+static int dir_walk(ctx_t *c, const sqfs_inode_generic_t *n, int (*fn)(void *, sqfs_dir_entry_t *, uint32_t,
+                                                                          uint64_t), void *arg) {
+    sqfs_readdir_state_t s;
+    if (sqfs_readdir_state_init(&s, &G.super, n))
+        return EIO;
+    for (;;) {
+        sqfs_dir_entry_t *e = NULL;
+        sqfs_u32 inum;
+        sqfs_u64 iref;
+        int rc = sqfs_meta_reader_readdir(c->dirs, &s, &e, &inum, &iref);
+        if (rc > 0)
+            return 0;
+        if (rc < 0)
+            return rc == SQFS_ERROR_ALLOC ? ENOMEM : EIO;
+        rc = fn(arg, e, inum, iref);
+        sqfs_free(e);
+        if (rc)
+            return rc;
+    }
+}
+
+static int collect(void *arg, sqfs_dir_entry_t *e, uint32_t inum, uint64_t iref) {
+    dir_t *d = arg;
+    if ((d->n & (d->n - 1)) == 0) {             /* capacity: powers of two */
+        dent_t **m = realloc(d->ents, (d->n ? 2 * d->n : 1) * sizeof *m);
+        if (!m)
+            return ENOMEM;
+        d->ents = m;
+    }
+    dent_t *x = malloc(sizeof *x + e->size + 2);
+    if (!x)
+        return ENOMEM;
+    x->ref = iref, x->inum = inum, x->type = e->type;
+    memcpy(x->name, e->name, e->size + 1u);
+    x->name[e->size + 1] = 0;
+    d->ents[d->n++] = x;
+    return 0;
+}
+
+struct find { const char *name; int found; uint64_t ref; };
+
+static int find_one(void *arg, sqfs_dir_entry_t *e, uint32_t inum, uint64_t iref) {
+    struct find *f = arg;
+    (void)inum;
+    size_t len = e->size + 1u;
+    int cmp = strncmp((const char *)e->name, f->name, len);
+    if (cmp == 0 && f->name[len] == 0) {
+        f->found = 1, f->ref = iref;
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- operations ---- */
+
+static void op_init(void *ud, struct fuse_conn_info *conn) {
+    (void)ud;
+    /* largest requests the kernel allows; the cache flags where the kernel offers them */
+    conn->max_readahead = conn->max_readahead ? UINT_MAX : 0;  /* clamped by libfuse to the kernel's offer */
+    conn->max_write = 1u << 20;
+    conn->want |= conn->capable & (FUSE_CAP_CACHE_SYMLINKS | FUSE_CAP_PARALLEL_DIROPS | FUSE_CAP_ASYNC_READ |
+                                   FUSE_CAP_READDIRPLUS | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+    conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;   /* always plus: `find`/`ls -l` then need no lookups */
+    conn->time_gran = 1000000000;
+}
+
+static void reply_entry(fuse_req_t req, ctx_t *c, uint64_t ref) {
+    sqfs_inode_generic_t *n = NULL;
+    struct fuse_entry_param e;
+    memset(&e, 0, sizeof e);
+    int err = read_inode(c, ref, &n);
+    if (!err)
+        err = fill_stat(n, &e.attr);
+    sqfs_free(n);
+    if (err) {
+        fuse_reply_err(req, err);
+        return;
+    }
+    e.ino = ino_of(ref);
+    e.generation = 1;
+    e.attr_timeout = e.entry_timeout = FOREVER;
+    fuse_reply_entry(req, &e);
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    ctx_t *c = ctx();
+    sqfs_inode_generic_t *n = NULL;
+    int err = c ? read_inode(c, ref_of(parent), &n) : ENOMEM;
+    if (!err && !is_dir(n))
+        err = ENOTDIR;
+    struct find f = {name, 0, 0};
+    if (!err && strlen(name) <= 256)
+        err = dir_walk(c, n, find_one, &f);
+    if (err == -1)
+        err = 0;
+    sqfs_free(n);
+    if (err) {
+        fuse_reply_err(req, err);
+    } else if (!f.found) {              /* a negative entry, cached as long as the rest */
+        struct fuse_entry_param e;
+        memset(&e, 0, sizeof e);
+        e.entry_timeout = FOREVER;
+        fuse_reply_entry(req, &e);
+    } else {
+        reply_entry(req, c, f.ref);
+    }
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)fi;
+    ctx_t *c = ctx();
+    sqfs_inode_generic_t *n = NULL;
+    struct stat st;
+    int err = c ? read_inode(c, ref_of(ino), &n) : ENOMEM;
+    if (!err)
+        err = fill_stat(n, &st);
+    sqfs_free(n);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_attr(req, &st, FOREVER);
+}
+
+static void op_readlink(fuse_req_t req, fuse_ino_t ino) {
+    ctx_t *c = ctx();
+    sqfs_inode_generic_t *n = NULL;
+    int err = c ? read_inode(c, ref_of(ino), &n) : ENOMEM;
+    if (!err && n->base.type != SQFS_INODE_SLINK && n->base.type != SQFS_INODE_EXT_SLINK)
+        err = EINVAL;
+    if (err) {
+        sqfs_free(n);
+        fuse_reply_err(req, err);
+        return;
+    }
+    size_t len = n->base.type == SQFS_INODE_SLINK ? n->data.slink.target_size : n->data.slink_ext.target_size;
+    char *t = malloc(len + 1);
+    if (!t) {
+        sqfs_free(n);
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    memcpy(t, n->extra, len);
+    t[len] = 0;
+    sqfs_free(n);
+    fuse_reply_readlink(req, t);
+    free(t);
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    if ((fi->flags & O_ACCMODE) != O_RDONLY) {
+        fuse_reply_err(req, EROFS);
+        return;
+    }
+    ctx_t *c = ctx();
+    sqfs_inode_generic_t *n = NULL;
+    int err = c ? read_inode(c, ref_of(ino), &n) : ENOMEM;
+    if (!err && !is_file(n))
+        err = is_dir(n) ? EISDIR : EINVAL;
+    if (err) {
+        sqfs_free(n);
+        fuse_reply_err(req, err);
+        return;
+    }
+    fi->fh = (uint64_t)(uintptr_t)n;    /* the inode with its block list, for every read of this open */
+    fi->keep_cache = 1;
+    if (fuse_reply_open(req, fi) == -ENOENT)   /* interrupted: no release will come */
+        sqfs_free(n);
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    (void)ino;
+    ctx_t *c = ctx();
+    const sqfs_inode_generic_t *n = (const sqfs_inode_generic_t *)(uintptr_t)fi->fh;
+    if (!c) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    char *buf = malloc(size ? size : 1);
+    if (!buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    sqfs_s32 got = size ? sqfs_data_reader_read(c->data, n, (sqfs_u64)off, buf, (sqfs_u32)size) : 0;
+    if (got < 0)
+        fuse_reply_err(req, got == SQFS_ERROR_ALLOC ? ENOMEM : EIO);
+    else
+        fuse_reply_buf(req, buf, (size_t)got);
+    free(buf);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)ino;
+    sqfs_free((void *)(uintptr_t)fi->fh);
+    fuse_reply_err(req, 0);
+}
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    ctx_t *c = ctx();
+    sqfs_inode_generic_t *n = NULL;
+    int err = c ? read_inode(c, ref_of(ino), &n) : ENOMEM;
+    if (!err && !is_dir(n))
+        err = ENOTDIR;
+    dir_t *d = err ? NULL : calloc(1, sizeof *d);
+    if (!err && !d)
+        err = ENOMEM;
+    if (!err)
+        err = dir_walk(c, n, collect, d);
+    sqfs_free(n);
+    if (err) {
+        dir_free(d);
+        fuse_reply_err(req, err);
+        return;
+    }
+    fi->fh = (uint64_t)(uintptr_t)d;
+    fi->keep_cache = 1;
+    fi->cache_readdir = 1;
+    if (fuse_reply_open(req, fi) == -ENOENT)
+        dir_free(d);
+}
+
+static mode_t dtype_mode(uint16_t t) {
+    switch (t) {
+    case SQFS_INODE_DIR: case SQFS_INODE_EXT_DIR: return S_IFDIR;
+    case SQFS_INODE_FILE: case SQFS_INODE_EXT_FILE: return S_IFREG;
+    case SQFS_INODE_SLINK: case SQFS_INODE_EXT_SLINK: return S_IFLNK;
+    case SQFS_INODE_BDEV: case SQFS_INODE_EXT_BDEV: return S_IFBLK;
+    case SQFS_INODE_CDEV: case SQFS_INODE_EXT_CDEV: return S_IFCHR;
+    case SQFS_INODE_FIFO: case SQFS_INODE_EXT_FIFO: return S_IFIFO;
+    default: return S_IFSOCK;
+    }
+}
+
+static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi, int plus) {
+    dir_t *d = (dir_t *)(uintptr_t)fi->fh;
+    ctx_t *c = plus ? ctx() : NULL;
+    if (plus && !c) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    char *buf = malloc(size);
+    if (!buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    size_t used = 0;
+    for (size_t i = (size_t)off; i < d->n; i++) {
+        dent_t *x = d->ents[i];
+        size_t want;
+        if (plus) {
+            struct fuse_entry_param e;
+            memset(&e, 0, sizeof e);
+            sqfs_inode_generic_t *n = NULL;
+            int err = read_inode(c, x->ref, &n);
+            if (!err)
+                err = fill_stat(n, &e.attr);
+            sqfs_free(n);
+            if (err) {
+                if (used)
+                    break;
+                free(buf);
+                fuse_reply_err(req, err);
+                return;
+            }
+            e.ino = ino_of(x->ref);
+            e.generation = 1;
+            e.attr_timeout = e.entry_timeout = FOREVER;
+            want = fuse_add_direntry_plus(req, buf + used, size - used, x->name, &e, (off_t)i + 1);
+        } else {
+            struct stat st;
+            memset(&st, 0, sizeof st);
+            st.st_ino = x->inum;
+            st.st_mode = dtype_mode(x->type);
+            want = fuse_add_direntry(req, buf + used, size - used, x->name, &st, (off_t)i + 1);
+        }
+        if (want > size - used)
+            break;                       /* did not fit: the next call starts here (a plus entry's lookup
+                                            was not counted, as libfuse's examples rely on) */
+        used += want;
+    }
+    fuse_reply_buf(req, buf, used);
+    free(buf);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    (void)ino;
+    do_readdir(req, size, off, fi, 0);
+}
+static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    (void)ino;
+    do_readdir(req, size, off, fi, 1);
+}
+static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)ino;
+    dir_free((dir_t *)(uintptr_t)fi->fh);
+    fuse_reply_err(req, 0);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino) {
+    (void)ino;
+    struct statvfs sv;
+    memset(&sv, 0, sizeof sv);
+    sv.f_bsize = sv.f_frsize = G.super.block_size;
+    sv.f_blocks = (G.super.bytes_used + G.super.block_size - 1) / G.super.block_size;
+    sv.f_files = G.super.inode_count;
+    sv.f_namemax = 256;
+    fuse_reply_statfs(req, &sv);
+}
+
+/* xattrs: list (name == NULL) or get one. size 0 asks for the length. */
+static void do_xattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+    ctx_t *c = ctx();
+    sqfs_inode_generic_t *n = NULL;
+    int err = c ? read_inode(c, ref_of(ino), &n) : ENOMEM;
+    sqfs_u32 idx = 0xffffffff;
+    if (!err)
+        sqfs_inode_get_xattr_index(n, &idx);
+    sqfs_free(n);
+    if (err) {
+        fuse_reply_err(req, err);
+        return;
+    }
+    char *out = NULL;
+    size_t len = 0;
+    int found = 0;
+    sqfs_xattr_id_t desc;
+    if (idx != 0xffffffff && c->xattrs && sqfs_xattr_reader_get_desc(c->xattrs, idx, &desc) == 0 &&
+        sqfs_xattr_reader_seek_kv(c->xattrs, &desc) == 0) {
+        for (sqfs_u32 i = 0; i < desc.count && !err && !found; i++) {
+            sqfs_xattr_entry_t *k = NULL;
+            sqfs_xattr_value_t *v = NULL;
+            if (sqfs_xattr_reader_read_key(c->xattrs, &k) || sqfs_xattr_reader_read_value(c->xattrs, k, &v)) {
+                sqfs_free(k);
+                err = EIO;
+                break;
+            }
+            /* the reader returns the key with its prefix ("user.") prepended, NUL-terminated */
+            if (sqfs_get_xattr_prefix((SQFS_XATTR_TYPE)(k->type & SQFS_XATTR_PREFIX_MASK))) {
+                const char *key = (const char *)k->key;
+                size_t kl = strlen(key);
+                if (!name) {             /* list: key NUL key NUL ... */
+                    char *m = realloc(out, len + kl + 1);
+                    if (!m) {
+                        err = ENOMEM;
+                    } else {
+                        out = m;
+                        memcpy(out + len, key, kl + 1);
+                        len += kl + 1;
+                    }
+                } else if (!strcmp(name, key)) {
+                    found = 1;
+                    if ((out = malloc(v->size ? v->size : 1)))
+                        memcpy(out, v->value, v->size), len = v->size;
+                    else
+                        err = ENOMEM;
+                }
+            }
+            sqfs_free(k);
+            sqfs_free(v);
+        }
+    }
+    if (err)
+        fuse_reply_err(req, err);
+    else if (name && !found)
+        fuse_reply_err(req, ENODATA);
+    else if (size == 0)
+        fuse_reply_xattr(req, len);
+    else if (len > size)
+        fuse_reply_err(req, ERANGE);
+    else
+        fuse_reply_buf(req, out, len);
+    free(out);
+}
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+    do_xattr(req, ino, name, size);
+}
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) { do_xattr(req, ino, NULL, size); }
+
+static const struct fuse_lowlevel_ops ops = {
+    .init = op_init,
+    .lookup = op_lookup,
+    .getattr = op_getattr,
+    .readlink = op_readlink,
+    .open = op_open,
+    .read = op_read,
+    .release = op_release,
+    .opendir = op_opendir,
+    .readdir = op_readdir,
+    .readdirplus = op_readdirplus,
+    .releasedir = op_releasedir,
+    .statfs = op_statfs,
+    .getxattr = op_getxattr,
+    .listxattr = op_listxattr,
+};
+
+/* ---- start-up ---- */
+
+static _Noreturn void fail(const char *image, const char *what) {
+    fprintf(stderr, PROG ": %s: %s\n", image, what);
+    exit(1);
+}
+
+static uint64_t table_end(uint64_t start) {
+    const uint64_t starts[] = {G.super.inode_table_start, G.super.directory_table_start,
+                               G.super.fragment_table_start, G.super.export_table_start,
+                               G.super.id_table_start, G.super.xattr_id_table_start, G.super.bytes_used};
+    uint64_t end = G.super.bytes_used;
+    for (size_t i = 0; i < sizeof starts / sizeof *starts; i++)
+        if (starts[i] > start && starts[i] < end)
+            end = starts[i];
+    return end;
+}
+
+static void open_image(const char *image, uint64_t offset) {
+    char why[160];
+    int fd = open(image, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st))
+        fail(image, strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        fail(image, "not a regular file");
+    if ((uint64_t)st.st_size < offset)
+        fail(image, "offset beyond the end of the file");
+    G.file = (img_file_t){{{img_destroy, NULL}, img_read_at, img_write_at, img_get_size, img_truncate},
+                          fd, offset, (uint64_t)st.st_size - offset};
+    int rc = sqfs_super_read(&G.super, &G.file.base);
+    if (rc) {
+        snprintf(why, sizeof why, "not a valid squashfs image (%s)", sqfs_err(rc));
+        fail(image, why);
+    }
+    if (G.super.bytes_used > G.file.size) {
+        snprintf(why, sizeof why, "truncated squashfs image (%llu of %llu bytes)",
+                 (unsigned long long)G.file.size, (unsigned long long)G.super.bytes_used);
+        fail(image, why);
+    }
+    if (!(G.ids = sqfs_id_table_create(0)))
+        fail(image, "out of memory");
+    G.has_xattrs = !(G.super.flags & SQFS_FLAG_NO_XATTRS) && G.super.xattr_id_table_start != UINT64_MAX;
+    G.inode_limit = table_end(G.super.inode_table_start);
+    G.dir_limit = table_end(G.super.directory_table_start);
+    int err = 0;
+    ctx_t *c = NULL;
+    if ((rc = sqfs_id_table_read(G.ids, &G.file.base, &G.super, NULL)) ||
+        !(c = ctx_new(&rc))) {
+        snprintf(why, sizeof why, "corrupt squashfs image (%s)", sqfs_err(rc));
+        fail(image, why);
+    }
+    /* the root must read, and be a directory whose listing reads */
+    sqfs_inode_generic_t *root = NULL;
+    struct stat rst;
+    if ((err = read_inode(c, G.super.root_inode_ref, &root)) || fill_stat(root, &rst) || !is_dir(root))
+        fail(image, "corrupt squashfs image (its root directory does not read)");
+    dir_t d = {0, NULL};
+    if (dir_walk(c, root, collect, &d))
+        fail(image, "corrupt squashfs image (its root directory does not read)");
+    for (size_t i = 0; i < d.n; i++)
+        free(d.ents[i]);
+    free(d.ents);
+    sqfs_free(root);
+    pthread_setspecific(G.key, c);      /* the main thread's, reused if it ever serves */
+}
+
+struct opts { char *image, *mountpoint; unsigned long long offset; int nonopt; };
+
+static const struct fuse_opt opt_spec[] = {
+    {"offset=%llu", offsetof(struct opts, offset), 0},
+    FUSE_OPT_END,
+};
+
+static int opt_proc(void *data, const char *arg, int key, struct fuse_args *out) {
+    struct opts *o = data;
+    (void)out;
+    if (key == FUSE_OPT_KEY_NONOPT && !o->image) {
+        o->image = strdup(arg);
+        return 0;                        /* the image: not for libfuse */
+    }
+    return 1;
+}
+
+static unsigned cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+        return (unsigned)CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (unsigned)n : 1;
+}
+
+int main(int argc, char **argv) {
+    struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+    struct opts o = {0};
+    struct fuse_cmdline_opts co;
+    if (fuse_opt_parse(&args, &o, opt_spec, opt_proc) || fuse_parse_cmdline(&args, &co)) {
+        fprintf(stderr, PROG ": bad arguments (usage: " PROG " [-f] [-o offset=N] IMAGE MOUNTPOINT)\n");
+        return 2;
+    }
+    if (co.show_help || co.show_version || !o.image || !co.mountpoint) {
+        printf("usage: " PROG " [-f] [-o offset=N,...] IMAGE MOUNTPOINT\n");
+        if (co.show_help)
+            fuse_cmdline_help(), fuse_lowlevel_help();
+        return co.show_help || co.show_version ? 0 : 2;
+    }
+    if (pthread_key_create(&G.key, ctx_free))
+        return 1;
+    open_image(o.image, o.offset);       /* refuses a bad image before anything is mounted */
+
+    struct fuse_session *se = fuse_session_new(&args, &ops, sizeof ops, NULL);
+    if (!se) {
+        fprintf(stderr, PROG ": bad FUSE options\n");
+        return 2;
+    }
+    if (fuse_set_signal_handlers(se) || fuse_session_mount(se, co.mountpoint)) {
+        fprintf(stderr, PROG ": cannot mount %s\n", co.mountpoint);
+        return 1;
+    }
+    if (fuse_daemonize(co.foreground))
+        return 1;
+    unsigned threads = cpus();
+    if (threads < 4)
+        threads = 4;
+    if (threads > 64)
+        threads = 64;
+    struct fuse_loop_config *lc = fuse_loop_cfg_create();
+    int rc;
+    if (co.singlethread || !lc) {
+        rc = fuse_session_loop(se);
+    } else {
+        /* idle threads are kept (each holds its readers), up to max_threads */
+        fuse_loop_cfg_set_max_threads(lc, threads);
+        fuse_loop_cfg_set_idle_threads(lc, threads);
+        fuse_loop_cfg_set_clone_fd(lc, (unsigned)co.clone_fd);
+        rc = fuse_session_loop_mt(se, lc);
+        fuse_loop_cfg_destroy(lc);
+    }
+    fuse_session_unmount(se);
+    fuse_remove_signal_handlers(se);
+    fuse_session_destroy(se);
+    free(co.mountpoint);
+    free(o.image);
+    fuse_opt_free_args(&args);
+    return rc ? 1 : 0;
+}
