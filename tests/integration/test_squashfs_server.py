@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import NAGAYA_SQUASHFS, require
 from tests.helpers.users import User
 
 pytestmark = pytest.mark.integration
-SERVER = "/usr/local/libexec/nagaya/nagaya-squashfs"
+SERVER = NAGAYA_SQUASHFS
 SQUASHFUSE = "/usr/bin/squashfuse_ll"
 PY = "/opt/nagaya/bin/python3"
 BIG = (4 << 30) + 12345             # > 4 GiB, sparse: an extended inode with 64-bit sizes
@@ -304,11 +304,9 @@ def test_nagaya_run(alice: User, server: str, session_images: None) -> None:
     """A run, an exec with the FUSE server beside the app, and a run that reads much of the image."""
     env = {"NAGAYA_RUNTIME_SQUASHFUSE": server}
     r = alice.nagaya("run", "bb", "sh", "-c", "cat /proc/*/comm | sort -u | grep -c nagaya-squashfs; "
-                     "ls /bin | wc -l; md5sum /bin/busybox", env=env)
+                     "ls /bin | wc -l", env=env)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert int(lines[1]) > 100
-    want = hashlib.md5(Path("/bin/busybox").read_bytes()).hexdigest() if Path("/bin/busybox").exists() else None
-    assert want is None or lines[2].startswith(want)
+    assert lines[0] == "1" and int(lines[1]) > 100      # the server runs beside the app, in its pid namespace
     r = alice.nagaya("exec", "app:1", "cat", "/app/data.txt", env=env)
     assert r.returncode == 0 and r.stdout == "upper data\n", r.stderr
