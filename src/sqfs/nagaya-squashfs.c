@@ -317,27 +317,30 @@ static int collect(void *arg, sqfs_dir_entry_t *e, uint32_t inum, uint64_t iref)
 
 struct find { const char *name; int found; uint64_t ref; };
 
+/* Entries are sorted by name (bytewise, as mksquashfs and tar2sqfs write them): stop at the first one past it. */
 static int find_one(void *arg, sqfs_dir_entry_t *e, uint32_t inum, uint64_t iref) {
     struct find *f = arg;
     (void)inum;
-    size_t len = e->size + 1u;
-    int cmp = strncmp((const char *)e->name, f->name, len);
-    if (cmp == 0 && f->name[len] == 0) {
+    size_t len = e->size + 1u, want = strlen(f->name);
+    int cmp = memcmp(e->name, f->name, len < want ? len : want);
+    if (cmp == 0)
+        cmp = len < want ? -1 : len > want;
+    if (cmp == 0) {
         f->found = 1, f->ref = iref;
         return -1;
     }
-    return 0;
+    return cmp > 0 ? -1 : 0;
 }
 
 /* ---- operations ---- */
 
 static void op_init(void *ud, struct fuse_conn_info *conn) {
     (void)ud;
-    /* largest requests the kernel allows; the cache flags where the kernel offers them */
-    conn->max_readahead = conn->max_readahead ? UINT_MAX : 0;  /* clamped by libfuse to the kernel's offer */
+    /* max_readahead stays at what the kernel offers (it only lowers it); max_write sets the largest request
+       (libfuse asks max_pages from it: 1 MiB reads); the cache flags where the kernel offers them */
     conn->max_write = 1u << 20;
     conn->want |= conn->capable & (FUSE_CAP_CACHE_SYMLINKS | FUSE_CAP_PARALLEL_DIROPS | FUSE_CAP_ASYNC_READ |
-                                   FUSE_CAP_READDIRPLUS | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+                                   FUSE_CAP_READDIRPLUS);
     conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;   /* always plus: `find`/`ls -l` then need no lookups */
     conn->time_gran = 1000000000;
 }
