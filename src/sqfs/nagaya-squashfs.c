@@ -6,6 +6,11 @@
  * changes while it is mounted, so entries, attributes, pages, symlinks and directory listings are cached by
  * the kernel for good (long timeouts, keep_cache, cache_readdir, readdirplus).
  *
+ * File data: decompressed blocks and fragment blocks go to one cache shared by the threads (the kernel's
+ * readahead windows are not block-aligned, so consecutive requests, served by different threads, share
+ * blocks: a per-thread single-block cache would decompress most blocks twice). Decompression runs outside
+ * the cache's lock; replies point into the cached blocks (fuse_reply_iov), which stay pinned until sent.
+ *
  * Command line, as nagaya starts squashfuse_ll:  nagaya-squashfs [-f] [-o offset=N,...] IMAGE MOUNTPOINT
  * (MOUNTPOINT is usually /dev/fd/N: a /dev/fuse fd already mounted by the caller). A missing, corrupt or
  * truncated image is refused before anything is mounted, with one line on stderr and exit status 1.
@@ -17,8 +22,9 @@
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE
 #include <fuse_lowlevel.h>
+#include <sqfs/block.h>
 #include <sqfs/compressor.h>
-#include <sqfs/data_reader.h>
+#include <sqfs/frag_table.h>
 #include <sqfs/dir.h>
 #include <sqfs/error.h>
 #include <sqfs/id_table.h>
@@ -41,6 +47,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
@@ -87,6 +94,7 @@ static struct {
     img_file_t file;
     sqfs_super_t super;
     sqfs_id_table_t *ids;
+    sqfs_frag_table_t *frags;
     int has_xattrs;
     uint64_t inode_limit, dir_limit;     /* ends of the inode and directory tables */
     pthread_key_t key;
@@ -98,8 +106,8 @@ static struct {
 typedef struct {
     sqfs_compressor_t *cmp;
     sqfs_meta_reader_t *inodes, *dirs;
-    sqfs_data_reader_t *data;
     sqfs_xattr_reader_t *xattrs;
+    sqfs_u8 *raw;                 /* one on-disk block, read before decompressing */
 } ctx_t;
 
 static void ctx_free(void *p) {
@@ -108,8 +116,7 @@ static void ctx_free(void *p) {
         return;
     if (c->xattrs)
         sqfs_destroy(c->xattrs);
-    if (c->data)
-        sqfs_destroy(c->data);
+    free(c->raw);
     if (c->dirs)
         sqfs_destroy(c->dirs);
     if (c->inodes)
@@ -153,10 +160,8 @@ static ctx_t *ctx_new(int *err) {
     rc = SQFS_ERROR_ALLOC;
     c->inodes = sqfs_meta_reader_create(&G.file.base, c->cmp, G.super.inode_table_start, G.inode_limit);
     c->dirs = sqfs_meta_reader_create(&G.file.base, c->cmp, G.super.directory_table_start, G.dir_limit);
-    c->data = sqfs_data_reader_create(&G.file.base, G.super.block_size, c->cmp, 0);
-    if (!c->inodes || !c->dirs || !c->data)
-        goto fail;
-    if ((rc = sqfs_data_reader_load_fragment_table(c->data, &G.super)))
+    c->raw = malloc(G.super.block_size);
+    if (!c->inodes || !c->dirs || !c->raw)
         goto fail;
     if (G.has_xattrs) {
         rc = SQFS_ERROR_ALLOC;
@@ -177,6 +182,150 @@ static ctx_t *ctx(void) {
     if (!c && (c = ctx_new(NULL)))
         pthread_setspecific(G.key, c);
     return c;
+}
+
+/* ---- file data: a cache of decompressed blocks shared by the threads ---- */
+
+typedef struct {
+    uint64_t loc;                 /* the block's on-disk offset: unique per data or fragment block */
+    uint32_t len;                 /* decompressed length */
+    uint32_t refs;                /* readers holding it (not evicted while > 0) */
+    uint64_t used;                /* LRU tick */
+    int valid;
+    sqfs_u8 *data;
+} blk_t;
+
+static struct {
+    pthread_mutex_t lock;
+    blk_t *b;
+    size_t n;
+    uint64_t tick;
+} C = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0};
+
+static sqfs_u8 *zeros;             /* a sparse block */
+
+/* A block found or made: pinned (release with blk_put); *tmp is set when it could not be cached. */
+static int blk_get(ctx_t *c, uint64_t loc, uint32_t word, uint32_t want, blk_t **out, blk_t *tmp) {
+    pthread_mutex_lock(&C.lock);
+    for (size_t i = 0; i < C.n; i++)
+        if (C.b[i].valid && C.b[i].loc == loc) {
+            C.b[i].refs++, C.b[i].used = ++C.tick;
+            pthread_mutex_unlock(&C.lock);
+            *out = &C.b[i];       /* pinned: the caller releases it, also on error */
+            return C.b[i].len < want ? EIO : 0;
+        }
+    pthread_mutex_unlock(&C.lock);
+
+    /* not cached: read and decompress into a fresh buffer, outside the lock */
+    uint32_t size = SQFS_ON_DISK_BLOCK_SIZE(word);
+    if (size > G.super.block_size)
+        return EIO;
+    sqfs_u8 *buf = malloc(G.super.block_size);
+    if (!buf)
+        return ENOMEM;
+    sqfs_s32 len;
+    if (!SQFS_IS_BLOCK_COMPRESSED(word)) {
+        len = img_read_at(&G.file.base, loc, buf, size) ? -1 : (sqfs_s32)size;
+    } else {
+        len = img_read_at(&G.file.base, loc, c->raw, size) ? -1
+              : c->cmp->do_block(c->cmp, c->raw, size, buf, G.super.block_size);
+    }
+    if (len < 0 || (uint32_t)len < want) {
+        free(buf);
+        return EIO;
+    }
+
+    pthread_mutex_lock(&C.lock);
+    blk_t *victim = NULL;
+    for (size_t i = 0; i < C.n; i++) {
+        blk_t *b = &C.b[i];
+        if (b->valid && b->loc == loc) {          /* another thread made it meanwhile */
+            b->refs++, b->used = ++C.tick;
+            pthread_mutex_unlock(&C.lock);
+            free(buf);
+            *out = b;
+            return b->len < want ? EIO : 0;
+        }
+        if (!b->refs && (!victim || !b->valid || (victim->valid && b->used < victim->used)))
+            victim = b;
+    }
+    if (!victim) {                                /* every entry pinned: this reader's own copy */
+        pthread_mutex_unlock(&C.lock);
+        *tmp = (blk_t){loc, (uint32_t)len, 1, 0, 0, buf};
+        *out = tmp;
+        return 0;
+    }
+    free(victim->data);
+    *victim = (blk_t){loc, (uint32_t)len, 1, ++C.tick, 1, buf};
+    pthread_mutex_unlock(&C.lock);
+    *out = victim;
+    return 0;
+}
+
+static void blk_put(blk_t *b, blk_t *tmp) {
+    if (b == tmp) {
+        free(tmp->data);
+        return;
+    }
+    pthread_mutex_lock(&C.lock);
+    b->refs--;
+    pthread_mutex_unlock(&C.lock);
+}
+
+/* An open file: its inode and where each of its blocks lies. */
+typedef struct {
+    sqfs_inode_generic_t *n;
+    uint64_t size;
+    size_t nblocks;               /* full-size (or last, short) blocks; the rest is the tail fragment */
+    uint64_t *loc;                /* on-disk offset of each block */
+    sqfs_fragment_t frag;
+    uint32_t frag_off;
+    int has_frag;
+} ofile_t;
+
+static void ofile_free(ofile_t *f) {
+    if (!f)
+        return;
+    sqfs_free(f->n);
+    free(f->loc);
+    free(f);
+}
+
+static int ofile_new(sqfs_inode_generic_t *n, ofile_t **out) {
+    ofile_t *f = calloc(1, sizeof *f);
+    if (!f)
+        return ENOMEM;
+    f->n = n;
+    sqfs_u64 start = 0;
+    sqfs_u32 fidx = 0xffffffff, foff = 0;
+    sqfs_inode_get_file_size(n, &f->size);
+    sqfs_inode_get_file_block_start(n, &start);
+    sqfs_inode_get_frag_location(n, &fidx, &foff);
+    f->nblocks = sqfs_inode_get_file_block_count(n);
+    uint64_t bs = G.super.block_size;
+    f->has_frag = fidx != 0xffffffff && f->size % bs != 0;
+    /* the blocks the size calls for must be there, and the tail in a fragment or a block */
+    size_t want = (size_t)(f->has_frag ? f->size / bs : (f->size + bs - 1) / bs);
+    int err = f->nblocks != want ? EIO : 0;
+    if (!err && f->has_frag) {
+        f->frag_off = foff;
+        if (sqfs_frag_table_lookup(G.frags, fidx, &f->frag) ||
+            (uint64_t)foff + f->size % bs > bs)
+            err = EIO;
+    }
+    if (!err && !(f->loc = malloc((f->nblocks ? f->nblocks : 1) * sizeof *f->loc)))
+        err = ENOMEM;
+    for (size_t i = 0; !err && i < f->nblocks; i++) {
+        f->loc[i] = start;
+        start += SQFS_ON_DISK_BLOCK_SIZE(n->extra[i]);
+    }
+    if (err) {
+        f->n = NULL;               /* the caller still owns the inode */
+        ofile_free(f);
+        return err;
+    }
+    *out = f;
+    return 0;
 }
 
 /* ---- inodes ---- */
@@ -262,6 +411,8 @@ typedef struct {
 } dent_t;
 
 typedef struct {
+    uint64_t ref;                 /* the directory's inode */
+    int loaded;                   /* read on the first readdir: with a cached listing none comes */
     size_t n;
     dent_t **ents;
 } dir_t;
@@ -434,69 +585,119 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     }
     ctx_t *c = ctx();
     sqfs_inode_generic_t *n = NULL;
+    ofile_t *f = NULL;
     int err = c ? read_inode(c, ref_of(ino), &n) : ENOMEM;
     if (!err && !is_file(n))
         err = is_dir(n) ? EISDIR : EINVAL;
+    if (!err)
+        err = ofile_new(n, &f);
     if (err) {
         sqfs_free(n);
         fuse_reply_err(req, err);
         return;
     }
-    fi->fh = (uint64_t)(uintptr_t)n;    /* the inode with its block list, for every read of this open */
+    fi->fh = (uint64_t)(uintptr_t)f;
     fi->keep_cache = 1;
     if (fuse_reply_open(req, fi) == -ENOENT)   /* interrupted: no release will come */
-        sqfs_free(n);
+        ofile_free(f);
 }
+
+/* A request is at most 1 MiB (max_pages 256); blocks are at least 4 KiB. A FUSE read is never short (the kernel
+   would take a short read for the end of the file): every block of the request or an error. */
+#define MAXIOV 260
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     (void)ino;
     ctx_t *c = ctx();
-    const sqfs_inode_generic_t *n = (const sqfs_inode_generic_t *)(uintptr_t)fi->fh;
+    const ofile_t *f = (const ofile_t *)(uintptr_t)fi->fh;
     if (!c) {
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    char *buf = malloc(size ? size : 1);
-    if (!buf) {
-        fuse_reply_err(req, ENOMEM);
-        return;
+    uint64_t bs = G.super.block_size, pos = (uint64_t)off;
+    uint64_t end = pos < f->size ? (size < f->size - pos ? pos + size : f->size) : pos;
+    struct iovec iov[MAXIOV];
+    blk_t *held[MAXIOV], tmps[MAXIOV];
+    int k = 0, err = 0;
+    while (pos < end && k < MAXIOV) {
+        uint64_t idx = pos / bs, in = pos % bs;
+        uint64_t base = idx * bs, avail = (f->size - base < bs ? f->size - base : bs);
+        const sqfs_u8 *data;
+        blk_t *b = NULL;
+        if (idx < f->nblocks) {
+            uint32_t word = f->n->extra[idx];
+            if (SQFS_IS_SPARSE_BLOCK(word)) {
+                data = zeros;
+            } else if ((err = blk_get(c, f->loc[idx], word, (uint32_t)avail, &b, &tmps[k]))) {
+                if (b)
+                    blk_put(b, &tmps[k]);
+                break;
+            } else {
+                data = b->data;
+            }
+        } else {                 /* the tail, in a fragment block */
+            if ((err = blk_get(c, f->frag.start_offset, f->frag.size, f->frag_off + (uint32_t)avail, &b,
+                               &tmps[k]))) {
+                if (b)
+                    blk_put(b, &tmps[k]);
+                break;
+            }
+            data = b->data + f->frag_off;
+        }
+        uint64_t n = (end - base < avail ? end - base : avail) - in;
+        iov[k].iov_base = (void *)(data + in);
+        iov[k].iov_len = n;
+        held[k++] = b;
+        pos += n;
     }
-    sqfs_s32 got = size ? sqfs_data_reader_read(c->data, n, (sqfs_u64)off, buf, (sqfs_u32)size) : 0;
-    if (got < 0)
-        fuse_reply_err(req, got == SQFS_ERROR_ALLOC ? ENOMEM : EIO);
+    if (!err && pos < end)
+        err = EIO;
+    if (err)
+        fuse_reply_err(req, err);
     else
-        fuse_reply_buf(req, buf, (size_t)got);
-    free(buf);
+        fuse_reply_iov(req, iov, k);
+    for (int i = 0; i < k; i++)
+        if (held[i])
+            blk_put(held[i], &tmps[i]);
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     (void)ino;
-    sqfs_free((void *)(uintptr_t)fi->fh);
+    ofile_free((ofile_t *)(uintptr_t)fi->fh);
     fuse_reply_err(req, 0);
 }
 
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-    ctx_t *c = ctx();
-    sqfs_inode_generic_t *n = NULL;
-    int err = c ? read_inode(c, ref_of(ino), &n) : ENOMEM;
-    if (!err && !is_dir(n))
-        err = ENOTDIR;
-    dir_t *d = err ? NULL : calloc(1, sizeof *d);
-    if (!err && !d)
-        err = ENOMEM;
-    if (!err)
-        err = dir_walk(c, n, collect, d);
-    sqfs_free(n);
-    if (err) {
-        dir_free(d);
-        fuse_reply_err(req, err);
+    dir_t *d = calloc(1, sizeof *d);     /* (the kernel sends opendir for directories only) */
+    if (!d) {
+        fuse_reply_err(req, ENOMEM);
         return;
     }
+    d->ref = ref_of(ino);
     fi->fh = (uint64_t)(uintptr_t)d;
     fi->keep_cache = 1;
     fi->cache_readdir = 1;
     if (fuse_reply_open(req, fi) == -ENOENT)
         dir_free(d);
+}
+
+static int dir_load(ctx_t *c, dir_t *d) {
+    sqfs_inode_generic_t *n = NULL;
+    int err = read_inode(c, d->ref, &n);
+    if (!err && !is_dir(n))
+        err = ENOTDIR;
+    if (!err)
+        err = dir_walk(c, n, collect, d);
+    sqfs_free(n);
+    if (err) {                           /* nothing half-read stays */
+        for (size_t i = 0; i < d->n; i++)
+            free(d->ents[i]);
+        free(d->ents);
+        d->ents = NULL, d->n = 0;
+        return err;
+    }
+    d->loaded = 1;
+    return 0;
 }
 
 static mode_t dtype_mode(uint16_t t) {
@@ -513,9 +714,12 @@ static mode_t dtype_mode(uint16_t t) {
 
 static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi, int plus) {
     dir_t *d = (dir_t *)(uintptr_t)fi->fh;
-    ctx_t *c = plus ? ctx() : NULL;
-    if (plus && !c) {
-        fuse_reply_err(req, ENOMEM);
+    ctx_t *c = ctx();
+    int err = c ? 0 : ENOMEM;
+    if (!err && !d->loaded)              /* the kernel serialises readdir on one open directory */
+        err = dir_load(c, d);
+    if (err) {
+        fuse_reply_err(req, err);
         return;
     }
     char *buf = malloc(size);
@@ -531,7 +735,7 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
             struct fuse_entry_param e;
             memset(&e, 0, sizeof e);
             sqfs_inode_generic_t *n = NULL;
-            int err = read_inode(c, x->ref, &n);
+            err = read_inode(c, x->ref, &n);
             if (!err)
                 err = fill_stat(n, &e.attr);
             sqfs_free(n);
@@ -714,7 +918,8 @@ static void open_image(const char *image, uint64_t offset) {
                  (unsigned long long)G.file.size, (unsigned long long)G.super.bytes_used);
         fail(image, why);
     }
-    if (!(G.ids = sqfs_id_table_create(0)))
+    if (!(G.ids = sqfs_id_table_create(0)) || !(G.frags = sqfs_frag_table_create(0)) ||
+        !(zeros = calloc(1, G.super.block_size)))
         fail(image, "out of memory");
     G.has_xattrs = !(G.super.flags & SQFS_FLAG_NO_XATTRS) && G.super.xattr_id_table_start != UINT64_MAX;
     G.inode_limit = table_end(G.super.inode_table_start);
@@ -722,7 +927,9 @@ static void open_image(const char *image, uint64_t offset) {
     int err = 0;
     ctx_t *c = NULL;
     if ((rc = sqfs_id_table_read(G.ids, &G.file.base, &G.super, NULL)) ||
-        !(c = ctx_new(&rc))) {
+        !(c = ctx_new(&rc)) ||
+        (!(G.super.flags & SQFS_FLAG_NO_FRAGMENTS) && G.super.fragment_entry_count &&
+         (rc = sqfs_frag_table_read(G.frags, &G.file.base, &G.super, c->cmp)))) {
         snprintf(why, sizeof why, "corrupt squashfs image (%s)", sqfs_err(rc));
         fail(image, why);
     }
@@ -731,7 +938,7 @@ static void open_image(const char *image, uint64_t offset) {
     struct stat rst;
     if ((err = read_inode(c, G.super.root_inode_ref, &root)) || fill_stat(root, &rst) || !is_dir(root))
         fail(image, "corrupt squashfs image (its root directory does not read)");
-    dir_t d = {0, NULL};
+    dir_t d = {0, 0, 0, NULL};
     if (dir_walk(c, root, collect, &d))
         fail(image, "corrupt squashfs image (its root directory does not read)");
     for (size_t i = 0; i < d.n; i++)
@@ -783,6 +990,21 @@ int main(int argc, char **argv) {
     if (pthread_key_create(&G.key, ctx_free))
         return 1;
     open_image(o.image, o.offset);       /* refuses a bad image before anything is mounted */
+    unsigned threads = cpus();
+    if (threads < 4)
+        threads = 4;
+    if (threads > 64)
+        threads = 64;
+    /* the block cache: 32 MiB, and at least 8 blocks per thread (a 1 MiB request pins up to 9 of 128 KiB) */
+    C.n = (32u << 20) / G.super.block_size;
+    if (C.n < 8 * threads)
+        C.n = 8 * threads;
+    if (C.n > 1024)                      /* (4 KiB blocks: its lookups scan the table) */
+        C.n = 1024;
+    if (!(C.b = calloc(C.n, sizeof *C.b))) {
+        fprintf(stderr, PROG ": out of memory\n");
+        return 1;
+    }
 
     struct fuse_session *se = fuse_session_new(&args, &ops, sizeof ops, NULL);
     if (!se) {
@@ -795,11 +1017,6 @@ int main(int argc, char **argv) {
     }
     if (fuse_daemonize(co.foreground))
         return 1;
-    unsigned threads = cpus();
-    if (threads < 4)
-        threads = 4;
-    if (threads > 64)
-        threads = 64;
     struct fuse_loop_config *lc = fuse_loop_cfg_create();
     int rc;
     if (co.singlethread || !lc) {
