@@ -35,6 +35,7 @@
 #include <sqfs/xattr.h>
 #include <sqfs/xattr_reader.h>
 
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -98,7 +99,6 @@ static struct {
     int has_xattrs;
     uint64_t inode_limit, dir_limit;     /* ends of the inode and directory tables */
     pthread_key_t key;
-    unsigned threads;
 } G;
 
 /* ---- per-thread readers: libsquashfs's readers cache blocks and are not thread-safe ---- */
@@ -857,6 +857,13 @@ static void do_xattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t si
 }
 
 static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+    /* An image without xattrs: ENOSYS makes the kernel answer every later getxattr itself (EOPNOTSUPP), where
+       overlayfs would otherwise ask once per entry it looks up (user.overlay.opaque): a `find` in a container
+       went from one round trip per file to none. listxattr still answers (an empty list). */
+    if (!G.has_xattrs) {
+        fuse_reply_err(req, ENOSYS);
+        return;
+    }
     do_xattr(req, ino, name, size);
 }
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) { do_xattr(req, ino, NULL, size); }
@@ -922,6 +929,10 @@ static void open_image(const char *image, uint64_t offset) {
         !(zeros = calloc(1, G.super.block_size)))
         fail(image, "out of memory");
     G.has_xattrs = !(G.super.flags & SQFS_FLAG_NO_XATTRS) && G.super.xattr_id_table_start != UINT64_MAX;
+    sqfs_xattr_id_table_t xt;
+    if (G.has_xattrs && img_read_at(&G.file.base, G.super.xattr_id_table_start, &xt, sizeof xt) == 0 &&
+        le32toh(xt.xattr_ids) == 0)
+        G.has_xattrs = 0;                /* a table with no entries */
     G.inode_limit = table_end(G.super.inode_table_start);
     G.dir_limit = table_end(G.super.directory_table_start);
     int err = 0;

@@ -5,6 +5,7 @@ anything, exits when unmounted, and `nagaya run` works on it."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -310,3 +311,26 @@ def test_nagaya_run(alice: User, server: str, session_images: None) -> None:
     assert lines[0] == "1" and int(lines[1]) > 100      # the server runs beside the app, in its pid namespace
     r = alice.nagaya("exec", "app:1", "cat", "/app/data.txt", env=env)
     assert r.returncode == 0 and r.stdout == "upper data\n", r.stderr
+
+
+def test_image_without_xattrs(alice: User, server: str, workdir: Path) -> None:
+    """No xattrs in the image: getxattr is answered by the kernel (EOPNOTSUPP, no round trip per lookup that
+    overlayfs makes); listxattr is an empty list, as squashfuse_ll gives it."""
+    from nagaya.image import squash
+    from tests.helpers import images
+
+    tar = images.tar_bytes([images.entry("f", "file", b"data\n"), images.entry("d/", "dir")])
+    img = workdir / "plain.sqfs"
+    squash.build(lambda s: s.write(tar), img)
+    os.chown(img, alice.uid, alice.gid)
+    mnt = workdir / "m"
+    p = _mount(alice, server, img, mnt)
+    try:
+        code = ("import os, sys\n"
+                "print(os.listxattr(sys.argv[1]))\n"
+                "try:\n    os.getxattr(sys.argv[1], 'user.x')\nexcept OSError as e:\n    print(e.errno)\n")
+        r = alice.run([PY, "-c", code, str(mnt / "f")])
+        assert r.stdout.split("\n")[:2] == ["[]", str(errno.EOPNOTSUPP)], r.stdout + r.stderr
+        assert alice.run(["cat", str(mnt / "f")]).stdout == "data\n"
+    finally:
+        _unmount(alice, p, mnt)
