@@ -200,7 +200,25 @@ static struct {
     blk_t *b;
     size_t n;
     uint64_t tick;
-} C = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0};
+    sqfs_u8 **spare;              /* buffers of evicted blocks, for reuse: a fresh 128 KiB malloc is an mmap, */
+    size_t nspare;                /* 32 page faults and a TLB shootdown per block read */
+} C = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0, NULL, 0};
+
+static sqfs_u8 *buf_new(void) {
+    sqfs_u8 *b = NULL;
+    pthread_mutex_lock(&C.lock);
+    if (C.nspare)
+        b = C.spare[--C.nspare];
+    pthread_mutex_unlock(&C.lock);
+    return b ? b : malloc(G.super.block_size);
+}
+
+static void buf_drop_locked(sqfs_u8 *b) {
+    if (b && C.nspare < C.n)
+        C.spare[C.nspare++] = b;
+    else
+        free(b);
+}
 
 static sqfs_u8 *zeros;             /* a sparse block */
 
@@ -220,7 +238,7 @@ static int blk_get(ctx_t *c, uint64_t loc, uint32_t word, uint32_t want, blk_t *
     uint32_t size = SQFS_ON_DISK_BLOCK_SIZE(word);
     if (size > G.super.block_size)
         return EIO;
-    sqfs_u8 *buf = malloc(G.super.block_size);
+    sqfs_u8 *buf = buf_new();
     if (!buf)
         return ENOMEM;
     sqfs_s32 len;
@@ -231,7 +249,9 @@ static int blk_get(ctx_t *c, uint64_t loc, uint32_t word, uint32_t want, blk_t *
               : c->cmp->do_block(c->cmp, c->raw, size, buf, G.super.block_size);
     }
     if (len < 0 || (uint32_t)len < want) {
-        free(buf);
+        pthread_mutex_lock(&C.lock);
+        buf_drop_locked(buf);
+        pthread_mutex_unlock(&C.lock);
         return EIO;
     }
 
@@ -241,8 +261,8 @@ static int blk_get(ctx_t *c, uint64_t loc, uint32_t word, uint32_t want, blk_t *
         blk_t *b = &C.b[i];
         if (b->valid && b->loc == loc) {          /* another thread made it meanwhile */
             b->refs++, b->used = ++C.tick;
+            buf_drop_locked(buf);
             pthread_mutex_unlock(&C.lock);
-            free(buf);
             *out = b;
             return b->len < want ? EIO : 0;
         }
@@ -255,7 +275,7 @@ static int blk_get(ctx_t *c, uint64_t loc, uint32_t word, uint32_t want, blk_t *
         *out = tmp;
         return 0;
     }
-    free(victim->data);
+    buf_drop_locked(victim->data);
     *victim = (blk_t){loc, (uint32_t)len, 1, ++C.tick, 1, buf};
     pthread_mutex_unlock(&C.lock);
     *out = victim;
@@ -263,12 +283,11 @@ static int blk_get(ctx_t *c, uint64_t loc, uint32_t word, uint32_t want, blk_t *
 }
 
 static void blk_put(blk_t *b, blk_t *tmp) {
-    if (b == tmp) {
-        free(tmp->data);
-        return;
-    }
     pthread_mutex_lock(&C.lock);
-    b->refs--;
+    if (b == tmp)
+        buf_drop_locked(tmp->data);
+    else
+        b->refs--;
     pthread_mutex_unlock(&C.lock);
 }
 
@@ -1006,13 +1025,13 @@ int main(int argc, char **argv) {
         threads = 4;
     if (threads > 64)
         threads = 64;
-    /* the block cache: 32 MiB, and at least 8 blocks per thread (a 1 MiB request pins up to 9 of 128 KiB) */
-    C.n = (32u << 20) / G.super.block_size;
-    if (C.n < 8 * threads)
-        C.n = 8 * threads;
-    if (C.n > 1024)                      /* (4 KiB blocks: its lookups scan the table) */
-        C.n = 1024;
-    if (!(C.b = calloc(C.n, sizeof *C.b))) {
+    /* the block cache: 8 blocks per thread (a 1 MiB request pins up to 9 of 128 KiB), at least 32. Small: its
+       job is the blocks that neighbouring requests share (the page cache keeps what was read); a larger one
+       costs page faults on its first fill (32 MiB of 128 KiB blocks: 8192) */
+    C.n = 8 * threads;
+    if (C.n < 32)
+        C.n = 32;
+    if (!(C.b = calloc(C.n, sizeof *C.b)) || !(C.spare = calloc(C.n, sizeof *C.spare))) {
         fprintf(stderr, PROG ": out of memory\n");
         return 1;
     }
