@@ -196,8 +196,13 @@ def _mount(user: User, exe: str, image: Path, mnt: Path, *opts: str) -> subproce
 
 
 def _unmount(user: User, p: subprocess.Popen, mnt: Path) -> int:
-    user.run(["fusermount3", "-u", str(mnt)])
-    rc = p.wait(timeout=20)
+    r = user.run(["fusermount3", "-u", str(mnt)])
+    try:
+        rc = p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError(f"the server did not exit; fusermount3 -u: {r.returncode} {r.stderr.strip()}, "
+                             f"still mounted: {_mounted(mnt)}") from None
     assert not _mounted(mnt)
     return rc
 
