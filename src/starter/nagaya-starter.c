@@ -1530,6 +1530,8 @@ int main(int argc, char **argv) {
         posix_spawn_file_actions_init(&fa);
         posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDWR, 0);
         posix_spawn_file_actions_adddup2(&fa, 0, 1);
+        /* its stderr too: a file it refuses is reported once, by the first request below (one line) */
+        posix_spawn_file_actions_adddup2(&fa, 0, 2);
         pid_t sq;
         int rc = posix_spawn(&sq, P->squashfuse, &fa, NULL, sargv, environ);
         if (rc)

@@ -645,8 +645,9 @@ class Launcher:
                     exe = self.cfg.runtime.squashfuse
                     os.posix_spawn(exe, [os.path.basename(exe), "-f", *at, self.spec.squashfs, f"/dev/fd/{fusefd}"],
                                    os.environ,
+                                   # stderr too: a file it refuses is reported once, by _check_image (one line)
                                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
-                                                 (os.POSIX_SPAWN_DUP2, 0, 1)])
+                                                 (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
                 except BaseException as e:
                     _fail_child(f"cannot start squashfuse: {e}")
                 os.close(fusefd)
