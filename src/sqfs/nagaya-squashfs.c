@@ -922,6 +922,17 @@ static uint64_t table_end(uint64_t start) {
     return end;
 }
 
+#define SQUASHFUSE_LL "/usr/bin/squashfuse_ll"
+static char **g_argv;
+
+/* A compressor libsquashfs lacks (lzo: squashfs-tools-ng keeps it out of the LGPL library, liblzo2 being GPL):
+   squashfuse_ll serves the image instead, with the same arguments (the FUSE fd stays open across exec). */
+static void other_server(const char *image, const char *why) {
+    execv(SQUASHFUSE_LL, g_argv);     /* (it takes the same options: -f, -o offset=N) */
+    fprintf(stderr, PROG ": %s: %s, and " SQUASHFUSE_LL " cannot serve it: %s\n", image, why, strerror(errno));
+    exit(1);
+}
+
 static void open_image(const char *image, uint64_t offset) {
     char why[160];
     int fd = open(image, O_RDONLY | O_CLOEXEC);
@@ -952,12 +963,22 @@ static void open_image(const char *image, uint64_t offset) {
     if (G.has_xattrs && img_read_at(&G.file.base, G.super.xattr_id_table_start, &xt, sizeof xt) == 0 &&
         le32toh(xt.xattr_ids) == 0)
         G.has_xattrs = 0;                /* a table with no entries */
+    sqfs_compressor_config_t cc;
+    sqfs_compressor_t *probe = NULL;
+    if (sqfs_compressor_config_init(&cc, (SQFS_COMPRESSOR)G.super.compression_id, G.super.block_size,
+                                    SQFS_COMP_FLAG_UNCOMPRESS) == 0 &&
+        sqfs_compressor_create(&cc, &probe) == SQFS_ERROR_UNSUPPORTED) {
+        const char *name = sqfs_compressor_name_from_id((SQFS_COMPRESSOR)G.super.compression_id);
+        snprintf(why, sizeof why, "its compressor (%s) is not in libsquashfs", name ? name : "unknown");
+        other_server(image, why);
+    }
+    sqfs_destroy(probe);
     G.inode_limit = table_end(G.super.inode_table_start);
     G.dir_limit = table_end(G.super.directory_table_start);
     int err = 0;
     ctx_t *c = NULL;
-    if ((rc = sqfs_id_table_read(G.ids, &G.file.base, &G.super, NULL)) ||
-        !(c = ctx_new(&rc)) ||
+    if (!(c = ctx_new(&rc)) ||
+        (rc = sqfs_id_table_read(G.ids, &G.file.base, &G.super, c->cmp)) ||
         (!(G.super.flags & SQFS_FLAG_NO_FRAGMENTS) && G.super.fragment_entry_count &&
          (rc = sqfs_frag_table_read(G.frags, &G.file.base, &G.super, c->cmp)))) {
         snprintf(why, sizeof why, "corrupt squashfs image (%s)", sqfs_err(rc));
@@ -1004,6 +1025,7 @@ static unsigned cpus(void) {
 }
 
 int main(int argc, char **argv) {
+    g_argv = argv;
     struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
     struct opts o = {0};
     struct fuse_cmdline_opts co;
