@@ -13,11 +13,12 @@
  *
  * Command line, as nagaya starts squashfuse_ll:  nagaya-squashfs [-f] [-o offset=N,...] IMAGE MOUNTPOINT
  * (MOUNTPOINT is usually /dev/fd/N: a /dev/fuse fd already mounted by the caller). A missing, corrupt or
- * truncated image is refused before anything is mounted, with one line on stderr and exit status 1.
+ * truncated image is refused before anything is mounted, with one line on stderr and exit status 1. An image
+ * whose compressor libsquashfs lacks (lzo) is handed to squashfuse_ll (exec, same arguments).
  *
  * Node ids: the root is FUSE_ROOT_ID; any other inode is its squashfs inode reference + 2 (a reference is
  * block << 16 | offset, well below 2^62), so lookups need no table and forget needs no work. st_ino is the
- * squashfs inode number (hard links share it), as squashfuse_ll shows it.
+ * squashfs inode number (hard links share it; squashfuse_ll numbers inodes its own way, stable too).
  */
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE
