@@ -13,6 +13,7 @@ echo "== system packages"
 PKGS=(
   python3 python3-venv python3-dev gcc            # the Python package and its venv
   libc6-dev                                       # the compiled starter (src/starter): `nagaya run` without Python
+  libfuse3-dev libsquashfs-dev                    # nagaya-squashfs (src/sqfs): the images' multi-threaded FUSE server
   bubblewrap runc squashfs-tools squashfs-tools-ng squashfuse fuse3 uidmap   # the runtime
   busybox-static debootstrap                      # tiny base images made locally (no public registry)
   skopeo umoci podman buildah                     # peers for tests and benchmarks, OCI tooling
@@ -76,6 +77,18 @@ else
   cp "$PREFIX/bin/nagaya-py" /usr/local/bin/nagaya.new
 fi
 mv -f /usr/local/bin/nagaya.new /usr/local/bin/nagaya
+# nagaya-squashfs (src/sqfs): serves the images to containers, in parallel and cached by the kernel. The config's
+# runtime.squashfuse defaults to it when it is installed, else to squashfuse_ll (one request at a time).
+mkdir -p /usr/local/libexec/nagaya
+if cc -O2 -Wall -Wextra -I/usr/include/fuse3 -o /usr/local/libexec/nagaya/nagaya-squashfs.new \
+     "$here/src/sqfs/nagaya-squashfs.c" -lfuse3 -lsquashfs -lpthread; then
+  chmod 0755 /usr/local/libexec/nagaya/nagaya-squashfs.new
+  mv -f /usr/local/libexec/nagaya/nagaya-squashfs.new /usr/local/libexec/nagaya/nagaya-squashfs
+else
+  rm -f /usr/local/libexec/nagaya/nagaya-squashfs.new
+  [ "${CI:-}" = true ] && { echo "install.sh: nagaya-squashfs does not compile (CI=true: an error)" >&2; exit 1; }
+  echo "   nagaya-squashfs does not compile: images are served by squashfuse_ll"
+fi
 chmod -R a+rX "$PREFIX"
 
 echo "== service account"

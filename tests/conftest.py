@@ -18,6 +18,7 @@ from tests.helpers.users import User
 CI = os.environ.get("CI") == "true"
 COMPONENTS = ("bwrap", "runc", "squashfuse_ll", "tar2sqfs", "unsquashfs", "busybox", "newuidmap", "setpriv",
               "nagaya", "tmux")
+NAGAYA_SQUASHFS = "/usr/local/libexec/nagaya/nagaya-squashfs"     # the images' FUSE server (deploy/install.sh)
 
 
 def require(ok: bool, what: str) -> None:
@@ -33,6 +34,7 @@ def system() -> None:
     require(os.geteuid() == 0, "integration tests run as root: they create unprivileged test users")
     for exe in COMPONENTS:
         require(shutil.which(exe) is not None, f"{exe} is not installed (bash deploy/install.sh)")
+    require(os.access(NAGAYA_SQUASHFS, os.X_OK), f"{NAGAYA_SQUASHFS} is not installed (bash deploy/install.sh)")
     # These machines ship /dev/fuse as 0600; normal systems have 0666 (DESIGN.md).
     os.chmod("/dev/fuse", 0o666)
 

@@ -78,11 +78,22 @@ def _user_dirs() -> tuple[Path, Path, Path]:
     return Path(cache), Path(conf), Path(data)
 
 
+# nagaya's own FUSE server for its images (src/sqfs, built by deploy/install.sh): multi-threaded and cached by
+# the kernel. Where it is not installed, squashfuse_ll, which serves one request at a time.
+NAGAYA_SQUASHFS = "/usr/local/libexec/nagaya/nagaya-squashfs"
+# How the FUSE server's process is told from the app's (/proc/PID/comm prefixes; a comm is 15 characters).
+FUSE_SERVER_COMMS = ("squashfuse", "nagaya-squashfs")
+
+
+def _default_squashfuse() -> str:
+    return NAGAYA_SQUASHFS if os.access(NAGAYA_SQUASHFS, os.X_OK) else "/usr/bin/squashfuse_ll"
+
+
 class RuntimeConfig(Record):
     backend: str = "bwrap"                      # bwrap | runc
     bwrap: str = "/usr/bin/bwrap"
     runc: str = "/usr/sbin/runc"
-    squashfuse: str = "/usr/bin/squashfuse_ll"
+    squashfuse: str = _default_squashfuse()     # the FUSE server: nagaya-squashfs, else squashfuse_ll
     # Where the private mount namespace stages the image (a tmpfs is mounted over it, so nothing is
     # ever written there on the host). Created empty by the site install, like Apptainer's session dir.
     staging_dir: str = "/var/lib/nagaya/mnt"

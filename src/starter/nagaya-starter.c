@@ -1120,7 +1120,12 @@ static int read_stat(pid_t pid, char *state, pid_t *ppid) {
     return 0;
 }
 
-/* The app: the backend's child that is not squashfuse (lowest pid first, as Python sorts). */
+/* The image's FUSE server, by its comm: squashfuse_ll or nagaya's own (config.py's FUSE_SERVER_COMMS). */
+static int is_fuse_server(const char *comm) {
+    return starts(comm, "squashfuse") || starts(comm, "nagaya-squashfs");
+}
+
+/* The app: the backend's child that is not the FUSE server (lowest pid first, as Python sorts). */
 static pid_t first_leaf(pid_t bpid) {
     DIR *d = opendir("/proc");
     if (!d)
@@ -1148,7 +1153,7 @@ static pid_t first_leaf(pid_t bpid) {
         if (n < 0)
             continue;
         comm[n < 0 ? 0 : n] = 0;
-        if (starts(comm, "squashfuse"))
+        if (is_fuse_server(comm))
             continue;
         return kids[i];
     }
@@ -1519,11 +1524,14 @@ int main(int argc, char **argv) {
         fcntl(fusefd, F_SETFD, 0);
         char dev[64];
         snprintf(dev, sizeof dev, "/dev/fd/%d", fusefd);
-        char *sargv[] = {"squashfuse_ll", "-f", P->squashfs, dev, NULL};
+        char *base = strrchr(P->squashfuse, '/');
+        char *sargv[] = {base ? base + 1 : P->squashfuse, "-f", P->squashfs, dev, NULL};
         posix_spawn_file_actions_t fa;
         posix_spawn_file_actions_init(&fa);
         posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDWR, 0);
         posix_spawn_file_actions_adddup2(&fa, 0, 1);
+        /* its stderr too: a file it refuses is reported once, by the first request below (one line) */
+        posix_spawn_file_actions_adddup2(&fa, 0, 2);
         pid_t sq;
         int rc = posix_spawn(&sq, P->squashfuse, &fa, NULL, sargv, environ);
         if (rc)

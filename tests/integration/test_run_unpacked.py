@@ -13,8 +13,9 @@ from tests.helpers.users import User
 
 pytestmark = pytest.mark.integration
 
-# squashfuse_ll runs in the container's pid namespace (the backend starts it), so the container sees it.
-FUSE_LOWER = "cat /proc/[0-9]*/comm | grep -c squashfuse || true"
+# The FUSE server (nagaya-squashfs, or squashfuse_ll) runs in the container's pid namespace (the backend starts
+# it), so the container sees it.
+FUSE_LOWER = "cat /proc/[0-9]*/comm | grep -cE '^(squashfuse|nagaya-squashfs)' || true"
 
 
 def _import(user: User, rootfs: Path, env: dict[str, str]) -> dict:

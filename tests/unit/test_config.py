@@ -61,3 +61,14 @@ def test_a_cache_someone_else_made_is_refused(tmp_path):
     link.symlink_to(mine)
     with pytest.raises(ImageError):
         ImageStore(link).ensure_dirs()
+
+
+def test_squashfuse_default_is_nagaya_squashfs_where_installed(tmp_path, monkeypatch):
+    exe = tmp_path / "nagaya-squashfs"
+    monkeypatch.setattr(config, "NAGAYA_SQUASHFS", str(exe))
+    assert config._default_squashfuse() == "/usr/bin/squashfuse_ll"      # not installed
+    exe.write_text("#!/bin/sh\n")
+    assert config._default_squashfuse() == "/usr/bin/squashfuse_ll"      # not executable
+    exe.chmod(0o755)
+    assert config._default_squashfuse() == str(exe)
+    assert "nagaya-squashfs".startswith(config.FUSE_SERVER_COMMS) and len("nagaya-squashfs") == 15

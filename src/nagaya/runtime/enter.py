@@ -4,7 +4,7 @@ The container is found by the record its `nagaya run` left (runtime/jobrecord.py
 supervisor S by pid *and* start time, and the inode numbers of S's user and pid namespaces; each is
 checked on an fd of /proc/PID held open from then on (a pid reused after that check makes every read
 through the fd fail), so a recycled pid never leads into anything else. The app (the backend's child that
-is not squashfuse) must be a child of S's backend child. The kernel checks the rest: a user may join only
+is not the FUSE server) must be a child of S's backend child. The kernel checks the rest: a user may join only
 namespaces whose owner is their own uid, so a record could at worst lead a user into their own container.
 
 Order (what the kernel allows an unprivileged caller): S's user namespace (nagaya's, owned by the user),

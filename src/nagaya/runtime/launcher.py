@@ -23,7 +23,7 @@ import stat
 import time
 
 from nagaya import audit
-from nagaya.config import Config
+from nagaya.config import FUSE_SERVER_COMMS, Config
 from nagaya.errors import (
     CommandNotExecutable,
     CommandNotFound,
@@ -642,10 +642,12 @@ class Launcher:
                 os.set_inheritable(fusefd, True)
                 try:
                     at = ["-o", f"offset={self.spec.squashfs_offset}"] if self.spec.squashfs_offset else []
-                    os.posix_spawn(self.cfg.runtime.squashfuse,
-                                   ["squashfuse_ll", "-f", *at, self.spec.squashfs, f"/dev/fd/{fusefd}"], os.environ,
+                    exe = self.cfg.runtime.squashfuse
+                    os.posix_spawn(exe, [os.path.basename(exe), "-f", *at, self.spec.squashfs, f"/dev/fd/{fusefd}"],
+                                   os.environ,
+                                   # stderr too: a file it refuses is reported once, by _check_image (one line)
                                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
-                                                 (os.POSIX_SPAWN_DUP2, 0, 1)])
+                                                 (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
                 except BaseException as e:
                     _fail_child(f"cannot start squashfuse: {e}")
                 os.close(fusefd)
@@ -947,11 +949,11 @@ def _children(pid: int) -> list[int]:
 
 
 def _first_leaf(bpid: int) -> int | None:
-    """The app: the backend's (bwrap's or runc's) child that is not squashfuse."""
+    """The app: the backend's (bwrap's or runc's) child that is not the FUSE server."""
     for c in _children(bpid):
         try:
             with open(f"/proc/{c}/comm") as f:
-                if f.read().strip().startswith("squashfuse"):
+                if f.read().strip().startswith(FUSE_SERVER_COMMS):
                     continue
         except OSError:
             continue
