@@ -52,9 +52,18 @@ KEY = re.compile(r"(\d+)(?:\[(\d*)\])?(?:\..*)?")
 # (TASK_SIGNAL) that tells the relay, which gives its app the signal, then KILL after the grace. The handoff
 # cannot be lost: the signaller writes its mark, then reads the relay's pid; the relay publishes its pid
 # (written aside, renamed), then looks for a mark. Both live in the job's $TMPDIR on that host (private to the
-# job, removed by PBS), named by job and key. Arguments: GRACE KEY LOG ARGV...
+# job, removed by PBS), named by job and key; never in a shared /tmp, where another user could plant them:
+# a $TMPDIR that is missing, a link, not the user's own or writable by others is refused (PRIVATE_TMPDIR).
+# Arguments: GRACE KEY LOG ARGV...
+PRIVATE_TMPDIR = r"""
+m=$(stat -c %A -- "${TMPDIR:-}" 2>/dev/null)
+[ -n "${TMPDIR:-}" ] && [ ! -L "$TMPDIR" ] && [ -d "$TMPDIR" ] && [ -O "$TMPDIR" ] && [ "${m:5:1}${m:8:1}" = -- ] ||
+  { echo "nagaya: the job's TMPDIR (${TMPDIR:-unset}) is not a private directory of this user" >&2; exit 1; }
+""".strip()
 TASK_RELAY = r"""
-g=$1; d=${TMPDIR:-/tmp}/.nagaya-$PBS_JOBID-$2; exec >>"$3" 2>&1 </dev/null; shift 3; a=0; t=0; k=0
+g=$1; exec >>"$3" 2>&1 </dev/null
+@PRIVATE@
+d=$TMPDIR/.nagaya-$PBS_JOBID-$2; shift 3; a=0; t=0; k=0
 setpriv --pdeathsig KILL -- "$@" & a=$!
 end() {
   [ $t = 1 ] && return; t=1; s=$(cat "$d.end" 2>/dev/null); s=${s:-TERM}
@@ -71,14 +80,15 @@ while :; do
 done
 rm -f "$d.pid"; [ $k -gt 0 ] && kill $k 2>/dev/null
 exit $r
-"""
+""".replace("@PRIVATE@", PRIVATE_TMPDIR)
 # Arguments: KEY SIGNAL (the relay's, as `kill -SIGNAL` takes it).
 TASK_SIGNAL = r"""
-d=${TMPDIR:-/tmp}/.nagaya-$PBS_JOBID-$1
+@PRIVATE@
+d=$TMPDIR/.nagaya-$PBS_JOBID-$1
 echo "$2" >"$d.end.$$" && mv -f "$d.end.$$" "$d.end"
 p=$(cat "$d.pid" 2>/dev/null) && kill -TERM "$p" 2>/dev/null
 exit 0
-"""
+""".replace("@PRIVATE@", PRIVATE_TMPDIR)
 
 
 def task_argv(tmrsh: str, host: str, key: str, grace: int, log: str, argv: list[str]) -> list[str]:
