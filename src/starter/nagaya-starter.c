@@ -1514,7 +1514,8 @@ int main(int argc, char **argv) {
     if (fusefd < 0)
         die(125, "/dev/fuse cannot be opened (%s)", strerror(errno));
     char opts[256];
-    snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=%u,group_id=%u", fusefd, (unsigned)uid, (unsigned)gid);
+    snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=%u,group_id=%u,default_permissions", fusefd,
+             (unsigned)uid, (unsigned)gid);      /* (launcher.py: as the overlay checks modes) */
     if (mount("nagaya", lower, "fuse.squashfuse", MS_NOSUID | MS_NODEV | MS_RDONLY, opts))
         die(125, "container setup failed: %s", strerror(errno));
     int bp[2], sp[2];

@@ -268,7 +268,10 @@ class Launcher:
         request), so that squashfuse can start at once and its start-up overlaps our host-side work."""
         lower = os.path.join(self.stage, "lower")
         if fusefd >= 0:
-            opts = f"fd={fusefd},rootmode=40000,user_id={self.ident.uid},group_id={self.ident.gid}"
+            # default_permissions: the kernel checks modes and owners, as the overlay above it does for every
+            # path it covers (the image's directories bound past it, _bypass_overlay, must answer the same)
+            opts = (f"fd={fusefd},rootmode=40000,user_id={self.ident.uid},group_id={self.ident.gid},"
+                    "default_permissions")
             linux.mount("nagaya", lower, "fuse.squashfuse", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY, opts)
         else:
             linux.mount(self.spec.unpacked, lower, None, linux.MS_BIND | linux.MS_REC)
