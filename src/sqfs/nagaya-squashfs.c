@@ -178,9 +178,14 @@ fail:
     return NULL;
 }
 
+static ctx_t *first_ctx;            /* made by the start-up check; the first worker thread takes it over */
+
 static ctx_t *ctx(void) {
     ctx_t *c = pthread_getspecific(G.key);
-    if (!c && (c = ctx_new(NULL)))
+    if (c)
+        return c;
+    c = __atomic_exchange_n(&first_ctx, NULL, __ATOMIC_ACQ_REL);
+    if (c || (c = ctx_new(NULL)))
         pthread_setspecific(G.key, c);
     return c;
 }
@@ -1099,7 +1104,7 @@ static void open_image(const char *image, uint64_t offset) {
     d->c = (cached_t){FUSE_ROOT_ID, 1};  /* kept: the first readdir and lookups of / need not read it again */
     icache_put(&dirs, icache_add(&dirs, &d->c));
     sqfs_free(root);
-    pthread_setspecific(G.key, c);      /* the main thread's, reused if it ever serves */
+    first_ctx = c;                       /* its readers hold the root's blocks: the first request's too */
 }
 
 struct opts { char *image, *mountpoint; unsigned long long offset; int nonopt; };

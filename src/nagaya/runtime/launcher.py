@@ -857,9 +857,10 @@ class Launcher:
                 if (state == "T") != stopped:
                     stopped = state == "T"
                     app = _first_leaf(bpid)
-                    if app:
+                    here = _pid_here(app) if app else None
+                    if here:
                         try:
-                            os.kill(app, signal.SIGSTOP if stopped else signal.SIGCONT)
+                            os.kill(here, signal.SIGSTOP if stopped else signal.SIGCONT)
                         except OSError:
                             pass
                 time.sleep(0.02)
@@ -985,6 +986,23 @@ def _first_leaf(bpid: int) -> int | None:
             continue
         return c
     return None
+
+
+def _pid_here(pid: int) -> int | None:
+    """A host pid (as /proc, the host's, shows it) in the calling process's own pid namespace: the stop watcher
+    is forked into the container's, where kill() takes that namespace's numbers. (Before, its STOP went to
+    another number; the app only seemed to stop because each exec waited on the FUSE server, stopped with us.)"""
+    def nspids(p: str) -> list[str]:
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return line.split()[1:]
+        return []
+    try:
+        depth, theirs = len(nspids("self")), nspids(str(pid))
+    except OSError:
+        return None
+    return int(theirs[depth - 1]) if depth and len(theirs) >= depth else None
 
 
 def _in_subtree(pid: int, root: int) -> bool:
