@@ -4,7 +4,9 @@
  * little. Here the session loop is multi-threaded and every worker thread has its own decompressor and
  * readers (libsquashfs's readers keep state and are not thread-safe), so reads run in parallel; the image never
  * changes while it is mounted, so entries, attributes, pages, symlinks and directory listings are cached by
- * the kernel for good (long timeouts, keep_cache, cache_readdir, readdirplus).
+ * the kernel for good (long timeouts, keep_cache, cache_readdir, readdirplus). Open and opendir are left to the
+ * kernel (no-open, no-opendir: no OPEN/RELEASE/OPENDIR/RELEASEDIR round trips); reads and listings name only the
+ * inode, so block lists and listings are kept per inode (see the per-inode caches). The mount is read-only.
  *
  * File data: decompressed blocks and fragment blocks go to one cache shared by the threads (the kernel's
  * readahead windows are not block-aligned, so consecutive requests, served by different threads, share
