@@ -269,6 +269,7 @@ class BatchBackend:
         self.cfg = cfg
         self.me = pwd.getpwuid(os.getuid()).pw_name
         self.state = Path(cfg.sched_state_dir) / self.name
+        self.submitted: tuple[list[str], str] | None = None     # the last qsub's options and wrapper
 
     def _bin(self, name: str) -> str:
         path = os.path.join(getattr(self.cfg.sched, self.bin_setting), name)

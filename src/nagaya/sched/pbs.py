@@ -255,6 +255,7 @@ class PBSScheduler(BatchBackend):
             # The wrapper as the job's executable, `bash -c WRAPPER`, as a plain `qsub -- CMD` starts: no
             # login shell (the job keeps the submitter's environment, -V, as sbatch's jobs do).
             r = self._run("qsub", *args, "--", "/bin/bash", "-c", script, "nagaya-job", cwd=spec.cwd or None)
+        self.submitted = (args, script)         # what went to qsub (sched/submitplan.py checks its plan by it)
         if r.returncode != 0:
             raise NagayaError(f"qsub: {r.stderr.strip() or r.stdout.strip()}")
         m = KEY.fullmatch(r.stdout.strip().splitlines()[-1])
