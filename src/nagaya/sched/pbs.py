@@ -127,20 +127,17 @@ exec >>"$log" 2>&1
 """,
     traps="", group=False, relay_cancel=False, host="$(hostname -s)", slots="${NCPUS:-1}",
     hostfile="$PBS_NODEFILE",
-    # `read` rather than $(cat ...): no fork on every job's way to its app
+    # plain assignments, not $(cat <<...) (a fork) nor `read` of a here-document (a read per byte from its
+    # pipe): nothing on every job's way to its app
     remote=r"""
-IFS= read -r -d '' relay <<'NAGAYA_TASK_EOF'
-@RELAY@
-NAGAYA_TASK_EOF
-IFS= read -r -d '' signal <<'NAGAYA_TASK_EOF'
-@SIGNAL@
-NAGAYA_TASK_EOF
+relay=@RELAY@
+signal=@SIGNAL@
 remote() {      # rank $r on host $1, as a task of the job (PBS's TM interface) under the relay
   local h=$1; shift
   trap '' TERM
   exec "$tmrsh" "$h" /bin/bash -c "$relay" relay "$grace" "$r" "$log" "$@"
 }
-""".replace("@RELAY@", TASK_RELAY.strip()).replace("@SIGNAL@", TASK_SIGNAL.strip()),
+""".replace("@RELAY@", shlex.quote(TASK_RELAY.strip())).replace("@SIGNAL@", shlex.quote(TASK_SIGNAL.strip())),
     end_remote=r"""
 for ((k = 1; k < ${#hosts[@]}; k++)); do      # PBS signals this host's session only: tell each rank's relay
   ( trap '' TERM; exec "$tmrsh" "${hosts[$k]}" /bin/bash -c "$signal" signal "$k" TERM ) </dev/null >/dev/null 2>&1 &
