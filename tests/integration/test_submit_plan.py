@@ -125,7 +125,8 @@ def record(work: Path, backend: str, job: str) -> str:
 
 def audit_line(user: User, job: str) -> str:
     lines = (user.home / ".local/share/nagaya/audit.jsonl").read_text().splitlines()
-    [line] = [x for x in lines if f'"job":"{job}"' in x and '"action":"submit"' in x]
+    # the newest: job ids start again at 0 with each fresh scheduler, and the log is the user's for good
+    line = [x for x in lines if f'"job":"{job}"' in x and '"action":"submit"' in x][-1]
     line = line.replace(f'"job":"{job}"', '"job":"ID"')
     return re.sub(r'"id":"[0-9a-f]{12}","image"', '"id":"X","image"', re.sub(r'"time":"[^"]+"', '"time":"T"', line))
 
