@@ -1322,6 +1322,9 @@ static double mono(void) {
     return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
+/* `nagaya submit` on Grid Engine and PBS from a submit plan: its own file, in this translation unit */
+#include "submit.c"
+
 int main(int argc, char **argv) {
     g_argc = argc;
     g_argv = argv;
@@ -1334,6 +1337,8 @@ int main(int argc, char **argv) {
     gid_t gid = getgid();
     if (geteuid() != uid || getegid() != gid)
         die(125, "the nagaya starter must not be installed setuid or setgid");
+    if (argc > 2 && !strcmp(argv[1], "submit"))
+        submit_fast(argc, argv);                /* submit.c: never returns */
     if (argc < 4 || (strcmp(argv[1], "run") && strcmp(argv[1], "exec")))
         python_path("not a plain run/exec");
     int i = 2;

@@ -64,6 +64,10 @@ def parse(argv: list[str]) -> dict[str, object] | None:
 
 def main(argv: list[str]) -> int | None:
     """Exit code, or None to fall back to the Typer command."""
+    import os
+
+    # The compiled starter asks for a submit plan (its own was missing or stale); the job never sees the ask.
+    want_plan = os.environ.pop("NAGAYA_STARTER_PLAN", "") == "want"
     opts = parse(argv)
     if opts is None:
         return None
@@ -72,7 +76,7 @@ def main(argv: list[str]) -> int | None:
 
     json_out = bool(opts.pop("json", False))
     try:
-        out = submit_job(SubmitRequest(**opts))
+        out = submit_job(SubmitRequest(**opts), want_plan=want_plan)
     except NagayaError as e:
         sys.stderr.write(f"nagaya: {e.message}\n")
         return e.exit_code

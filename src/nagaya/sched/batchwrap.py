@@ -120,6 +120,7 @@ class Terms:
         self.hostfile = hostfile            # the variable naming the job's host list (multi-host jobs)
         self.own_tasks = own_tasks          # a cancel reaches every host's task from the scheduler itself
         self.remote = remote                # bash: a function `remote HOST ARGV...` running ARGV there as a task
+        #                                     (in multi-host jobs only: one host's wrapper has less to read)
         self.end_remote = end_remote        # bash, in end(): pass the ending on to the other hosts' tasks
 
     def with_setup(self, first: str) -> Terms:
@@ -217,8 +218,8 @@ def script(spec: JobSpec, cfg: Any, nagaya: str, state: Path, terms: Terms, dire
              f"grace={int(cfg.sched.kill_grace)}; limit={spec.time_limit}; ngpus={ngpus}",
              f"lockdir={shlex.quote(cfg.sched.gpu_lock_dir)}; devdir={shlex.quote(cfg.gpu.dev_dir or '/dev')}",
              f"st={shlex.quote(str(state))}; nagaya={shlex.quote(nagaya)}; okdeps={shlex.quote(' '.join(okdeps))}",
-             t.setup.strip(), t.remote.strip(), _fill(END, t), t.traps.strip(), _fill(DEPS, t), GPU_TAKE.strip(),
-             _fill(START, t)]
+             t.setup.strip(), *([t.remote.strip()] if spec.nodes > 1 else []), _fill(END, t), t.traps.strip(),
+             _fill(DEPS, t), GPU_TAKE.strip(), _fill(START, t)]
     gpu = ' --gpus "$gpus"' if ngpus else ""
     # The app in a process group of its own where the scheduler signals groups (setsid); --pdeathsig: should
     # the wrapper die first, the app goes with it.
@@ -269,6 +270,7 @@ class BatchBackend:
         self.cfg = cfg
         self.me = pwd.getpwuid(os.getuid()).pw_name
         self.state = Path(cfg.sched_state_dir) / self.name
+        self.submitted: tuple[list[str], str] | None = None     # the last qsub's options and wrapper
 
     def _bin(self, name: str) -> str:
         path = os.path.join(getattr(self.cfg.sched, self.bin_setting), name)

@@ -190,7 +190,9 @@ class GridEngineScheduler(BatchBackend):
         return args
 
     def submit(self, spec: JobSpec) -> str:
-        r = self._run("qsub", *self.args(spec), input=self.batch_script(spec))
+        args, script = self.args(spec), self.batch_script(spec)
+        r = self._run("qsub", *args, input=script)
+        self.submitted = (args, script)         # what went to qsub (sched/submitplan.py checks its plan by it)
         if r.returncode != 0:
             raise NagayaError(f"qsub: {r.stderr.strip() or r.stdout.strip()}")
         job_id = r.stdout.strip().splitlines()[-1].split(".")[0]      # after any warnings

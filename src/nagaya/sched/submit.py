@@ -56,8 +56,9 @@ def _compose_check(path: Path, nodes: int) -> str:
     return str(path)
 
 
-def submit_job(req: SubmitRequest, cfg: Any = None) -> dict[str, Any]:
-    """Submit; returns what `--json` prints: {"id", "backend", "image", "digest"}."""
+def submit_job(req: SubmitRequest, cfg: Any = None, want_plan: bool = False) -> dict[str, Any]:
+    """Submit; returns what `--json` prints: {"id", "backend", "image", "digest"}. `want_plan`: the compiled
+    starter asked for a submit plan (sched/submitplan.py), written if this submit is one it can replay."""
     from nagaya import audit, config
     from nagaya.sched import get_scheduler
     from nagaya.sched.models import JobSpec, parse_script, parse_time
@@ -126,4 +127,9 @@ def submit_job(req: SubmitRequest, cfg: Any = None) -> dict[str, Any]:
     from nagaya.client.site_audit import forward
 
     forward(ev)
+    if want_plan and not script and getattr(sched, "submitted", None):
+        from nagaya.sched import submitplan
+
+        if submitplan.replayable(req, cfg, sched.name, req.backend or ""):
+            submitplan.write(req, cfg, sched, spec, req.backend or "", sched.submitted)
     return {"id": job_id, "backend": sched.name, "image": ref, "digest": digest}
