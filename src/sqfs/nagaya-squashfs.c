@@ -638,12 +638,8 @@ static void op_init(void *ud, struct fuse_conn_info *conn) {
                                    FUSE_CAP_READDIRPLUS);
     conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;   /* always plus: `find`/`ls -l` then need no lookups */
     conn->time_gran = 1000000000;
-    /* opendir answered by the kernel (see the per-inode caches): ENOSYS to the first. Open is still the
-       server's (keep_cache, fh 0: reads name the inode either way): with no-open as well, one CI run saw a
-       container's file read that never completed, which no run here has reproduced; until it is understood,
-       the kernel asks at open (NAGAYA_SQFS_NO_OPEN=1 turns it on, for bench/io and tests). */
-    const char *no_open_env = getenv("NAGAYA_SQFS_NO_OPEN");
-    no_open = no_open_env && !strcmp(no_open_env, "1") && (conn->capable & FUSE_CAP_NO_OPEN_SUPPORT);
+    /* open and opendir answered by the kernel (see the per-inode caches): ENOSYS to the first of each */
+    no_open = !!(conn->capable & FUSE_CAP_NO_OPEN_SUPPORT);
     no_opendir = !!(conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT);
 }
 
