@@ -18,7 +18,8 @@ from tests.helpers.users import User
 CI = os.environ.get("CI") == "true"
 COMPONENTS = ("bwrap", "runc", "squashfuse_ll", "tar2sqfs", "unsquashfs", "busybox", "newuidmap", "setpriv",
               "nagaya", "tmux")
-NAGAYA_SQUASHFS = "/usr/local/libexec/nagaya/nagaya-squashfs"     # the images' FUSE server (deploy/install.sh)
+# the images' FUSE server (deploy/install.sh); NAGAYA_TEST_SQUASHFS: a build of it to test instead
+NAGAYA_SQUASHFS = os.environ.get("NAGAYA_TEST_SQUASHFS") or "/usr/local/libexec/nagaya/nagaya-squashfs"
 
 
 def require(ok: bool, what: str) -> None:

@@ -4,7 +4,9 @@
  * little. Here the session loop is multi-threaded and every worker thread has its own decompressor and
  * readers (libsquashfs's readers keep state and are not thread-safe), so reads run in parallel; the image never
  * changes while it is mounted, so entries, attributes, pages, symlinks and directory listings are cached by
- * the kernel for good (long timeouts, keep_cache, cache_readdir, readdirplus).
+ * the kernel for good (long timeouts, keep_cache, cache_readdir, readdirplus). Open and opendir are left to the
+ * kernel (no-open, no-opendir: no OPEN/RELEASE/OPENDIR/RELEASEDIR round trips); reads and listings name only the
+ * inode, so block lists and listings are kept per inode (see the per-inode caches). The mount is read-only.
  *
  * File data: decompressed blocks and fragment blocks go to one cache shared by the threads (the kernel's
  * readahead windows are not block-aligned, so consecutive requests, served by different threads, share
@@ -178,9 +180,14 @@ fail:
     return NULL;
 }
 
+static ctx_t *first_ctx;            /* made by the start-up check; the first worker thread takes it over */
+
 static ctx_t *ctx(void) {
     ctx_t *c = pthread_getspecific(G.key);
-    if (!c && (c = ctx_new(NULL)))
+    if (c)
+        return c;
+    c = __atomic_exchange_n(&first_ctx, NULL, __ATOMIC_ACQ_REL);
+    if (c || (c = ctx_new(NULL)))
         pthread_setspecific(G.key, c);
     return c;
 }
@@ -292,8 +299,87 @@ static void blk_put(blk_t *b, blk_t *tmp) {
     pthread_mutex_unlock(&C.lock);
 }
 
-/* An open file: its inode and where each of its blocks lies. */
+/* ---- per-inode caches: what open and opendir used to compute, kept by node id ----
+   The kernel is told that open and opendir need no server (FUSE_CAP_NO_OPEN_SUPPORT, ..._NO_OPENDIR_SUPPORT): no
+   OPEN, RELEASE, OPENDIR or RELEASEDIR round trips, and READ and READDIRPLUS come with fh 0, naming the inode
+   only. A regular file's block list and a directory's listing are therefore kept here, in a direct-mapped table
+   per kind (a clash replaces the older one); each object is reference-counted, so that one replaced while a
+   reader uses it lives until that reader is done. */
+
 typedef struct {
+    fuse_ino_t ino;
+    unsigned refs;                /* the table's and each user's (under the table's lock) */
+} cached_t;
+
+typedef struct {
+    pthread_mutex_t lock;
+    cached_t **slot;
+    unsigned bits;                /* 1 << bits slots */
+    void (*destroy)(cached_t *);
+} icache_t;
+
+static size_t slot_of(const icache_t *t, fuse_ino_t ino) {
+    return (size_t)(((uint64_t)ino * 0x9E3779B97F4A7C15ull) >> (64 - t->bits));
+}
+
+static cached_t *icache_get(icache_t *t, fuse_ino_t ino) {
+    pthread_mutex_lock(&t->lock);
+    cached_t *o = t->slot[slot_of(t, ino)];
+    if (o && o->ino == ino)
+        o->refs++;
+    else
+        o = NULL;
+    pthread_mutex_unlock(&t->lock);
+    return o;
+}
+
+/* Keeps a fresh object (one reference: the caller's), unless another thread kept one for the inode meanwhile:
+   returns the one kept, with a reference for the caller. */
+static cached_t *icache_add(icache_t *t, cached_t *o) {
+    pthread_mutex_lock(&t->lock);
+    size_t i = slot_of(t, o->ino);
+    cached_t *old = t->slot[i], *gone = NULL;
+    if (old && old->ino == o->ino) {
+        old->refs++;
+        pthread_mutex_unlock(&t->lock);
+        t->destroy(o);
+        return old;
+    }
+    if (old && --old->refs == 0)
+        gone = old;
+    o->refs++;
+    t->slot[i] = o;
+    pthread_mutex_unlock(&t->lock);
+    if (gone)
+        t->destroy(gone);
+    return o;
+}
+
+static void icache_put(icache_t *t, cached_t *o) {
+    pthread_mutex_lock(&t->lock);
+    int last = --o->refs == 0;
+    pthread_mutex_unlock(&t->lock);
+    if (last)
+        t->destroy(o);
+}
+
+/* Forgets o (if still kept): a big listing, once read to its end, is the kernel's to cache. */
+static void icache_forget(icache_t *t, cached_t *o) {
+    pthread_mutex_lock(&t->lock);
+    size_t i = slot_of(t, o->ino);
+    int last = 0;
+    if (t->slot[i] == o) {
+        t->slot[i] = NULL;
+        last = --o->refs == 0;
+    }
+    pthread_mutex_unlock(&t->lock);
+    if (last)
+        t->destroy(o);
+}
+
+/* A regular file: its inode and where each of its blocks lies. */
+typedef struct {
+    cached_t c;                   /* first: the cache's header */
     sqfs_inode_generic_t *n;
     uint64_t size;
     size_t nblocks;               /* full-size (or last, short) blocks; the rest is the tail fragment */
@@ -310,6 +396,9 @@ static void ofile_free(ofile_t *f) {
     free(f->loc);
     free(f);
 }
+static void ofile_destroy(cached_t *o) { ofile_free((ofile_t *)o); }
+static cached_t *files_slots[1 << 10];
+static icache_t files = {PTHREAD_MUTEX_INITIALIZER, files_slots, 10, ofile_destroy};
 
 static int ofile_new(sqfs_inode_generic_t *n, ofile_t **out) {
     ofile_t *f = calloc(1, sizeof *f);
@@ -421,7 +510,7 @@ static int is_file(const sqfs_inode_generic_t *n) {
     return n->base.type == SQFS_INODE_FILE || n->base.type == SQFS_INODE_EXT_FILE;
 }
 
-/* ---- directories: read whole, once per open (the kernel caches the listing) or per lookup ---- */
+/* ---- directories: read whole, kept per inode (the kernel caches the listing; lookups search it) ---- */
 
 typedef struct {
     uint64_t ref;
@@ -431,10 +520,9 @@ typedef struct {
 } dent_t;
 
 typedef struct {
-    uint64_t ref;                 /* the directory's inode */
-    int loaded;                   /* read on the first readdir: with a cached listing none comes */
+    cached_t c;                   /* first: the cache's header */
     size_t n;
-    dent_t **ents;
+    dent_t **ents;                /* sorted by name, as the image keeps them */
 } dir_t;
 
 static void dir_free(dir_t *d) {
@@ -445,6 +533,10 @@ static void dir_free(dir_t *d) {
     free(d->ents);
     free(d);
 }
+static void dir_destroy(cached_t *o) { dir_free((dir_t *)o); }
+static cached_t *dirs_slots[1 << 8];
+static icache_t dirs = {PTHREAD_MUTEX_INITIALIZER, dirs_slots, 8, dir_destroy};
+#define BIG_DIR 4096              /* entries: a listing this long is forgotten once read to its end */
 
 /* Walks directory `n`; for each entry calls `fn` (non-zero stops the walk, and is returned). */
 static int dir_walk(ctx_t *c, const sqfs_inode_generic_t *n, int (*fn)(void *, sqfs_dir_entry_t *, uint32_t,
@@ -486,24 +578,56 @@ static int collect(void *arg, sqfs_dir_entry_t *e, uint32_t inum, uint64_t iref)
     return 0;
 }
 
-struct find { const char *name; int found; uint64_t ref; };
-
-/* Entries are sorted by name (bytewise, as mksquashfs and tar2sqfs write them): stop at the first one past it. */
-static int find_one(void *arg, sqfs_dir_entry_t *e, uint32_t inum, uint64_t iref) {
-    struct find *f = arg;
-    (void)inum;
-    size_t len = e->size + 1u, want = strlen(f->name);
-    int cmp = memcmp(e->name, f->name, len < want ? len : want);
-    if (cmp == 0)
-        cmp = len < want ? -1 : len > want;
-    if (cmp == 0) {
-        f->found = 1, f->ref = iref;
-        return -1;
+/* Directory ino's listing, read once and kept (the caller puts it back with icache_put(&dirs, ...)). */
+static int dir_get(ctx_t *c, fuse_ino_t ino, dir_t **out) {
+    dir_t *d = (dir_t *)icache_get(&dirs, ino);
+    if (d) {
+        *out = d;
+        return 0;
     }
-    return cmp > 0 ? -1 : 0;
+    sqfs_inode_generic_t *n = NULL;
+    int err = read_inode(c, ref_of(ino), &n);
+    if (!err && !is_dir(n))
+        err = ENOTDIR;
+    if (!err && !(d = calloc(1, sizeof *d)))
+        err = ENOMEM;
+    if (!err)
+        err = dir_walk(c, n, collect, d);
+    sqfs_free(n);
+    if (err) {                           /* nothing half-read is kept */
+        dir_free(d);
+        return err;
+    }
+    d->c = (cached_t){ino, 1};
+    *out = (dir_t *)icache_add(&dirs, &d->c);
+    return 0;
+}
+
+/* Regular file ino's block list, made once and kept (put back with icache_put(&files, ...)). */
+static int ofile_get(ctx_t *c, fuse_ino_t ino, ofile_t **out) {
+    ofile_t *f = (ofile_t *)icache_get(&files, ino);
+    if (f) {
+        *out = f;
+        return 0;
+    }
+    sqfs_inode_generic_t *n = NULL;
+    int err = read_inode(c, ref_of(ino), &n);
+    if (!err && !is_file(n))
+        err = is_dir(n) ? EISDIR : EINVAL;
+    if (!err)
+        err = ofile_new(n, &f);
+    if (err) {
+        sqfs_free(n);
+        return err;
+    }
+    f->c = (cached_t){ino, 1};
+    *out = (ofile_t *)icache_add(&files, &f->c);
+    return 0;
 }
 
 /* ---- operations ---- */
+
+static int no_open, no_opendir;
 
 static void op_init(void *ud, struct fuse_conn_info *conn) {
     (void)ud;
@@ -514,6 +638,9 @@ static void op_init(void *ud, struct fuse_conn_info *conn) {
                                    FUSE_CAP_READDIRPLUS);
     conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;   /* always plus: `find`/`ls -l` then need no lookups */
     conn->time_gran = 1000000000;
+    /* open and opendir answered by the kernel (see the per-inode caches): ENOSYS to the first of each */
+    no_open = !!(conn->capable & FUSE_CAP_NO_OPEN_SUPPORT);
+    no_opendir = !!(conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT);
 }
 
 static void reply_entry(fuse_req_t req, ctx_t *c, uint64_t ref) {
@@ -534,27 +661,40 @@ static void reply_entry(fuse_req_t req, ctx_t *c, uint64_t ref) {
     fuse_reply_entry(req, &e);
 }
 
+/* The entry called name in a listing (sorted bytewise, as mksquashfs and tar2sqfs write them), or NULL. */
+static const dent_t *dir_find(const dir_t *d, const char *name) {
+    size_t lo = 0, hi = d->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int cmp = strcmp(d->ents[mid]->name, name);
+        if (cmp == 0)
+            return d->ents[mid];
+        if (cmp < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
     ctx_t *c = ctx();
-    sqfs_inode_generic_t *n = NULL;
-    int err = c ? read_inode(c, ref_of(parent), &n) : ENOMEM;
-    if (!err && !is_dir(n))
-        err = ENOTDIR;
-    struct find f = {name, 0, 0};
-    if (!err && strlen(name) <= 256)
-        err = dir_walk(c, n, find_one, &f);
-    if (err == -1)
-        err = 0;
-    sqfs_free(n);
+    dir_t *d = NULL;
+    int err = c ? dir_get(c, parent, &d) : ENOMEM;
     if (err) {
         fuse_reply_err(req, err);
-    } else if (!f.found) {              /* a negative entry, cached as long as the rest */
+        return;
+    }
+    const dent_t *x = strlen(name) <= 256 ? dir_find(d, name) : NULL;
+    uint64_t ref = x ? x->ref : 0;
+    icache_put(&dirs, &d->c);
+    if (!x) {                           /* a negative entry, cached as long as the rest */
         struct fuse_entry_param e;
         memset(&e, 0, sizeof e);
         e.entry_timeout = FOREVER;
         fuse_reply_entry(req, &e);
     } else {
-        reply_entry(req, c, f.ref);
+        reply_entry(req, c, ref);
     }
 }
 
@@ -599,27 +739,25 @@ static void op_readlink(fuse_req_t req, fuse_ino_t ino) {
 }
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-    if ((fi->flags & O_ACCMODE) != O_RDONLY) {
+    if ((fi->flags & O_ACCMODE) != O_RDONLY) {  /* (the mount is read-only too: see main) */
         fuse_reply_err(req, EROFS);
         return;
     }
+    if (no_open) {                       /* the kernel opens every later file itself, keeping its cache */
+        fuse_reply_err(req, ENOSYS);
+        return;
+    }
     ctx_t *c = ctx();
-    sqfs_inode_generic_t *n = NULL;
     ofile_t *f = NULL;
-    int err = c ? read_inode(c, ref_of(ino), &n) : ENOMEM;
-    if (!err && !is_file(n))
-        err = is_dir(n) ? EISDIR : EINVAL;
-    if (!err)
-        err = ofile_new(n, &f);
+    int err = c ? ofile_get(c, ino, &f) : ENOMEM;
     if (err) {
-        sqfs_free(n);
         fuse_reply_err(req, err);
         return;
     }
-    fi->fh = (uint64_t)(uintptr_t)f;
+    icache_put(&files, &f->c);
+    fi->fh = 0;                          /* reads find the file by its inode, as without open */
     fi->keep_cache = 1;
-    if (fuse_reply_open(req, fi) == -ENOENT)   /* interrupted: no release will come */
-        ofile_free(f);
+    fuse_reply_open(req, fi);
 }
 
 /* A request is at most 1 MiB (max_pages 256); blocks are at least 4 KiB. A FUSE read is never short (the kernel
@@ -627,18 +765,19 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
 #define MAXIOV 260
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
-    (void)ino;
+    (void)fi;
     ctx_t *c = ctx();
-    const ofile_t *f = (const ofile_t *)(uintptr_t)fi->fh;
-    if (!c) {
-        fuse_reply_err(req, ENOMEM);
+    ofile_t *f = NULL;
+    int err = c ? ofile_get(c, ino, &f) : ENOMEM;
+    if (err) {
+        fuse_reply_err(req, err);
         return;
     }
     uint64_t bs = G.super.block_size, pos = (uint64_t)off;
     uint64_t end = pos < f->size ? (size < f->size - pos ? pos + size : f->size) : pos;
     struct iovec iov[MAXIOV];
     blk_t *held[MAXIOV], tmps[MAXIOV];
-    int k = 0, err = 0;
+    int k = 0;
     while (pos < end && k < MAXIOV) {
         uint64_t idx = pos / bs, in = pos % bs;
         uint64_t base = idx * bs, avail = (f->size - base < bs ? f->size - base : bs);
@@ -679,45 +818,19 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     for (int i = 0; i < k; i++)
         if (held[i])
             blk_put(held[i], &tmps[i]);
-}
-
-static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-    (void)ino;
-    ofile_free((ofile_t *)(uintptr_t)fi->fh);
-    fuse_reply_err(req, 0);
+    icache_put(&files, &f->c);
 }
 
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-    dir_t *d = calloc(1, sizeof *d);     /* (the kernel sends opendir for directories only) */
-    if (!d) {
-        fuse_reply_err(req, ENOMEM);
+    (void)ino;                           /* (the kernel sends opendir for directories only) */
+    if (no_opendir) {                    /* the kernel opens every later directory itself, caching listings */
+        fuse_reply_err(req, ENOSYS);
         return;
     }
-    d->ref = ref_of(ino);
-    fi->fh = (uint64_t)(uintptr_t)d;
+    fi->fh = 0;                          /* readdir finds the listing by its inode */
     fi->keep_cache = 1;
     fi->cache_readdir = 1;
-    if (fuse_reply_open(req, fi) == -ENOENT)
-        dir_free(d);
-}
-
-static int dir_load(ctx_t *c, dir_t *d) {
-    sqfs_inode_generic_t *n = NULL;
-    int err = read_inode(c, d->ref, &n);
-    if (!err && !is_dir(n))
-        err = ENOTDIR;
-    if (!err)
-        err = dir_walk(c, n, collect, d);
-    sqfs_free(n);
-    if (err) {                           /* nothing half-read stays */
-        for (size_t i = 0; i < d->n; i++)
-            free(d->ents[i]);
-        free(d->ents);
-        d->ents = NULL, d->n = 0;
-        return err;
-    }
-    d->loaded = 1;
-    return 0;
+    fuse_reply_open(req, fi);
 }
 
 static mode_t dtype_mode(uint16_t t) {
@@ -732,23 +845,22 @@ static mode_t dtype_mode(uint16_t t) {
     }
 }
 
-static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi, int plus) {
-    dir_t *d = (dir_t *)(uintptr_t)fi->fh;
+static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus) {
     ctx_t *c = ctx();
-    int err = c ? 0 : ENOMEM;
-    if (!err && !d->loaded)              /* the kernel serialises readdir on one open directory */
-        err = dir_load(c, d);
+    dir_t *d = NULL;
+    int err = c ? dir_get(c, ino, &d) : ENOMEM;
     if (err) {
         fuse_reply_err(req, err);
         return;
     }
     char *buf = malloc(size);
     if (!buf) {
+        icache_put(&dirs, &d->c);
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    size_t used = 0;
-    for (size_t i = (size_t)off; i < d->n; i++) {
+    size_t used = 0, i;
+    for (i = (size_t)off; i < d->n; i++) {
         dent_t *x = d->ents[i];
         size_t want;
         if (plus) {
@@ -763,6 +875,7 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
                 if (used)
                     break;
                 free(buf);
+                icache_put(&dirs, &d->c);
                 fuse_reply_err(req, err);
                 return;
             }
@@ -782,24 +895,21 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
                                             was not counted, as libfuse's examples rely on) */
         used += want;
     }
+    if (i >= d->n && d->n > BIG_DIR)
+        icache_forget(&dirs, &d->c);
+    icache_put(&dirs, &d->c);
     fuse_reply_buf(req, buf, used);
     free(buf);
 }
 
 static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
-    (void)ino;
-    do_readdir(req, size, off, fi, 0);
+    (void)fi;
+    do_readdir(req, ino, size, off, 0);
 }
 static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
-    (void)ino;
-    do_readdir(req, size, off, fi, 1);
+    (void)fi;
+    do_readdir(req, ino, size, off, 1);
 }
-static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-    (void)ino;
-    dir_free((dir_t *)(uintptr_t)fi->fh);
-    fuse_reply_err(req, 0);
-}
-
 static void op_statfs(fuse_req_t req, fuse_ino_t ino) {
     (void)ino;
     struct statvfs sv;
@@ -895,11 +1005,9 @@ static const struct fuse_lowlevel_ops ops = {
     .readlink = op_readlink,
     .open = op_open,
     .read = op_read,
-    .release = op_release,
     .opendir = op_opendir,
     .readdir = op_readdir,
     .readdirplus = op_readdirplus,
-    .releasedir = op_releasedir,
     .statfs = op_statfs,
     .getxattr = op_getxattr,
     .listxattr = op_listxattr,
@@ -990,14 +1098,15 @@ static void open_image(const char *image, uint64_t offset) {
     struct stat rst;
     if ((err = read_inode(c, G.super.root_inode_ref, &root)) || fill_stat(root, &rst) || !is_dir(root))
         fail(image, "corrupt squashfs image (its root directory does not read)");
-    dir_t d = {0, 0, 0, NULL};
-    if (dir_walk(c, root, collect, &d))
+    dir_t *d = calloc(1, sizeof *d);
+    if (!d)
+        fail(image, "out of memory");
+    if (dir_walk(c, root, collect, d))
         fail(image, "corrupt squashfs image (its root directory does not read)");
-    for (size_t i = 0; i < d.n; i++)
-        free(d.ents[i]);
-    free(d.ents);
+    d->c = (cached_t){FUSE_ROOT_ID, 1};  /* kept: the first readdir and lookups of / need not read it again */
+    icache_put(&dirs, icache_add(&dirs, &d->c));
     sqfs_free(root);
-    pthread_setspecific(G.key, c);      /* the main thread's, reused if it ever serves */
+    first_ctx = c;                       /* its readers hold the root's blocks: the first request's too */
 }
 
 struct opts { char *image, *mountpoint; unsigned long long offset; int nonopt; };
@@ -1059,6 +1168,12 @@ int main(int argc, char **argv) {
         return 1;
     }
 
+    /* read-only: the kernel opens files without asking (no_open), so it must refuse writes itself (EROFS).
+       (On a /dev/fd/N mount point the caller's mount flags apply: nagaya mounts it MS_RDONLY.) */
+    if (fuse_opt_add_arg(&args, "-oro")) {
+        fprintf(stderr, PROG ": out of memory\n");
+        return 1;
+    }
     struct fuse_session *se = fuse_session_new(&args, &ops, sizeof ops, NULL);
     if (!se) {
         fprintf(stderr, PROG ": bad FUSE options\n");

@@ -48,7 +48,7 @@
 #ifndef NAGAYA_PYLAUNCHER
 #define NAGAYA_PYLAUNCHER "/opt/nagaya/bin/nagaya-py"
 #endif
-#define PLAN_FORMAT "nagaya-starter-plan 1"
+#define PLAN_FORMAT "nagaya-starter-plan 2"
 #define PLAN_MAX (1 << 20)
 #define SI_KERNEL_CODE 0x80
 
@@ -266,6 +266,7 @@ struct plan {
     int pidns, audit_syslog, ended;
     struct strv envprefix;                      /* NAGAYA_<SECTION>_: variables the config reads */
     struct strv tmpl, viewsrc, viewdst, viewkind, imgenv, entry, hostabsent;
+    struct strv bypass;                         /* the image's top-level directories bound past the overlay */
     char *gpus;                                 /* the --gpus request the plan is for ("" none) */
     int gpupaths;
     struct strv gpusrc, gpurel, linkrel, linktarget, postenv;
@@ -398,6 +399,12 @@ static struct plan *load_plan(char *text, const char **why) {
         } else if (!strcmp(k, "imgenv")) { NEED(2) sv_push(&p.imgenv, f[1]);
         } else if (!strcmp(k, "entry")) { NEED(2) sv_push(&p.entry, f[1]);
         } else if (!strcmp(k, "hostabsent")) { NEED(2) sv_push(&p.hostabsent, f[1]);
+        } else if (!strcmp(k, "bypass")) {
+            NEED(2) if (!f[1][0] || strchr(f[1], '/') || !strcmp(f[1], ".") || !strcmp(f[1], "..")) {
+                *why = "malformed plan";
+                return NULL;
+            }
+            sv_push(&p.bypass, f[1]);
         } else if (!strcmp(k, "upper")) {
             NEED(5) p.upper = realloc(p.upper, (p.nupper + 1) * sizeof *p.upper);
             if (!p.upper)
@@ -1512,7 +1519,8 @@ int main(int argc, char **argv) {
     if (fusefd < 0)
         die(125, "/dev/fuse cannot be opened (%s)", strerror(errno));
     char opts[256];
-    snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=%u,group_id=%u", fusefd, (unsigned)uid, (unsigned)gid);
+    snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=%u,group_id=%u,default_permissions", fusefd,
+             (unsigned)uid, (unsigned)gid);      /* (launcher.py: as the overlay checks modes) */
     if (mount("nagaya", lower, "fuse.squashfuse", MS_NOSUID | MS_NODEV | MS_RDONLY, opts))
         die(125, "container setup failed: %s", strerror(errno));
     int bp[2], sp[2];
@@ -1630,6 +1638,18 @@ int main(int argc, char **argv) {
     if (mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, ovl))
         die(125, "cannot mount the container's overlay (%s); the kernel must allow overlayfs in user namespaces "
                  "(Linux >= 5.11)", strerror(errno));
+    /* the image's directories the upper layer leaves alone, bound past the overlay (launcher.py's
+       _bypass_overlay): each must still be a directory, not a link, on both sides */
+    for (size_t k = 0; k < P->bypass.n; k++) {
+        char src[8192], dst[8192];
+        struct stat a, b;
+        errno = 0;
+        snprintf(src, sizeof src, "%s/%s", lower, P->bypass.v[k]);
+        snprintf(dst, sizeof dst, "%s/%s", root, P->bypass.v[k]);
+        if (lstat(src, &a) || lstat(dst, &b) || !S_ISDIR(a.st_mode) || !S_ISDIR(b.st_mode) ||
+            mount(src, dst, NULL, MS_BIND, NULL))
+            die(125, "container setup failed: /%s: %s", P->bypass.v[k], strerror(errno ? errno : ENOTDIR));
+    }
     char resolved[8192];
     const char *cwd = resolve(host_cwd, resolved, sizeof resolved) ? host_cwd : "/";
     const char *reason = find_command(cargv.v[0], env_get(&env, "PATH"), cwd);

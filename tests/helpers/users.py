@@ -40,6 +40,9 @@ class User:
         first = os.environ.get("NAGAYA_TEST_BIN", "")
         e = {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
              "PATH": f"{first}:{PATH}" if first else PATH, "LANG": "C.UTF-8", "TERM": "xterm"}
+        if os.environ.get("NAGAYA_TEST_SQUASHFS"):
+            # a build of nagaya-squashfs under test (tests/conftest.py): every run uses it (the Python launcher's)
+            e["NAGAYA_RUNTIME_SQUASHFUSE"] = os.environ["NAGAYA_TEST_SQUASHFS"]
         e.update(self.extra_env)
         e.update(extra)
         return e

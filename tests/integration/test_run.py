@@ -79,6 +79,25 @@ def test_image_is_read_only_unless_asked(alice: User, backend: str, workdir: Pat
     assert run(alice, backend, "bb", "cat", "/app/data.txt").stdout == "image data\n"
 
 
+MOUNTS = "awk '{print $5, $9}' /proc/self/mountinfo"
+
+
+def test_read_only_run_reads_the_image_past_the_overlay(alice: User, backend: str) -> None:
+    """bwrap, read-only: the image's top-level directories the overlay's upper layer leaves alone are the image's
+    own mount (no overlayfs below them); /etc, where the generated files are, stays in the overlay. A writable
+    run and runc keep the whole overlay."""
+    r = run(alice, backend, "--entrypoint", "", "app:1", "sh", "-c", f"{MOUNTS}; grep -c ^{alice.name}: /etc/passwd")
+    assert r.returncode == 0, r.stderr
+    mounts = dict(line.split() for line in r.stdout.splitlines()[:-1] if line.count(" ") == 1)
+    assert mounts["/"] == "overlay" and "/etc" not in mounts and r.stdout.splitlines()[-1] == "1"
+    if backend == "bwrap":
+        assert mounts["/app"] == mounts["/var"] == "nagaya", r.stdout      # the FUSE mount's source
+    else:
+        assert "/app" not in mounts and "/var" not in mounts, r.stdout
+    r = run(alice, backend, "--writable-tmpfs", "bb", "sh", "-c", MOUNTS)
+    assert r.returncode == 0 and not [x for x in r.stdout.splitlines() if x.endswith(" nagaya")], r.stdout
+
+
 def test_binds(alice: User, backend: str, workdir: Path) -> None:
     src = alice.mkdir(workdir / "data")
     (src / "in.txt").write_text("input\n")

@@ -287,6 +287,24 @@ def test_exits_when_unmounted(alice: User, server: str, image: tuple[Path, Path]
     assert not [x for x in alice.processes() if "nagaya-squashfs" in x]
 
 
+def test_read_only(alice: User, both: tuple[Path, Path]) -> None:
+    """Files are opened by the kernel without asking the server (no_open): the mount itself refuses writes, also
+    after a file was opened for reading."""
+    ours, _ = both
+    r = alice.run([PY, "-c", "import os, sys\n"
+                   "for flags in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):\n"
+                   "    try:\n"
+                   "        os.close(os.open(sys.argv[1], flags)); print('opened')\n"
+                   "    except OSError as e:\n"
+                   "        print(e.errno)\n"
+                   "try:\n"
+                   "    os.close(os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT, 0o644)); print('created')\n"
+                   "except OSError as e:\n"
+                   "    print(e.errno)\n", str(ours / "hardlink"), str(ours / "new-file")])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["opened", *[str(errno.EROFS)] * 4], r.stdout
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "bad-table", "missing"])
 def test_corrupt_image_refused(alice: User, server: str, image: tuple[Path, Path], workdir: Path,
                                damage: str) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import stat
 
-FORMAT = "nagaya-starter-plan 1"
+FORMAT = "nagaya-starter-plan 2"
 FD_MARK = "\x01FD"                  # the starter puts the status pipe's fd number here
 CWD_MARK = "\x01CWD"                # and the container's working directory here
 ENV_DEPS = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "SLURMD_NODENAME")
@@ -156,7 +156,7 @@ def _gpu_parts(la: Launcher, cfg: Config) -> list[str]:
 
 
 def render(la: Launcher, cfg: Config, template: list[str], view_binds: list[tuple[str, str, str]],
-           upper: list[tuple[str, str, int, str]], lock: str) -> str:
+           upper: list[tuple[str, str, int, str]], lock: str, bypass: list[str]) -> str:
     spec, ident, img = la.spec, la.ident, la.image
     import nagaya
 
@@ -199,6 +199,7 @@ def render(la: Launcher, cfg: Config, template: list[str], view_binds: list[tupl
     parts += [_line("imgenv", e) for e in img.env]
     parts += [_line("entry", e) for e in img.entrypoint]
     parts += [_line("upper", kind, path, f"{mode:o}", data) for kind, path, mode, data in upper]
+    parts += [_line("bypass", n) for n in bypass]       # bound from the image past the overlay, in this order
     have = {p for k, p, _m, _d in upper if k == "h"}
     parts += [_line("hostabsent", h) for h in HOST_FILES if h not in have]
     parts.append("end\n")
