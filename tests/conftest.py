@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,13 @@ from tests.helpers import images
 from tests.helpers.users import User
 
 CI = os.environ.get("CI") == "true"
+
+# A suite started in the background by a shell without job control (`cmd &`) or under nohup inherits SIGINT,
+# SIGQUIT (or SIGHUP) ignored, and so would every app the tests start: a shell cannot trap a signal ignored on
+# entry, and the signal tests would wait for a trap that never runs. The defaults, as from a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+for _sig in (signal.SIGQUIT, signal.SIGHUP):
+    signal.signal(_sig, signal.SIG_DFL)
 COMPONENTS = ("bwrap", "runc", "squashfuse_ll", "tar2sqfs", "unsquashfs", "busybox", "newuidmap", "setpriv",
               "nagaya", "tmux")
 # the images' FUSE server (deploy/install.sh); NAGAYA_TEST_SQUASHFS: a build of it to test instead
