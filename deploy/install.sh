@@ -89,6 +89,16 @@ else
   [ "${CI:-}" = true ] && { echo "install.sh: nagaya-squashfs does not compile (CI=true: an error)" >&2; exit 1; }
   echo "   nagaya-squashfs does not compile: images are served by squashfuse_ll"
 fi
+# nagaya-keeper (src/starter): keeps a user's images mounted between runs on a node (runtime/keeper.py),
+# started as the user by their first run. Without it every run mounts its image afresh.
+if cc -O2 -Wall -Wextra -o /usr/local/libexec/nagaya/nagaya-keeper.new "$here/src/starter/nagaya-keeper.c"; then
+  chmod 0755 /usr/local/libexec/nagaya/nagaya-keeper.new
+  mv -f /usr/local/libexec/nagaya/nagaya-keeper.new /usr/local/libexec/nagaya/nagaya-keeper
+else
+  rm -f /usr/local/libexec/nagaya/nagaya-keeper.new
+  [ "${CI:-}" = true ] && { echo "install.sh: nagaya-keeper does not compile (CI=true: an error)" >&2; exit 1; }
+  echo "   nagaya-keeper does not compile: each run mounts its image afresh"
+fi
 chmod -R a+rX "$PREFIX"
 
 echo "== service account"

@@ -39,13 +39,17 @@ def require(ok: bool, what: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def system() -> None:
+def system() -> Iterator[None]:
     require(os.geteuid() == 0, "integration tests run as root: they create unprivileged test users")
     for exe in COMPONENTS:
         require(shutil.which(exe) is not None, f"{exe} is not installed (bash deploy/install.sh)")
     require(os.access(NAGAYA_SQUASHFS, os.X_OK), f"{NAGAYA_SQUASHFS} is not installed (bash deploy/install.sh)")
     # These machines ship /dev/fuse as 0600; normal systems have 0666 (DESIGN.md).
     os.chmod("/dev/fuse", 0o666)
+    yield
+    # The test users' image keepers share this session (runtime.keeper: a keeper per user and session) and
+    # would idle on for runtime.keep_mounted after the suite: end them with it, as a logout would.
+    subprocess.run(["pkill", "-TERM", "-x", "nagaya-keeper"], check=False)
 
 
 @pytest.fixture(scope="session")

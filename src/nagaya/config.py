@@ -81,6 +81,8 @@ def _user_dirs() -> tuple[Path, Path, Path]:
 # nagaya's own FUSE server for its images (src/sqfs, built by deploy/install.sh): multi-threaded and cached by
 # the kernel. Where it is not installed, squashfuse_ll, which serves one request at a time.
 NAGAYA_SQUASHFS = "/usr/local/libexec/nagaya/nagaya-squashfs"
+# Keeps a user's images mounted between runs (runtime/keeper.py), built by deploy/install.sh beside it.
+NAGAYA_KEEPER = "/usr/local/libexec/nagaya/nagaya-keeper"
 # How the FUSE server's process is told from the app's (/proc/PID/comm prefixes; a comm is 15 characters).
 FUSE_SERVER_COMMS = ("squashfuse", "nagaya-squashfs")
 
@@ -104,6 +106,11 @@ class RuntimeConfig(Record):
     # counted in cache_max_size). auto: when the job may use >= unpack_threads CPUs; always; never.
     unpack: str = "auto"
     unpack_threads: int = 16
+    # Seconds a user's images stay mounted on a node after their last read-only run ends, held by one keeper
+    # process per user and job (runtime.keeper): the next container finds the kernel's caches of the image
+    # (directory entries, attributes, pages) warm and skips the FUSE server's start. 0: each run mounts its own.
+    keep_mounted: int = 300
+    keeper: str = NAGAYA_KEEPER                 # src/starter/nagaya-keeper.c; not installed: no keeping
 
 
 class ImageConfig(Record):

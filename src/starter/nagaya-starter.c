@@ -35,6 +35,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -48,7 +49,10 @@
 #ifndef NAGAYA_PYLAUNCHER
 #define NAGAYA_PYLAUNCHER "/opt/nagaya/bin/nagaya-py"
 #endif
-#define PLAN_FORMAT "nagaya-starter-plan 2"
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x4       /* <linux/mount.h> clashes with glibc's <sys/mount.h> */
+#endif
+#define PLAN_FORMAT "nagaya-starter-plan 3"
 #define PLAN_MAX (1 << 20)
 #define SI_KERNEL_CODE 0x80
 
@@ -264,6 +268,8 @@ struct plan {
     gid_t gid;
     long umask_v, unpack_threads;
     int pidns, audit_syslog, ended;
+    long keeper;                                /* > 0: the image comes from the user's keeper, */
+    char *keeper_exe;                           /* started from here when none answers */
     struct strv envprefix;                      /* NAGAYA_<SECTION>_: variables the config reads */
     struct strv tmpl, viewsrc, viewdst, viewkind, imgenv, entry, hostabsent;
     struct strv bypass;                         /* the image's top-level directories bound past the overlay */
@@ -352,6 +358,7 @@ static struct plan *load_plan(char *text, const char **why) {
         } else if (!strcmp(k, "touch")) { NEED(2) p.touch = f[1];
         } else if (!strcmp(k, "staging")) { NEED(3) p.staging = f[1]; p.staging_kind = f[2];
         } else if (!strcmp(k, "pidns")) { NEED(2) p.pidns = atoi(f[1]);
+        } else if (!strcmp(k, "keeper")) { NEED(3) p.keeper = strtol(f[1], NULL, 10); p.keeper_exe = f[2];
         } else if (!strcmp(k, "squashfuse")) { NEED(2) p.squashfuse = f[1];
         } else if (!strcmp(k, "unpack_threads")) { NEED(2) p.unpack_threads = strtol(f[1], NULL, 10);
         } else if (!strcmp(k, "audit_file")) { NEED(2) p.audit_file = f[1];
@@ -1325,6 +1332,148 @@ static double mono(void) {
 /* `nagaya submit` on Grid Engine and PBS from a submit plan: its own file, in this translation unit */
 #include "submit.c"
 
+/* runtime/keeper.py's name for this process's kill domain (key()): FNV-1a 64 of the node name, the cgroups,
+   the sorted distinct groups and the session, NUL-separated */
+static void keeper_name(const char *node, char *out, size_t len) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+#define FNV(b) (h = (h ^ (unsigned char)(b)) * 0x100000001b3ULL)
+    for (const char *c = node; *c; c++)
+        FNV(*c);
+    FNV(0);
+    int fd = open("/proc/self/cgroup", O_RDONLY | O_CLOEXEC);
+    char buf[4096];
+    ssize_t n;
+    while (fd >= 0 && (n = read(fd, buf, sizeof buf)) > 0)
+        for (ssize_t k = 0; k < n; k++)
+            FNV(buf[k]);
+    if (fd >= 0)
+        close(fd);
+    FNV(0);
+    gid_t gs[4096];
+    int ng = getgroups(4096, gs);
+    qsort(gs, ng > 0 ? (size_t)ng : 0, sizeof *gs, cmp_gid);
+    for (int k = 0, first = 1; k < ng; k++) {
+        if (k && gs[k] == gs[k - 1])
+            continue;
+        char num[32];
+        snprintf(num, sizeof num, first ? "%u" : ",%u", (unsigned)gs[k]);
+        first = 0;
+        for (char *c = num; *c; c++)
+            FNV(*c);
+    }
+    FNV(0);
+    char sid[32];
+    snprintf(sid, sizeof sid, "%d", (int)getsid(0));
+    for (char *c = sid; *c; c++)
+        FNV(*c);
+#undef FNV
+    snprintf(out, len, "keeper-%016llx", (unsigned long long)h);
+}
+
+/* A connection to this user's keeper, checked to be theirs (SO_PEERCRED), or -1. */
+static int keeper_connect(const char *path) {
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    struct ucred cr;
+    socklen_t crl = sizeof cr;
+    if (s < 0 || connect(s, (struct sockaddr *)&sa, sizeof sa) ||
+        getsockopt(s, SOL_SOCKET, SO_PEERCRED, &cr, &crl) || cr.uid != getuid()) {
+        if (s >= 0)
+            close(s);
+        return -1;
+    }
+    return s;
+}
+
+/* Start a keeper (nagaya-keeper.c) as keeper.py's _start does: its first process exits once it listens (0),
+   or at once when another keeper has the name (3). Its exit status, or -1. */
+static int keeper_start(int dfd, const char *name) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        setpgid(0, 0);
+        int null = open("/dev/null", O_RDWR);
+        dup2(null, 0), dup2(null, 1), dup2(null, 2);
+        fcntl(dfd, F_SETFD, 0);
+        char fdnum[16], idle[32];
+        snprintf(fdnum, sizeof fdnum, "%d", dfd);
+        snprintf(idle, sizeof idle, "%ld", P->keeper);
+        char *kargv[] = {"nagaya-keeper", fdnum, (char *)name, idle, P->staging, NULL};
+        char *kenv[] = {NULL};
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        execve(P->keeper_exe, kargv, kenv);
+        _exit(127);
+    }
+    int status = 0;
+    if (pid < 0)
+        return -1;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* A detached clone of the keeper's mount of the image (runtime/keeper.py; THREAT_MODEL B28), or -1 when no
+   keeper answers even after starting one (the run then mounts the image itself). *conn: held open
+   (close-on-exec) while the container runs, as the keeper counts its clients. Dies with the launcher's
+   words if the image is refused. */
+static int keeper_mount(int dfd, const char *node, int *conn) {
+    char name[64], path[108];
+    keeper_name(node, name, sizeof name);
+    if (snprintf(path, sizeof path, "/proc/self/fd/%d/%s.sock", dfd, name) >= (int)sizeof path)
+        return -1;
+    int s = keeper_connect(path);
+    if (s < 0) {
+        int rc = keeper_start(dfd, name);
+        if (rc != 0 && rc != 3)
+            return -1;
+        double until = mono() + 2.0;    /* 3: another run is starting the keeper of this name */
+        while ((s = keeper_connect(path)) < 0 && mono() < until)
+            usleep(2000);
+        if (s < 0)
+            return -1;
+    }
+    int img = open(P->squashfs, O_RDONLY | O_CLOEXEC);
+    if (img < 0) {
+        close(s);
+        return -1;
+    }
+    char req[4200];
+    int rl = snprintf(req, sizeof req, "mount\t0\t%s\n", P->squashfuse);
+    union { char b[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
+    struct iovec io = {req, (size_t)rl};
+    struct msghdr m = {.msg_iov = &io, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &img, sizeof img);
+    ssize_t sent = sendmsg(s, &m, MSG_NOSIGNAL);
+    close(img);
+    char rep[4096];
+    struct iovec rio = {rep, sizeof rep - 1};
+    struct msghdr r = {.msg_iov = &rio, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
+    ssize_t got = sent == rl ? recvmsg(s, &r, MSG_CMSG_CLOEXEC) : -1;
+    int fd = -1;
+    for (c = got > 0 ? CMSG_FIRSTHDR(&r) : NULL; c; c = CMSG_NXTHDR(&r, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len == CMSG_LEN(sizeof(int)))
+            memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    rep[got > 0 ? got : 0] = 0;
+    if (fd >= 0 && !strcmp(rep, "ok\n") && !(r.msg_flags & MSG_CTRUNC)) {
+        *conn = s;
+        return fd;
+    }
+    if (fd >= 0)
+        close(fd);
+    close(s);
+    if (!strcmp(rep, "error\trefused\n"))
+        die(125, "image %s could not be mounted: its file %s is corrupt; remove and re-import it", P->ref,
+            P->squashfs);
+    return -1;
+}
+
 int main(int argc, char **argv) {
     g_argc = argc;
     g_argv = argv;
@@ -1388,7 +1537,6 @@ int main(int argc, char **argv) {
     char pname[64];
     snprintf(pname, sizeof pname, "%016llx.plan", (unsigned long long)fnv1a(image, un.nodename, gpus));
     int pfd = openat(dfd, pname, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-    close(dfd);
     if (pfd < 0)
         replan("no plan for this image yet");
     if (fstat(pfd, &st) || !S_ISREG(st.st_mode) || st.st_uid != uid || st.st_nlink != 1 || (st.st_mode & 022) ||
@@ -1453,6 +1601,13 @@ int main(int argc, char **argv) {
     for (int k = i + 1; k < argc; k++)
         sv_push(&cargv, argv[k]);
 
+    /* the image, kept mounted by the user's keeper (launcher._keeper_mount), asked for in the host's namespaces */
+    int kconn = -1, kept = -1;
+    if (P->keeper > 0)
+        kept = keeper_mount(dfd, un.nodename, &kconn);
+    close(dfd);
+    (void)kconn;                /* open (close-on-exec) until this supervisor exits: the keeper counts it */
+
     /* host-side work that needs the host's view of owners (launcher: before unsharing) */
     int lock_fd = open(P->lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (lock_fd >= 0)
@@ -1515,14 +1670,21 @@ int main(int argc, char **argv) {
         if (mkdir(dirs[k], 0755))
             die(125, "container setup failed: %s", strerror(errno));
     ROOT = root;
-    int fusefd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
-    if (fusefd < 0)
-        die(125, "/dev/fuse cannot be opened (%s)", strerror(errno));
-    char opts[256];
-    snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=%u,group_id=%u,default_permissions", fusefd,
-             (unsigned)uid, (unsigned)gid);      /* (launcher.py: as the overlay checks modes) */
-    if (mount("nagaya", lower, "fuse.squashfuse", MS_NOSUID | MS_NODEV | MS_RDONLY, opts))
-        die(125, "container setup failed: %s", strerror(errno));
+    int fusefd = -1;
+    if (kept >= 0) {
+        if (syscall(SYS_move_mount, kept, "", AT_FDCWD, lower, MOVE_MOUNT_F_EMPTY_PATH))
+            die(125, "container setup failed: %s", strerror(errno));
+        close(kept);
+    } else {
+        fusefd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+        if (fusefd < 0)
+            die(125, "/dev/fuse cannot be opened (%s)", strerror(errno));
+        char opts[256];
+        snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=%u,group_id=%u,default_permissions", fusefd,
+                 (unsigned)uid, (unsigned)gid);      /* (launcher.py: as the overlay checks modes) */
+        if (mount("nagaya", lower, "fuse.squashfuse", MS_NOSUID | MS_NODEV | MS_RDONLY, opts))
+            die(125, "container setup failed: %s", strerror(errno));
+    }
     int bp[2], sp[2];
     if (pipe2(bp, O_CLOEXEC) || pipe2(sp, O_CLOEXEC))
         die(125, "container setup failed: %s", strerror(errno));
@@ -1530,26 +1692,28 @@ int main(int argc, char **argv) {
     if (bpid < 0)
         die(125, "container setup failed: %s", strerror(errno));
     if (bpid == 0) {
-        /* pid 1 of the container's pid namespace: starts squashfuse, then becomes bwrap */
+        /* pid 1 of the container's pid namespace: starts squashfuse (unless kept), then becomes bwrap */
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         close(bp[1]);
         close(sp[0]);
-        fcntl(fusefd, F_SETFD, 0);
-        char dev[64];
-        snprintf(dev, sizeof dev, "/dev/fd/%d", fusefd);
-        char *base = strrchr(P->squashfuse, '/');
-        char *sargv[] = {base ? base + 1 : P->squashfuse, "-f", P->squashfs, dev, NULL};
-        posix_spawn_file_actions_t fa;
-        posix_spawn_file_actions_init(&fa);
-        posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDWR, 0);
-        posix_spawn_file_actions_adddup2(&fa, 0, 1);
-        /* its stderr too: a file it refuses is reported once, by the first request below (one line) */
-        posix_spawn_file_actions_adddup2(&fa, 0, 2);
-        pid_t sq;
-        int rc = posix_spawn(&sq, P->squashfuse, &fa, NULL, sargv, environ);
-        if (rc)
-            die(125, "cannot start squashfuse: %s", strerror(rc));
-        close(fusefd);
+        if (fusefd >= 0) {
+            fcntl(fusefd, F_SETFD, 0);
+            char dev[64];
+            snprintf(dev, sizeof dev, "/dev/fd/%d", fusefd);
+            char *base = strrchr(P->squashfuse, '/');
+            char *sargv[] = {base ? base + 1 : P->squashfuse, "-f", P->squashfs, dev, NULL};
+            posix_spawn_file_actions_t fa;
+            posix_spawn_file_actions_init(&fa);
+            posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDWR, 0);
+            posix_spawn_file_actions_adddup2(&fa, 0, 1);
+            /* its stderr too: a file it refuses is reported once, by the first request below (one line) */
+            posix_spawn_file_actions_adddup2(&fa, 0, 2);
+            pid_t sq;
+            int rc = posix_spawn(&sq, P->squashfuse, &fa, NULL, sargv, environ);
+            if (rc)
+                die(125, "cannot start squashfuse: %s", strerror(rc));
+            close(fusefd);
+        }
         /* the request: "N\n" then N NUL-terminated argv strings, then "M\n" and M "K=V" strings */
         struct buf req = {0};
         char tmp[65536];
@@ -1590,7 +1754,8 @@ int main(int argc, char **argv) {
         execve(rargv.v[0], rargv.v, renv.v);
         die(125, "cannot start the container: %s", strerror(errno));
     }
-    close(fusefd);
+    if (fusefd >= 0)
+        close(fusefd);
     close(bp[0]);
     close(sp[1]);
 

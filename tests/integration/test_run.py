@@ -203,7 +203,7 @@ def test_stop_and_continue_the_process_group(alice: User, backend: str, workdir:
 
 def test_sigkill_of_nagaya_leaves_nothing(alice: User, backend: str, workdir: Path) -> None:
     p, _out = _start(alice, backend, workdir, "tick.sh")
-    assert any("squashfuse" in x or "nagaya-squashfs" in x for x in alice.processes())
+    assert any("squashfuse" in x or "nagaya-squashfs" in x for x in alice.processes(keepers=True))
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=10)
     no_leftovers(alice)

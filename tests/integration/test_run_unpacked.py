@@ -15,7 +15,8 @@ pytestmark = pytest.mark.integration
 
 # The FUSE server (nagaya-squashfs, or squashfuse_ll) runs in the container's pid namespace (the backend starts
 # it), so the container sees it.
-FUSE_LOWER = "cat /proc/[0-9]*/comm | grep -cE '^(squashfuse|nagaya-squashfs)' || true"
+# 1 when the image is a FUSE mount (the run's own or its keeper's clone), 0 when it is the unpacked copy
+FUSE_LOWER = "grep -c ' - fuse.squashfuse ' /proc/self/mountinfo | grep -qv '^0$' && echo 1 || echo 0"
 
 
 def _import(user: User, rootfs: Path, env: dict[str, str]) -> dict:

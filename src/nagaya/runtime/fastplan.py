@@ -19,15 +19,15 @@ from __future__ import annotations
 import os
 import stat
 
-FORMAT = "nagaya-starter-plan 2"
+FORMAT = "nagaya-starter-plan 3"
 FD_MARK = "\x01FD"                  # the starter puts the status pipe's fd number here
 CWD_MARK = "\x01CWD"                # and the container's working directory here
 ENV_DEPS = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "SLURMD_NODENAME")
 HOST_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/localtime")
 # Sources whose change may change what the launcher does: a plan made by older code is not replayed.
-_SOURCES = ("runtime/launcher.py", "runtime/fastplan.py", "runtime/environment.py", "runtime/identity.py",
-            "runtime/rootpath.py", "runtime/backends/bwrap.py", "runtime/backends/__init__.py", "cli/run_cmd.py",
-            "config.py", "audit.py", "safefs.py")
+_SOURCES = ("runtime/launcher.py", "runtime/fastplan.py", "runtime/keeper.py", "runtime/environment.py",
+            "runtime/identity.py", "runtime/rootpath.py", "runtime/backends/bwrap.py", "runtime/backends/__init__.py",
+            "cli/run_cmd.py", "config.py", "audit.py", "safefs.py")
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -171,6 +171,8 @@ def render(la: Launcher, cfg: Config, template: list[str], view_binds: list[tupl
              _line("lock", lock), _line("touch", os.path.join(cfg.cache_root, "images", spec.digest[7:] + ".json")),
              _line("staging", la.stage, "site" if la.stage == cfg.runtime.staging_dir else "own"),
              _line("pidns", int(cfg.runtime.pid_namespace)), _line("squashfuse", cfg.runtime.squashfuse),
+             # the image came from the user's keeper (runtime/keeper.py): the starter asks it the same way
+             _line("keeper", cfg.runtime.keep_mounted if la.keeper_conn is not None else 0, cfg.runtime.keeper),
              _line("unpack_threads", cfg.runtime.unpack_threads if cfg.runtime.unpack == "auto" else 0),
              _line("audit_file", cfg.audit_file), _line("audit_site", cfg.audit.site_dir or ""),
              _line("audit_syslog", int(bool(cfg.audit.syslog)))]

@@ -81,6 +81,7 @@ class Launcher:
         self.plan_dir: int | None = None
         self.plan_text = ""
         self.bypass: list[str] = []         # the image's top-level directories bound past the overlay
+        self.keeper_conn: object = None     # held open while the container runs: the keeper counts it
         self.gpu_staged: list[tuple[str, str]] = []     # (host file, lib/NAME or bin/NAME) bound in stage/gpu
 
     # -- checks that need no namespace -----------------------------------------------------------
@@ -188,39 +189,7 @@ class Launcher:
             os.mkdir(os.path.join(self.stage, d), 0o755)
 
     def _staging_candidates(self) -> list[tuple[str, tuple[int, int]]]:
-        """The site's staging directory (root's), else /tmp/.nagaya-UID (ours): each opened and checked now,
-        in the host's user namespace, where root's and strangers' files can still be told apart. A name
-        someone else made first, or a link, is passed over: a tmpfs mounted through it could hide a
-        directory of ours inside the container."""
-        from nagaya import safefs
-
-        out = []
-        own = f"/tmp/.nagaya-{self.ident.uid}"
-        # the last resort, if someone took our name in /tmp: a fresh one (mkdir is exclusive), left empty
-        spare = f"{own}-{os.urandom(6).hex()}"
-        for cand in (self.cfg.runtime.staging_dir, own, spare):
-            if not cand:
-                continue
-            if out:
-                break                   # one checked candidate is enough (the site's, on every normal run)
-            if cand in (own, spare):
-                try:
-                    os.mkdir(cand, 0o700)
-                except FileExistsError:
-                    pass
-                except OSError:
-                    continue
-            mine = cand in (own, spare)
-            try:
-                fd = safefs.open_dir(cand, (self.ident.uid,) if mine else ())
-            except (OSError, safefs.UnsafePath):
-                continue
-            st = os.fstat(fd)
-            os.close(fd)
-            if mine and st.st_uid != self.ident.uid:
-                continue
-            out.append((cand, (st.st_dev, st.st_ino)))
-        return out
+        return staging_candidates(self.ident.uid, self.cfg.runtime.staging_dir)
 
     def _wants_idmap(self) -> bool:
         """Map the image's ids (0..65535) onto the user's subordinate range, keeping the user's own id.
@@ -277,6 +246,49 @@ class Launcher:
             linux.mount(self.spec.unpacked, lower, None, linux.MS_BIND | linux.MS_REC)
             linux.mount("none", lower, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY |
                         linux.MS_NOSUID | linux.MS_NODEV)
+
+    def _keepable(self) -> bool:
+        """Read-only runs that map only the user (as the keeper's namespace does), of an image file in a cache
+        (not a lazy reader's, which ends with its run): served by the user's keeper (runtime.keeper)."""
+        sq, cfg = self.spec.squashfs, self.cfg
+        roots = [r.rstrip("/") + "/" for r in (cfg.cache_root, *cfg.image.shared_cache_dirs) if r]
+        return (cfg.runtime.keep_mounted > 0 and os.access(cfg.runtime.keeper, os.X_OK) and bool(sq)
+                and not self._wants_idmap()
+                and any(sq.startswith(r) for r in roots) and not sq.startswith(cfg.cache_root + "/lazy/"))
+
+    def _keeper_mount(self) -> int:
+        """A clone of the keeper's mount of the image (attached after unsharing), or -1: mount it ourselves.
+        The connection stays open (close-on-exec) until this supervisor exits: the keeper counts it."""
+        from nagaya.runtime import fastplan, keeper
+
+        staging = self._keeper_staging()
+        dirfd = fastplan.open_plan_dir() if staging else None
+        if dirfd is None:
+            return -1
+        try:
+            image = os.open(self.spec.squashfs, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(dirfd)
+            return -1               # mounting it ourselves gives the usual error
+        try:
+            rt = self.cfg.runtime
+            self.keeper_conn, fd = keeper.request(dirfd, image, self.spec.squashfs_offset, rt.squashfuse,
+                                                  rt.keeper, rt.keep_mounted, staging)
+            return fd
+        except keeper.ImageRefused:
+            raise RuntimeSetupError(f"image {self.spec.image_ref} could not be mounted: its file "
+                                    f"{self.spec.squashfs} is corrupt; remove and re-import it") from None
+        except keeper.KeeperUnavailable:
+            return -1
+        finally:
+            os.close(image)
+            os.close(dirfd)
+
+    def _keeper_staging(self) -> str:
+        """The directory the keeper mounts its tmpfs over, in its own mount namespace: this run's staging
+        directory, checked as ever (a keeper started from here lives on after this run)."""
+        cands = self._staging_candidates()
+        return cands[0][0] if cands else ""
 
     def _check_image(self) -> None:
         try:
@@ -448,15 +460,20 @@ class Launcher:
             except BlockingIOError:
                 raise UsageError(f"overlay {spec.overlay_dir} is in use by another container") from None
 
+        kept = self._keeper_mount() if use_fuse and self._keepable() else -1
         signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARD, signal.SIGCHLD})
         self._enter_namespaces()
         fusefd = -1
-        if use_fuse:
+        if kept >= 0:
+            linux.attach_mount(kept, os.path.join(self.stage, "lower"))  # served by the keeper, checked there
+            os.close(kept)
+        elif use_fuse:
             try:
                 fusefd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
             except OSError as e:
                 raise RuntimeSetupError(f"/dev/fuse cannot be opened ({e.strerror})") from None
-        self._mount_image(fusefd)
+        if kept < 0:
+            self._mount_image(fusefd)
         b_r, b_w = os.pipe()
         st_r, st_w = os.pipe() if spec.backend == "bwrap" else (-1, -1)
         pid = os.fork()
@@ -894,6 +911,42 @@ class Launcher:
             os.kill(app, sig)
         except ProcessLookupError:
             pass
+
+
+def staging_candidates(uid: int, site_dir: str) -> list[tuple[str, tuple[int, int]]]:
+    """The site's staging directory (root's), else /tmp/.nagaya-UID (ours): each opened and checked now,
+    in the host's user namespace, where root's and strangers' files can still be told apart. A name
+    someone else made first, or a link, is passed over: a tmpfs mounted through it could hide a
+    directory of ours inside the container."""
+    from nagaya import safefs
+
+    out = []
+    own = f"/tmp/.nagaya-{uid}"
+    # the last resort, if someone took our name in /tmp: a fresh one (mkdir is exclusive), left empty
+    spare = f"{own}-{os.urandom(6).hex()}"
+    for cand in (site_dir, own, spare):
+        if not cand:
+            continue
+        if out:
+            break                   # one checked candidate is enough (the site's, on every normal run)
+        if cand in (own, spare):
+            try:
+                os.mkdir(cand, 0o700)
+            except FileExistsError:
+                pass
+            except OSError:
+                continue
+        mine = cand in (own, spare)
+        try:
+            fd = safefs.open_dir(cand, (uid,) if mine else ())
+        except (OSError, safefs.UnsafePath):
+            continue
+        st = os.fstat(fd)
+        os.close(fd)
+        if mine and st.st_uid != uid:
+            continue
+        out.append((cand, (st.st_dev, st.st_ino)))
+    return out
 
 
 def _keep_id_map(own: int, start: int, count: int) -> list[str]:

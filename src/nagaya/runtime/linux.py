@@ -91,3 +91,27 @@ def map_self(uid: int, gid: int) -> None:
         f.write(f"{uid} {uid} 1")
     with open("/proc/self/gid_map", "w") as f:
         f.write(f"{gid} {gid} 1")
+
+
+# The new mount API (Linux 5.2): a keeper's mount handed to a container as a detached clone (runtime.keeper)
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 4
+AT_FDCWD = -100
+
+
+def open_tree(path: str, flags: int) -> int:
+    """A file descriptor for a detached copy of the mount at `path` (OPEN_TREE_CLONE)."""
+    fd = _fn("syscall")(SYS_OPEN_TREE, AT_FDCWD, path.encode(), flags)
+    if fd < 0:
+        err = _ctypes.get_errno()
+        raise OSError(err, f"open_tree {path}: {os.strerror(err)}")
+    return fd
+
+
+def attach_mount(fd: int, target: str) -> None:
+    """Attach the detached mount `fd` (from open_tree) at `target` in this mount namespace."""
+    _check(_fn("syscall")(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+           f"move_mount {target}")
