@@ -10,7 +10,8 @@
  * live; NAME: keeper-<16 hex> (runtime/keeper.py key()); IDLE: seconds to stay after the last client has
  * gone; STAGING: a directory to mount a tmpfs over, in the keeper's own mount namespace only.
  * The first process takes the lock, listens and unshares, then forks the keeper proper and exits 0, so the
- * caller may connect as soon as it returns. Exit 3: another keeper holds the name.
+ * caller may connect as soon as it returns. Exit 3: another keeper holds the name (the caller waits for it
+ * to listen); 2, 4, 5: bad arguments, no namespace or staging, a name that is not a plain file of the user's.
  *
  * Protocol, one request per connection: "mount\tOFFSET\tSERVER\n" with the image's fd (SCM_RIGHTS); the
  * reply "ok\n" with a detached clone of the image's mount (open_tree OPEN_TREE_CLONE), or "error\tWHY\n"
@@ -85,7 +86,8 @@ static int write_file(const char *path, const char *data) {
 }
 
 /* The name's lock, held for life: flock, then check that the locked file is still the one the name leads
-   to (no first-come race, no lock on a file another keeper removed meanwhile). */
+   to (no first-come race, no lock on a file another keeper removed meanwhile). -1: another keeper has it;
+   -2: the name is not a plain file of ours (nothing to wait for). */
 static int take_lock(int dirfd, const char *name) {
     char lname[128];
     snprintf(lname, sizeof lname, "%s.lock", name);
@@ -93,9 +95,12 @@ static int take_lock(int dirfd, const char *name) {
         int fd = openat(dirfd, lname, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
         struct stat st, now;
         if (fd < 0)
-            return -1;
-        if (fstat(fd, &st) || st.st_uid != getuid() || !S_ISREG(st.st_mode) || st.st_nlink != 1 ||
-            flock(fd, LOCK_EX | LOCK_NB)) {
+            return -2;                  /* e.g. a link at the name (O_NOFOLLOW) */
+        if (fstat(fd, &st) || st.st_uid != getuid() || !S_ISREG(st.st_mode) || st.st_nlink != 1) {
+            close(fd);
+            return -2;
+        }
+        if (flock(fd, LOCK_EX | LOCK_NB)) {
             close(fd);
             return -1;
         }
@@ -315,7 +320,7 @@ int main(int argc, char **argv) {
     fcntl(dirfd, F_SETFD, FD_CLOEXEC);
     int lock = take_lock(dirfd, name);
     if (lock < 0)
-        return 3;
+        return lock == -1 ? 3 : 5;
     prune(dirfd, name);
     char sname[64], path[108];
     snprintf(sname, sizeof sname, "%s.sock", name);
