@@ -343,13 +343,22 @@ def test_offset(alice: User, server: str, image: tuple[Path, Path], workdir: Pat
 
 
 def test_nagaya_run(alice: User, server: str, session_images: None) -> None:
-    """A run, an exec with the FUSE server beside the app, and a run that reads much of the image."""
-    env = {"NAGAYA_RUNTIME_SQUASHFUSE": server}
+    """A run with the FUSE server beside the app, one served by the user's keeper, an exec, and runs that
+    read much of the image."""
+    env = {"NAGAYA_RUNTIME_SQUASHFUSE": server, "NAGAYA_RUNTIME_KEEP_MOUNTED": "0"}
     r = alice.nagaya("run", "bb", "sh", "-c", "cat /proc/*/comm | sort -u | grep -c nagaya-squashfs; "
                      "ls /bin | wc -l", env=env)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "1" and int(lines[1]) > 100      # the server runs beside the app, in its pid namespace
+    env = {"NAGAYA_RUNTIME_SQUASHFUSE": server}
+    r = alice.nagaya("run", "bb", "sh", "-c", "grep -c ' - fuse.squashfuse ' /proc/self/mountinfo; ls /bin | wc -l",
+                     env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert int(lines[0]) >= 1 and int(lines[1]) > 100   # the keeper's mount of it
+    kept = [int(x.split()[0]) for x in alice.processes(keepers=True) if "nagaya-squashfs" in x]
+    assert any(os.path.realpath(f"/proc/{p}/exe") == os.path.realpath(server) for p in kept)
     r = alice.nagaya("exec", "app:1", "cat", "/app/data.txt", env=env)
     assert r.returncode == 0 and r.stdout == "upper data\n", r.stderr
 
