@@ -59,6 +59,7 @@ struct kept {
     char server[4096];
     char dir[4200];
     pid_t pid;
+    int image;                          /* the image file, to see it removed */
     int live;
 };
 
@@ -141,7 +142,19 @@ static void drop(struct kept *k, int kill_it) {
     umount2(k->dir, MNT_DETACH);        /* clones in running containers keep it until they end */
     if (kill_it && k->pid > 0)
         kill(k->pid, SIGKILL);
+    if (k->image >= 0)
+        close(k->image);
+    k->image = -1;
     k->live = 0;
+}
+
+/* An image removed from the cache (`image rm`, `cache gc`, a re-import) is let go at once, so that its space
+   comes back: its server exits by itself once the last container using a clone of it has ended. */
+static void let_go_of_removed(void) {
+    struct stat st;
+    for (int i = 0; i < MAX_MOUNTS; i++)
+        if (mounts[i].live && mounts[i].image >= 0 && !fstat(mounts[i].image, &st) && st.st_nlink == 0)
+            drop(&mounts[i], 0);
 }
 
 /* A server that died leaves a mount that fails every request: the next run gets a fresh one. */
@@ -235,7 +248,10 @@ static int serve_mount(const char *req, int image, const char **why) {
         k->mtime = st.st_mtim, k->ctime = st.st_ctim;
         snprintf(k->server, sizeof k->server, "%s", server);
         snprintf(k->dir, sizeof k->dir, "%s/%d", stage, ++counter);
+        k->image = fcntl(image, F_DUPFD_CLOEXEC, 3);
         if (mkdir(k->dir, 0755) || (k->pid = start_server(k->dir, image, offset, server)) < 0) {
+            if (k->image >= 0)
+                close(k->image);
             *why = "cannot start the image's server";
             return -1;
         }
@@ -363,6 +379,7 @@ int main(int argc, char **argv) {
     int leader_gone = 0;
     while (!stop) {
         reap();
+        let_go_of_removed();
         if (!nclients && (leader_gone || mono() >= since + (double)idle))
             break;
         struct pollfd fds[MAX_CLIENTS + 2];

@@ -181,3 +181,19 @@ def test_corrupt_image_is_refused_in_one_line_through_the_keeper(alice: User, wo
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "is corrupt; remove and re-import it" in lines[0], r.stderr
     assert r.stdout.split() == ["rc=125", "k=1", "s=0"], r.stdout       # the keeper holds no mount of it
+
+
+def test_a_removed_image_is_let_go(alice: User, workdir: Path, rootfs: Path) -> None:
+    """`image rm` (or `cache gc`) of a kept image: the keeper unmounts it and its server ends, so its space comes
+    back at once, while the keeper stays for the session's other images (and runs)."""
+    env = {"XDG_CACHE_HOME": str(workdir / "cache")}
+    assert alice.nagaya("image", "import", str(rootfs), "--name", "brief", env=env).returncode == 0
+    r = session(alice, """
+        nagaya run brief cat /app/data.txt
+        echo k=$(nk) s=$(ns)
+        nagaya image rm brief >/dev/null
+        sleep 1.5
+        echo k=$(nk) s=$(ns)
+    """, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["image data", "k=1 s=1", "k=1 s=0"], r.stdout
