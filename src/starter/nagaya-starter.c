@@ -1672,10 +1672,13 @@ int main(int argc, char **argv) {
     ROOT = root;
     int fusefd = -1;
     if (kept >= 0) {
+        /* refused (an LSM, an old kernel): the run mounts the image itself, as without a keeper */
         if (syscall(SYS_move_mount, kept, "", AT_FDCWD, lower, MOVE_MOUNT_F_EMPTY_PATH))
-            die(125, "container setup failed: %s", strerror(errno));
-        close(kept);
-    } else {
+            kept = -2;
+        else
+            close(kept);
+    }
+    if (kept < 0) {
         fusefd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
         if (fusefd < 0)
             die(125, "/dev/fuse cannot be opened (%s)", strerror(errno));

@@ -197,3 +197,37 @@ def test_a_removed_image_is_let_go(alice: User, workdir: Path, rootfs: Path) -> 
     """, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["image data", "k=1 s=1", "k=1 s=0"], r.stdout
+
+
+FAKE_KEEPER = """
+import os, socket
+from nagaya.runtime.keeper import key
+p = os.path.expanduser("~/.cache/nagaya/starter/keeper-" + key() + ".sock")
+if os.path.exists(p):
+    os.unlink(p)
+s = socket.socket(socket.AF_UNIX)
+s.bind(p)
+s.listen(8)
+print("ready", flush=True)
+held = []
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    socket.send_fds(c, [b"ok\\n"], [os.open("/dev/null", os.O_RDONLY)])     # not a mount
+    held.append(c)
+    print("asked", flush=True)
+"""
+
+
+def test_a_clone_that_cannot_be_attached_falls_back_to_a_mount_of_its_own(alice: User) -> None:
+    """What an LSM or an older kernel refusing move_mount looks like: the run mounts the image itself."""
+    r = session(alice, f"""
+        /opt/nagaya/bin/python3 -c '{FAKE_KEEPER}' > fake.out &
+        fake=$!
+        while ! grep -q ready fake.out 2>/dev/null; do sleep 0.05; done
+        nagaya run bb cat /app/data.txt
+        NAGAYA_STARTER=off nagaya run bb cat /app/data.txt
+        kill $fake; grep -c asked fake.out; rm -f fake.out
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["image data", "image data", "2"], r.stdout + r.stderr

@@ -460,19 +460,25 @@ class Launcher:
             except BlockingIOError:
                 raise UsageError(f"overlay {spec.overlay_dir} is in use by another container") from None
 
-        kept = self._keeper_mount() if use_fuse and self._keepable() else -1
+        clone = self._keeper_mount() if use_fuse and self._keepable() else -1
         signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARD, signal.SIGCHLD})
         self._enter_namespaces()
         fusefd = -1
-        if kept >= 0:
-            linux.attach_mount(kept, os.path.join(self.stage, "lower"))  # served by the keeper, checked there
-            os.close(kept)
-        elif use_fuse:
+        kept = False
+        if clone >= 0:
+            try:
+                linux.attach_mount(clone, os.path.join(self.stage, "lower"))  # served by the keeper, checked there
+                kept = True
+            except OSError:
+                pass                        # refused (an LSM, an old kernel): mount the image ourselves
+            finally:
+                os.close(clone)
+        if not kept and use_fuse:
             try:
                 fusefd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
             except OSError as e:
                 raise RuntimeSetupError(f"/dev/fuse cannot be opened ({e.strerror})") from None
-        if kept < 0:
+        if not kept:
             self._mount_image(fusefd)
         b_r, b_w = os.pipe()
         st_r, st_w = os.pipe() if spec.backend == "bwrap" else (-1, -1)
